@@ -1,0 +1,151 @@
+"""Everything a service needs from its surroundings, read once: settings from the environment, the plans,
+the clock, and lazily created clients. Handlers, the CLI and tests each build one ``Runtime``."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from services.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Deployment settings. On App Engine most come from app.yaml ``env_variables``; locally from the
+    environment with embedded defaults, so ``make run`` needs none."""
+
+    project: str
+    on_app_engine: bool
+    tasks_location: str = "us-central1"
+    queue_backend: str = "local"  # "cloudtasks" | "local"
+    tasks_endpoint: str | None = None  # Cloud Tasks emulator / Private Service Connect
+    tasks_transport: str = "grpc"  # "grpc" | "rest"
+    tasks_target: str = "appengine"  # "appengine" | "http"
+    service_url: str = "http://127.0.0.1:8080"  # where HTTP targets and the local queue send tasks
+    tasks_service_account: str | None = None  # OIDC identity for HTTP targets
+    tasks_audience: str | None = None
+    local_token: str | None = None
+    admin_emails: tuple[str, ...] = ()
+    iap_audience: str | None = None
+    oidc_certs_url: str | None = None  # override for tests and air-gapped setups
+    plans_path: Path = ROOT / "plans.yaml"
+    queue_yaml: Path = ROOT / "queue.yaml"
+    cron_yaml: Path = ROOT / "cron.yaml"
+    local_queue_db: Path = ROOT / ".local" / "queue.sqlite3"
+    datastore_admin_endpoint: str | None = None
+    export_local_root: Path | None = None  # emulator exports land on local disk, mirrored into the bucket
+    retry_error_threshold: int = 3
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+    def endpoint(self, api: str) -> str | None:
+        """API endpoint override for ``api`` (``compute``, ``sqladmin``, ``file`` ...) from the environment."""
+        return self.endpoints.get(api)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        on_app_engine = env.get("GAE_ENV", "").startswith("standard")
+        project = env.get("BACKUP_PROJECT") or env.get("GOOGLE_CLOUD_PROJECT") or env.get("DATASTORE_PROJECT_ID")
+        if not project:
+            if on_app_engine:
+                raise ConfigError("GOOGLE_CLOUD_PROJECT is not set (App Engine always sets it)")
+            project = "demo-backups"
+        endpoints = {
+            key[len("BACKUP_") : -len("_ENDPOINT")].lower(): value
+            for key, value in env.items()
+            if key.startswith("BACKUP_") and key.endswith("_ENDPOINT") and value
+        }
+
+        def path(name: str, default: Path) -> Path:
+            return Path(env[name]) if env.get(name) else default
+
+        threshold = env.get("BACKUP_RETRY_ERROR_THRESHOLD", "3")
+        if not threshold.isdigit():
+            raise ConfigError(f"BACKUP_RETRY_ERROR_THRESHOLD: expected a whole number, got {threshold!r}")
+        backend = env.get("BACKUP_QUEUE_BACKEND") or ("cloudtasks" if on_app_engine else "local")
+        if backend not in ("cloudtasks", "local"):
+            raise ConfigError(f"BACKUP_QUEUE_BACKEND: expected 'cloudtasks' or 'local', got {backend!r}")
+        target = env.get("BACKUP_TASKS_TARGET", "appengine")
+        if target not in ("appengine", "http"):
+            raise ConfigError(f"BACKUP_TASKS_TARGET: expected 'appengine' or 'http', got {target!r}")
+        transport = env.get("BACKUP_TASKS_TRANSPORT", "grpc")
+        if transport not in ("grpc", "rest"):
+            raise ConfigError(f"BACKUP_TASKS_TRANSPORT: expected 'grpc' or 'rest', got {transport!r}")
+        return cls(
+            project=project,
+            on_app_engine=on_app_engine,
+            tasks_location=env.get("BACKUP_TASKS_LOCATION", "us-central1"),
+            queue_backend=backend,
+            tasks_endpoint=env.get("BACKUP_TASKS_ENDPOINT") or None,
+            tasks_transport=transport,
+            tasks_target=target,
+            service_url=env.get("BACKUP_SERVICE_URL", "http://127.0.0.1:8080").rstrip("/"),
+            tasks_service_account=env.get("BACKUP_TASKS_SERVICE_ACCOUNT") or None,
+            tasks_audience=env.get("BACKUP_TASKS_AUDIENCE") or None,
+            local_token=env.get("BACKUP_LOCAL_TOKEN") or None,
+            admin_emails=tuple(e.strip().lower() for e in env.get("BACKUP_ADMIN_EMAILS", "").split(",") if e.strip()),
+            iap_audience=env.get("BACKUP_IAP_AUDIENCE") or None,
+            oidc_certs_url=env.get("BACKUP_OIDC_CERTS_URL") or None,
+            plans_path=path("BACKUP_PLANS", ROOT / "plans.yaml"),
+            queue_yaml=path("BACKUP_QUEUE_YAML", ROOT / "queue.yaml"),
+            cron_yaml=path("BACKUP_CRON_YAML", ROOT / "cron.yaml"),
+            local_queue_db=path("BACKUP_LOCAL_QUEUE_DB", ROOT / ".local" / "queue.sqlite3"),
+            datastore_admin_endpoint=env.get("BACKUP_DATASTORE_ADMIN_ENDPOINT") or None,
+            export_local_root=Path(env["BACKUP_EXPORT_LOCAL_ROOT"]) if env.get("BACKUP_EXPORT_LOCAL_ROOT") else None,
+            retry_error_threshold=int(threshold),
+            endpoints=endpoints,
+        )
+
+
+class Runtime:
+    """Settings + plans + clock + clients. Clients are created on first use and shared (they are thread-safe)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        plans: dict[str, Any] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ):
+        self.settings = settings
+        self._plans = plans
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._clients: dict[str, Any] = {}
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    @property
+    def plans(self) -> dict[str, Any]:
+        if self._plans is None:
+            from services.plans import load_plans
+
+            self._plans = load_plans(self.settings.plans_path)
+        return self._plans
+
+    def client(self, name: str, factory: Callable[[], Any]) -> Any:
+        """The shared client called ``name``, created by ``factory`` the first time it is asked for."""
+        with self._lock:
+            if name not in self._clients:
+                self._clients[name] = factory()
+            return self._clients[name]
+
+    def datastore(self) -> Any:
+        from google.cloud import datastore
+
+        return self.client("datastore", lambda: datastore.Client(project=self.settings.project))
+
+    def storage(self) -> Any:
+        from google.cloud import storage
+
+        return self.client("storage", lambda: storage.Client(project=self.settings.project))
