@@ -115,10 +115,12 @@ class Runtime:
         settings: Settings,
         plans: dict[str, Any] | None = None,
         clock: Callable[[], datetime] = utcnow,
+        credentials: Any = None,
     ):
         self.settings = settings
         self._plans = plans
         self.clock = clock
+        self._credentials = credentials
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
 
@@ -139,6 +141,15 @@ class Runtime:
             if name not in self._clients:
                 self._clients[name] = factory()
             return self._clients[name]
+
+    def credentials(self) -> Any:
+        """Credentials for Google APIs built with googleapiclient: the ones given (tests pass anonymous
+        credentials for local fakes), else Application Default Credentials."""
+        if self._credentials is None:
+            import google.auth
+
+            self._credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        return self._credentials
 
     def datastore(self) -> Any:
         from google.cloud import datastore
