@@ -25,6 +25,8 @@ from services.errors import ConfigError
 
 KIND_MODULES: dict[str, str] = {
     "datastore": "services.datastore",
+    "directory": "services.directory",
+    "filestore": "services.filestore",
 }
 
 
