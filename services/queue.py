@@ -213,7 +213,7 @@ class CloudTasksQueue:
         )
         try:
             self.client.create_task(parent=parent, task=self.build_task(spec), retry=policy, timeout=30.0)
-        except exceptions.AlreadyExists:
+        except exceptions.Conflict:  # AlreadyExists over gRPC; a plain 409 Conflict over REST
             return False
         return True
 
