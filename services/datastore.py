@@ -208,7 +208,10 @@ def admin_client(rt: Runtime) -> Any:
                 credentials=AnonymousCredentials(),
             )
         options = ClientOptions(api_endpoint=endpoint) if endpoint else None
-        return datastore_admin_v1.DatastoreAdminClient(client_options=options)
+        transport = "rest" if endpoint and endpoint.startswith("https://") else None
+        return datastore_admin_v1.DatastoreAdminClient(
+            client_options=options, transport=transport, credentials=rt.given_credentials
+        )
 
     return rt.client("datastore-admin", make)
 
@@ -297,7 +300,11 @@ def _finished(plan: Any, rt: Runtime, operation: Any, state: dict[str, Any], run
     output = response.output_url
     if rt.settings.export_local_root is not None:
         output = _mirror_local_export(rt, plan.settings.bucket, state, output)
-    run.log(f"export done: {stats['entities']} entities, {stats['bytes']} bytes -> {output}")
+        # The emulator reports no progress counts: count what it wrote instead.
+        files = [p for p in Path(state["prefix"]).rglob("*") if p.is_file()]
+        stats = {"entities": None, "bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+    counted = f"{stats['entities']} entities, " if stats["entities"] is not None else ""
+    run.log(f"export done: {counted}{stats['bytes']} bytes -> {output}")
     return Done(output=output, stats=stats)
 
 

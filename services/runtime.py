@@ -145,6 +145,11 @@ class Runtime:
                 self._clients[name] = factory()
             return self._clients[name]
 
+    @property
+    def given_credentials(self) -> Any:
+        """The credentials this Runtime was built with, or None to let each client find its own (ADC)."""
+        return self._credentials
+
     def credentials(self) -> Any:
         """Credentials for Google APIs built with googleapiclient: the ones given (tests pass anonymous
         credentials for local fakes), else Application Default Credentials."""

@@ -60,5 +60,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def make_runtime(tmp_path: Path, plans: dict[str, Any] | None = None, clock: Any = None, **overrides: Any) -> Runtime:
-    return Runtime(make_settings(tmp_path, **overrides), plans=plans, clock=clock or Clock())
+def make_runtime(
+    tmp_path: Path, plans: dict[str, Any] | None = None, clock: Any = None, credentials: Any = None, **overrides: Any
+) -> Runtime:
+    return Runtime(make_settings(tmp_path, **overrides), plans=plans, clock=clock or Clock(), credentials=credentials)
