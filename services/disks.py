@@ -56,6 +56,7 @@ SOURCE_DISK_ID_KEY = "source-disk-id"
 API_MAX_RESULTS = 500  # Compute refuses a larger maxResults
 OPERATION_POLL_SECONDS = 20.0
 SNAPSHOT_POLL_SECONDS = 30.0
+RESTORE_POLL_SECONDS = 2.0  # the CLI waits in-process (not in a request), so a short sleep is fine
 
 GCE_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -687,7 +688,7 @@ def restore_disk(
     while operation.get("status") != "DONE":
         if time.monotonic() > deadline:
             raise TransientError(f"{doing}: still running after {timeout_seconds:.0f}s (operation {operation['name']})")
-        sleep(2.0)
+        sleep(RESTORE_POLL_SECONDS)
         operation = _execute(
             compute.zoneOperations().get(project=project, zone=zone, operation=operation["name"]), project, doing
         )
@@ -698,7 +699,7 @@ def restore_disk(
     while disk.get("status") not in ("READY", "FAILED"):
         if time.monotonic() > deadline:
             raise TransientError(f"{doing}: disk is {disk.get('status')} after {timeout_seconds:.0f}s")
-        sleep(2.0)
+        sleep(RESTORE_POLL_SECONDS)
         disk = _execute(compute.disks().get(project=project, zone=zone, disk=name), project, f"reading disk {name}")
     if disk.get("status") != "READY":
         raise PermanentError(f"{doing}: disk ended {disk.get('status')}")

@@ -174,7 +174,7 @@ class ComputeFake:
     ) -> dict[str, Any]:
         snapshot = self._new_snapshot(project, name, source_disk, labels or {}, [])
         snapshot["status"] = status
-        snapshot["_progress"] = 10**6
+        snapshot["_frozen"] = True  # a seeded snapshot keeps the status the test gave it
         return snapshot
 
     def deny(self, project: str, permission: str) -> None:
@@ -424,7 +424,7 @@ class ComputeFake:
 
     def _advance(self, snapshot: dict[str, Any]) -> dict[str, Any]:
         """One step of a snapshot's life per read of it or of its operation."""
-        if snapshot["status"] in ("CREATING", "UPLOADING"):
+        if snapshot["status"] in ("CREATING", "UPLOADING") and not snapshot.get("_frozen"):
             snapshot["_progress"] += 1
             if snapshot["_progress"] >= self.operation_steps and snapshot.get("_failing"):
                 snapshot["status"] = "FAILED"
