@@ -37,6 +37,7 @@ from googleapiclient.errors import HttpError
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fields import Fields
 from services.kinds import Done, Outcome, Pending, RunContext, Target, TargetPage
+from services.plans import Plan
 from services.requests_http import RequestsHttp
 from services.runtime import Runtime
 
@@ -243,7 +244,7 @@ def compute_client(rt: Runtime, endpoint: str | None) -> Any:
     return rt.client(f"compute-v1:{endpoint or 'default'}", build)
 
 
-def _compute(plan: Any, rt: Runtime) -> Any:
+def _compute(plan: Plan, rt: Runtime) -> Any:
     return compute_client(rt, compute_endpoint(plan.settings.endpoint, rt))
 
 
@@ -335,7 +336,7 @@ def _decode_page_token(token: str, projects: tuple[str, ...]) -> tuple[int, str]
     return projects.index(project), str(api_token)
 
 
-def enumerate_targets(plan: Any, page_token: str | None, rt: Runtime) -> TargetPage:
+def enumerate_targets(plan: Plan, page_token: str | None, rt: Runtime) -> TargetPage:
     """One page of labelled disks: one ``aggregatedList`` call (zonal and regional disks together). The page
     token carries (project, API page token), so the fan-out continues across projects page by page."""
     settings: DiskSettings = plan.settings
@@ -397,7 +398,7 @@ def is_ours(snapshot: dict[str, Any], plan_name: str, disk: DiskRef) -> bool:
     return source_id is None or str(source_id) == disk.disk_id
 
 
-def start(plan: Any, target: Target, run: RunContext, rt: Runtime) -> Outcome:
+def start(plan: Plan, target: Target, run: RunContext, rt: Runtime) -> Outcome:
     """Create this period's snapshot of the disk (or find it already created by an earlier delivery)."""
     settings: DiskSettings = plan.settings
     disk = DiskRef.from_target(target)
@@ -438,7 +439,7 @@ def start(plan: Any, target: Target, run: RunContext, rt: Runtime) -> Outcome:
     return _after_operation(plan, disk, keep, state, operation, run, compute)
 
 
-def poll(plan: Any, target: Target, state: dict[str, Any], run: RunContext, rt: Runtime) -> Outcome:
+def poll(plan: Plan, target: Target, state: dict[str, Any], run: RunContext, rt: Runtime) -> Outcome:
     """Follow the snapshot's operation, then the snapshot itself, until it is READY (prune, Done) or failed."""
     settings: DiskSettings = plan.settings
     disk = DiskRef.from_target(target)
@@ -462,7 +463,7 @@ def poll(plan: Any, target: Target, state: dict[str, Any], run: RunContext, rt: 
 
 
 def _after_operation(
-    plan: Any,
+    plan: Plan,
     disk: DiskRef,
     keep: int,
     state: dict[str, Any],
@@ -480,7 +481,7 @@ def _after_operation(
 
 
 def _check_snapshot(
-    plan: Any, disk: DiskRef, keep: int, state: dict[str, Any], run: RunContext, compute: Any
+    plan: Plan, disk: DiskRef, keep: int, state: dict[str, Any], run: RunContext, compute: Any
 ) -> Outcome:
     name = state["snapshot"]
     request = compute.snapshots().get(project=disk.project, snapshot=name)
@@ -560,7 +561,7 @@ def split_by_retention(
 
 
 def prune_snapshots(
-    compute: Any, plan: Any, disk: DiskRef, keep: int, newest: dict[str, Any], run: RunContext
+    compute: Any, plan: Plan, disk: DiskRef, keep: int, newest: dict[str, Any], run: RunContext
 ) -> PruneResult:
     """Delete this plan's READY snapshots of ``disk`` beyond the newest ``keep`` (at least the plan's floor).
     Called only after ``newest`` is confirmed READY."""
@@ -587,7 +588,7 @@ def prune_snapshots(
 # --- dry run -----------------------------------------------------------------------------------------------
 
 
-def describe(plan: Any, target: Target, rt: Runtime) -> str:
+def describe(plan: Plan, target: Target, rt: Runtime) -> str:
     """What a run would do for this disk, read-only: the snapshot it would create and the ones it would delete
     once that snapshot is READY."""
     settings: DiskSettings = plan.settings

@@ -224,6 +224,38 @@ def test_foreign_snapshots_are_never_deleted(compute_fake, clock):
     assert len([s for s in compute_fake.snapshots_of(disk) if s["labels"] == ours]) == 1
 
 
+def test_snapshots_not_ready_are_neither_counted_nor_deleted(compute_fake, clock):
+    disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
+    ours = {"managed-by": "backup-scheduler", "plan": "disk-nightly", "source-disk-id": disk["id"]}
+    in_flight = compute_fake.add_snapshot("proj-alpha", "in-flight", source_disk=disk, labels=ours, status="CREATING")
+    failed = compute_fake.add_snapshot("proj-alpha", "failed-earlier", source_disk=disk, labels=ours, status="FAILED")
+    plan, rt = make_plan(), make_runtime(clock)
+
+    for _ in range(2):
+        clock.advance(hours=1)
+        run_plan(plan, rt)
+
+    names = {s["name"] for s in compute_fake.snapshots_of(disk)}
+    assert {in_flight["name"], failed["name"]} <= names
+    assert len([s for s in compute_fake.snapshots_of(disk) if s["status"] == "READY"]) == 1
+
+
+def test_removing_the_label_stops_snapshots_and_deletes_nothing(compute_fake, clock):
+    disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
+    plan, rt = make_plan(), make_runtime(clock)
+    clock.advance(hours=1)
+    run_plan(plan, rt)
+    before = compute_fake.snapshots_of(disk)
+    del disk["labels"][LABEL]
+
+    for _ in range(3):
+        clock.advance(hours=1)
+        results = run_plan(plan, rt)
+
+    assert results == {}
+    assert compute_fake.snapshots_of(disk) == before
+
+
 def test_a_failed_snapshot_prunes_nothing(compute_fake, clock):
     disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
     plan, rt = make_plan(), make_runtime(clock)
@@ -371,6 +403,7 @@ def test_api_errors_map_to_retry_or_stop(compute_fake, clock, status, reason, ex
         disks.start(plan, target, RunContext("r", plan.name, target.key, clock()), rt)
 
     assert reason in str(caught.value)
+    assert getattr(caught.value, "rate_limited", False) == ("RateLimit" in reason or "rateLimit" in reason)
     assert not compute_fake.snapshots
 
 
@@ -393,10 +426,10 @@ def test_snapshot_carries_our_labels_and_the_plan_options(compute_fake, clock):
     assert snapshot["guestFlush"] is True and snapshot["storageLocations"] == ["eu"]
 
 
-def test_the_plan_endpoint_overrides_the_environment(compute_fake, clock):
+def test_the_plan_endpoint_overrides_the_environment(compute_fake, compute_responses, clock):
     private = ComputeFake(clock=clock)
     private.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
-    serve_with_responses(private, compute_fake.responses_mock, "https://compute-psc.fake.test/compute/v1/")
+    serve_with_responses(private, compute_responses, "https://compute-psc.fake.test/compute/v1/")
     plan = make_plan(options={"endpoint": "https://compute-psc.fake.test"})  # a bare host gets /compute/v1/
 
     targets = all_targets(plan, make_runtime(clock))
