@@ -123,6 +123,7 @@ class ComputeFake:
         self.request_ids: dict[tuple[str, str], tuple[str, str, str]] = {}
         self.denied: set[tuple[str, str]] = set()  # (project, permission)
         self.failing_disks: set[str] = set()  # disk names whose snapshots end FAILED
+        self.deleted_elsewhere: set[str] = set()  # snapshot names that vanish just before our delete arrives
         self.faults: list[Fault] = []
         self.latency_seconds = 0.0
         self.calls: list[tuple[str, str]] = []
@@ -448,6 +449,8 @@ class ComputeFake:
 
     def _delete_snapshot(self, project: str, name: str) -> dict[str, Any]:
         self._require(project, "compute.snapshots.delete", f"projects/{project}/global/snapshots/{name}")
+        if name in self.deleted_elsewhere:
+            self.snapshots.pop((project, name), None)  # someone else deleted it between our list and delete
         snapshot = self._snapshot(project, name)
         del self.snapshots[(project, name)]
         operation = self._new_operation(project, "global", "delete", snapshot["selfLink"], {})

@@ -476,3 +476,18 @@ def test_done_reports_what_was_pruned(compute_fake, clock):
     assert isinstance(second.outcome, Done)
     assert second.outcome.stats["pruned"] == [first.outcome.stats["snapshot"]]
     assert second.outcome.stats["kept"] == 1
+
+
+def test_a_snapshot_already_deleted_by_someone_else_counts_as_pruned(compute_fake, clock):
+    disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
+    plan, rt = make_plan(), make_runtime(clock)
+    clock.advance(hours=1)
+    (first,) = run_plan(plan, rt).values()
+    compute_fake.deleted_elsewhere.add(first.outcome.stats["snapshot"])
+    clock.advance(hours=1)
+
+    (second,) = run_plan(plan, rt).values()
+
+    assert second.status == "done" and second.outcome.stats["prune_errors"] == []
+    assert second.outcome.stats["pruned"] == [first.outcome.stats["snapshot"]]
+    assert [s["name"] for s in compute_fake.snapshots_of(disk)] == [second.outcome.stats["snapshot"]]
