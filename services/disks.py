@@ -349,7 +349,11 @@ def enumerate_targets(plan: Plan, page_token: str | None, rt: Runtime) -> Target
         maxResults=min(plan.fanout_page_size, API_MAX_RESULTS),
         pageToken=api_token or None,
     )
-    response = _execute(request, project, f"listing disks labelled {settings.label_key}")
+    try:
+        response = _execute(request, project, f"listing disks labelled {settings.label_key}")
+    except TargetGone as exc:
+        # A missing project is a plan mistake, not a vanished target: fail the fan-out loudly.
+        raise PermanentError(f"plan {plan.name}: project {project} not found or not visible: {exc}") from exc
     targets = []
     for scope_key in sorted(response.get("items", {})):
         for disk in response["items"][scope_key].get("disks", []):

@@ -156,6 +156,13 @@ def test_enumeration_pages_through_every_project_zonal_and_regional(compute_fake
     assert shared.params["region"] == "us-east1" and shared.params["label_value"] == "2"
 
 
+def test_a_project_that_does_not_exist_fails_the_enumeration_naming_it(compute_fake, clock):
+    plan = make_plan(projects=("proj-missing",))
+
+    with pytest.raises(PermanentError, match="project proj-missing not found"):
+        disks.enumerate_targets(plan, None, make_runtime(clock))
+
+
 def test_a_page_token_from_another_source_is_refused(compute_fake, clock):
     plan = make_plan()
 
