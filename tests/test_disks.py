@@ -30,9 +30,9 @@ def make_plan(name: str = "disk-nightly", projects: tuple[str, ...] = ("proj-alp
     return parse_plan(name, raw)
 
 
-def make_runtime(clock: Clock) -> Runtime:
+def make_runtime(compute_clock: Clock) -> Runtime:
     settings = Settings.from_env({"BACKUP_COMPUTE_ENDPOINT": FAKE_COMPUTE_ENDPOINT})
-    return Runtime(settings, clock=clock, credentials=AnonymousCredentials())
+    return Runtime(settings, clock=compute_clock, credentials=AnonymousCredentials())
 
 
 def all_targets(plan: Plan, rt: Runtime) -> list[Target]:
@@ -116,8 +116,8 @@ def test_bad_plan_settings_name_the_field(raw, field):
 # --- snapshot names ----------------------------------------------------------------------------------------
 
 
-def test_snapshot_names_are_valid_deterministic_and_distinct(clock):
-    period = clock()
+def test_snapshot_names_are_valid_deterministic_and_distinct(compute_clock):
+    period = compute_clock()
     long_name = "a" * 40 + "-database-volume-with-a-long-name"  # 63 chars, the GCE maximum
     same_a = disks.DiskRef("proj-alpha", long_name, "1", "3", zone="europe-west1-b")
     same_b = disks.DiskRef("proj-alpha", long_name, "2", "3", zone="europe-west1-c")
@@ -128,14 +128,14 @@ def test_snapshot_names_are_valid_deterministic_and_distinct(clock):
     assert all(len(n) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", n) for n in names)
     assert len(set(names)) == 3
     assert names[0] == disks.snapshot_name("disk-nightly", "bk", same_a, period)
-    assert names[0] != disks.snapshot_name("disk-nightly", "bk", same_a, clock.advance(hours=1))
+    assert names[0] != disks.snapshot_name("disk-nightly", "bk", same_a, compute_clock.advance(hours=1))
     assert names[0] != disks.snapshot_name("disk-hourly", "bk", same_a, period)
 
 
 # --- enumeration -------------------------------------------------------------------------------------------
 
 
-def test_enumeration_pages_through_every_project_zonal_and_regional(compute_fake, clock):
+def test_enumeration_pages_through_every_project_zonal_and_regional(compute_fake, compute_clock):
     expected = set()
     for project in ("proj-alpha", "proj-beta", "proj-gamma"):
         for i in range(5):
@@ -146,7 +146,7 @@ def test_enumeration_pages_through_every_project_zonal_and_regional(compute_fake
     expected.add(key_of(regional, "proj-beta"))
     plan = make_plan(projects=("proj-alpha", "proj-beta", "proj-gamma"), fanout_page_size=2)
 
-    targets = all_targets(plan, make_runtime(clock))
+    targets = all_targets(plan, make_runtime(compute_clock))
 
     assert sorted(t.key for t in targets) == sorted(expected)
     assert len(targets) == len(expected)  # no disk twice
@@ -156,32 +156,32 @@ def test_enumeration_pages_through_every_project_zonal_and_regional(compute_fake
     assert shared.params["region"] == "us-east1" and shared.params["label_value"] == "2"
 
 
-def test_a_project_that_does_not_exist_fails_the_enumeration_naming_it(compute_fake, clock):
+def test_a_project_that_does_not_exist_fails_the_enumeration_naming_it(compute_fake, compute_clock):
     plan = make_plan(projects=("proj-missing",))
 
     with pytest.raises(PermanentError, match="project proj-missing not found"):
-        disks.enumerate_targets(plan, None, make_runtime(clock))
+        disks.enumerate_targets(plan, None, make_runtime(compute_clock))
 
 
-def test_a_page_token_from_another_source_is_refused(compute_fake, clock):
+def test_a_page_token_from_another_source_is_refused(compute_fake, compute_clock):
     plan = make_plan()
 
     with pytest.raises(PermanentError, match="page token"):
-        disks.enumerate_targets(plan, "not-a-token", make_runtime(clock))
+        disks.enumerate_targets(plan, "not-a-token", make_runtime(compute_clock))
 
 
 # --- retention over several runs ---------------------------------------------------------------------------
 
 
-def test_several_runs_keep_exactly_each_disks_own_count(compute_fake, clock):
+def test_several_runs_keep_exactly_each_disks_own_count(compute_fake, compute_clock):
     two = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
     three = compute_fake.add_disk("proj-alpha", "db", zone="us-east1-c", labels={LABEL: "3"})
     regional = compute_fake.add_disk("proj-alpha", "shared", region="us-east1", labels={LABEL: "1"})
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
     periods = []
 
     for _ in range(5):
-        periods.append(clock.advance(hours=1))
+        periods.append(compute_clock.advance(hours=1))
         results = run_plan(plan, rt)
         assert {r.status for r in results.values()} == {"done"}
 
@@ -196,18 +196,18 @@ def test_several_runs_keep_exactly_each_disks_own_count(compute_fake, clock):
     assert stamps(regional) == newest[-1:]
 
 
-def test_the_plan_floor_keeps_more_than_a_lower_label(compute_fake, clock):
+def test_the_plan_floor_keeps_more_than_a_lower_label(compute_fake, compute_clock):
     disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
-    plan, rt = make_plan(retention={"min_keep": 3}), make_runtime(clock)
+    plan, rt = make_plan(retention={"min_keep": 3}), make_runtime(compute_clock)
 
     for _ in range(5):
-        clock.advance(hours=1)
+        compute_clock.advance(hours=1)
         run_plan(plan, rt)
 
     assert len(compute_fake.snapshots_of(disk)) == 3
 
 
-def test_foreign_snapshots_are_never_deleted(compute_fake, clock):
+def test_foreign_snapshots_are_never_deleted(compute_fake, compute_clock):
     disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
     other = compute_fake.add_disk("proj-alpha", "other", zone="us-east1-b", labels={})
     ours = {"managed-by": "backup-scheduler", "plan": "disk-nightly", "source-disk-id": disk["id"]}
@@ -220,10 +220,10 @@ def test_foreign_snapshots_are_never_deleted(compute_fake, clock):
         # Our labels copied onto a snapshot of another disk: the API's sourceDiskId says it is not this disk's.
         compute_fake.add_snapshot("proj-alpha", "copied-labels", source_disk=other, labels=ours),
     ]
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
 
     for _ in range(3):
-        clock.advance(hours=1)
+        compute_clock.advance(hours=1)
         run_plan(plan, rt)
 
     remaining = {name for _project, name in compute_fake.snapshots}
@@ -231,15 +231,15 @@ def test_foreign_snapshots_are_never_deleted(compute_fake, clock):
     assert len([s for s in compute_fake.snapshots_of(disk) if s["labels"] == ours]) == 1
 
 
-def test_snapshots_not_ready_are_neither_counted_nor_deleted(compute_fake, clock):
+def test_snapshots_not_ready_are_neither_counted_nor_deleted(compute_fake, compute_clock):
     disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
     ours = {"managed-by": "backup-scheduler", "plan": "disk-nightly", "source-disk-id": disk["id"]}
     in_flight = compute_fake.add_snapshot("proj-alpha", "in-flight", source_disk=disk, labels=ours, status="CREATING")
     failed = compute_fake.add_snapshot("proj-alpha", "failed-earlier", source_disk=disk, labels=ours, status="FAILED")
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
 
     for _ in range(2):
-        clock.advance(hours=1)
+        compute_clock.advance(hours=1)
         run_plan(plan, rt)
 
     names = {s["name"] for s in compute_fake.snapshots_of(disk)}
@@ -247,31 +247,31 @@ def test_snapshots_not_ready_are_neither_counted_nor_deleted(compute_fake, clock
     assert len([s for s in compute_fake.snapshots_of(disk) if s["status"] == "READY"]) == 1
 
 
-def test_removing_the_label_stops_snapshots_and_deletes_nothing(compute_fake, clock):
+def test_removing_the_label_stops_snapshots_and_deletes_nothing(compute_fake, compute_clock):
     disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
-    plan, rt = make_plan(), make_runtime(clock)
-    clock.advance(hours=1)
+    plan, rt = make_plan(), make_runtime(compute_clock)
+    compute_clock.advance(hours=1)
     run_plan(plan, rt)
     before = compute_fake.snapshots_of(disk)
     del disk["labels"][LABEL]
 
     for _ in range(3):
-        clock.advance(hours=1)
+        compute_clock.advance(hours=1)
         results = run_plan(plan, rt)
 
     assert results == {}
     assert compute_fake.snapshots_of(disk) == before
 
 
-def test_a_failed_snapshot_prunes_nothing(compute_fake, clock):
+def test_a_failed_snapshot_prunes_nothing(compute_fake, compute_clock):
     disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
-    plan, rt = make_plan(), make_runtime(clock)
-    clock.advance(hours=1)
+    plan, rt = make_plan(), make_runtime(compute_clock)
+    compute_clock.advance(hours=1)
     run_plan(plan, rt)
     before = [s["name"] for s in compute_fake.snapshots_of(disk) if s["status"] == "READY"]
     compute_fake.failing_disks.add("web")
 
-    clock.advance(hours=1)
+    compute_clock.advance(hours=1)
     (result,) = run_plan(plan, rt).values()
 
     assert result.status == "failed" and "nothing pruned" in str(result.outcome)
@@ -280,7 +280,7 @@ def test_a_failed_snapshot_prunes_nothing(compute_fake, clock):
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-3", "99999"])
-def test_a_bad_label_value_fails_that_disk_only_and_deletes_nothing(compute_fake, clock, value):
+def test_a_bad_label_value_fails_that_disk_only_and_deletes_nothing(compute_fake, compute_clock, value):
     bad = compute_fake.add_disk("proj-alpha", "bad", zone="us-east1-b", labels={LABEL: value})
     good = compute_fake.add_disk("proj-alpha", "good", zone="us-east1-b", labels={LABEL: "1"})
     earlier = compute_fake.add_snapshot(
@@ -289,7 +289,7 @@ def test_a_bad_label_value_fails_that_disk_only_and_deletes_nothing(compute_fake
         source_disk=bad,
         labels={"managed-by": "backup-scheduler", "plan": "disk-nightly", "source-disk-id": bad["id"]},
     )
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
 
     results = run_plan(plan, rt)
 
@@ -304,16 +304,16 @@ def test_a_bad_label_value_fails_that_disk_only_and_deletes_nothing(compute_fake
 
 
 @pytest.mark.parametrize("request_id_remembered", [True, False])
-def test_a_worker_retried_after_create_makes_one_snapshot(compute_fake, clock, request_id_remembered):
+def test_a_worker_retried_after_create_makes_one_snapshot(compute_fake, compute_clock, request_id_remembered):
     disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
     (target,) = all_targets(plan, rt)
-    run = RunContext(run_id="r1", plan=plan.name, target_key=target.key, period=clock())
+    run = RunContext(run_id="r1", plan=plan.name, target_key=target.key, period=compute_clock())
     first = disks.start(plan, target, run, rt)  # the worker dies here, before recording anything
     if not request_id_remembered:
         compute_fake.forget_request_ids()  # the retry comes late: Compute answers 409 alreadyExists
 
-    result = run_like_queue(plan, target, clock(), rt)
+    result = run_like_queue(plan, target, compute_clock(), rt)
 
     assert isinstance(first, Pending)
     assert result.status == "done"
@@ -321,10 +321,10 @@ def test_a_worker_retried_after_create_makes_one_snapshot(compute_fake, clock, r
     assert result.outcome.output.endswith("/" + first.state["snapshot"])
 
 
-def test_a_double_cron_fire_makes_one_snapshot_per_disk(compute_fake, clock):
+def test_a_double_cron_fire_makes_one_snapshot_per_disk(compute_fake, compute_clock):
     web = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "5"})
     db = compute_fake.add_disk("proj-alpha", "db", region="us-east1", labels={LABEL: "5"})
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
 
     first, second = run_plan(plan, rt), run_plan(plan, rt)
 
@@ -332,7 +332,7 @@ def test_a_double_cron_fire_makes_one_snapshot_per_disk(compute_fake, clock):
     assert len(compute_fake.snapshots_of(web)) == 1 and len(compute_fake.snapshots_of(db)) == 1
 
 
-def test_injected_rate_limits_and_5xx_still_end_with_every_disks_snapshot(compute_fake, clock):
+def test_injected_rate_limits_and_5xx_still_end_with_every_disks_snapshot(compute_fake, compute_clock):
     created = [
         compute_fake.add_disk("proj-alpha", f"vol-{i}", zone=f"us-east1-{'bcd'[i % 3]}", labels={LABEL: "2"})
         for i in range(12)
@@ -343,11 +343,11 @@ def test_injected_rate_limits_and_5xx_still_end_with_every_disks_snapshot(comput
         Fault(share=0.05, status=403, reason="userRateLimitExceeded", seed=3),
         Fault(share=0.10, status=500, reason="backendError", after_effect=True, seed=4),  # acted, answer lost
     ]
-    plan, rt = make_plan(fanout_page_size=5), make_runtime(clock)
+    plan, rt = make_plan(fanout_page_size=5), make_runtime(compute_clock)
 
     outcomes = []
     for _ in range(3):
-        clock.advance(hours=1)
+        compute_clock.advance(hours=1)
         targets = []
         token = None
         while True:
@@ -359,7 +359,7 @@ def test_injected_rate_limits_and_5xx_still_end_with_every_disks_snapshot(comput
             token = page.next_page_token
             if token is None:
                 break
-        outcomes += [run_like_queue(plan, t, clock(), rt).status for t in targets]
+        outcomes += [run_like_queue(plan, t, compute_clock(), rt).status for t in targets]
 
     assert compute_fake.injected > 20  # the faults really fired
     assert outcomes == ["done"] * 36
@@ -369,10 +369,10 @@ def test_injected_rate_limits_and_5xx_still_end_with_every_disks_snapshot(comput
 # --- errors ------------------------------------------------------------------------------------------------
 
 
-def test_permission_denied_names_the_project_and_permission(compute_fake, clock):
+def test_permission_denied_names_the_project_and_permission(compute_fake, compute_clock):
     compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
     compute_fake.deny("proj-alpha", "compute.disks.createSnapshot")
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
 
     (result,) = run_plan(plan, rt).values()
 
@@ -380,13 +380,13 @@ def test_permission_denied_names_the_project_and_permission(compute_fake, clock)
     assert "proj-alpha" in str(result.outcome) and "compute.disks.createSnapshot" in str(result.outcome)
 
 
-def test_a_disk_deleted_since_enumeration_is_skipped(compute_fake, clock):
+def test_a_disk_deleted_since_enumeration_is_skipped(compute_fake, compute_clock):
     compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
     (target,) = all_targets(plan, rt)
     compute_fake.disks.clear()
 
-    result = run_like_queue(plan, target, clock(), rt)
+    result = run_like_queue(plan, target, compute_clock(), rt)
 
     assert result.status == "skipped" and "web" in str(result.outcome)
 
@@ -400,14 +400,14 @@ def test_a_disk_deleted_since_enumeration_is_skipped(compute_fake, clock):
         (400, "invalid", PermanentError),
     ],
 )
-def test_api_errors_map_to_retry_or_stop(compute_fake, clock, status, reason, expected):
+def test_api_errors_map_to_retry_or_stop(compute_fake, compute_clock, status, reason, expected):
     compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
     (target,) = all_targets(plan, rt)
     compute_fake.faults = [Fault(share=1.0, status=status, reason=reason)]
 
     with pytest.raises(expected) as caught:
-        disks.start(plan, target, RunContext("r", plan.name, target.key, clock()), rt)
+        disks.start(plan, target, RunContext("r", plan.name, target.key, compute_clock()), rt)
 
     assert reason in str(caught.value)
     assert getattr(caught.value, "rate_limited", False) == ("RateLimit" in reason or "rateLimit" in reason)
@@ -417,9 +417,9 @@ def test_api_errors_map_to_retry_or_stop(compute_fake, clock, status, reason, ex
 # --- options, endpoint, dry run ----------------------------------------------------------------------------
 
 
-def test_snapshot_carries_our_labels_and_the_plan_options(compute_fake, clock):
+def test_snapshot_carries_our_labels_and_the_plan_options(compute_fake, compute_clock):
     disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
-    plan, rt = make_plan(options={"guest_flush": True, "storage_locations": ["eu"]}), make_runtime(clock)
+    plan, rt = make_plan(options={"guest_flush": True, "storage_locations": ["eu"]}), make_runtime(compute_clock)
 
     (result,) = run_plan(plan, rt).values()
 
@@ -433,24 +433,24 @@ def test_snapshot_carries_our_labels_and_the_plan_options(compute_fake, clock):
     assert snapshot["guestFlush"] is True and snapshot["storageLocations"] == ["eu"]
 
 
-def test_the_plan_endpoint_overrides_the_environment(compute_fake, compute_responses, clock):
-    private = ComputeFake(clock=clock)
+def test_the_plan_endpoint_overrides_the_environment(compute_fake, compute_responses, compute_clock):
+    private = ComputeFake(clock=compute_clock)
     private.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
     serve_with_responses(private, compute_responses, "https://compute-psc.fake.test/compute/v1/")
     plan = make_plan(options={"endpoint": "https://compute-psc.fake.test"})  # a bare host gets /compute/v1/
 
-    targets = all_targets(plan, make_runtime(clock))
+    targets = all_targets(plan, make_runtime(compute_clock))
 
     assert [t.params["name"] for t in targets] == ["web"]
     assert private.calls and not compute_fake.calls
 
 
-def test_describe_says_what_would_be_created_and_deleted_and_changes_nothing(compute_fake, clock):
+def test_describe_says_what_would_be_created_and_deleted_and_changes_nothing(compute_fake, compute_clock):
     compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
     compute_fake.add_disk("proj-alpha", "odd", zone="us-east1-b", labels={LABEL: "abc"})
-    plan, rt = make_plan(), make_runtime(clock)
+    plan, rt = make_plan(), make_runtime(compute_clock)
     for _ in range(2):
-        clock.advance(hours=1)
+        compute_clock.advance(hours=1)
         run_plan(plan, rt)
     oldest = min(name for _p, name in compute_fake.snapshots)
     snapshots_before, calls_before = dict(compute_fake.snapshots), len(compute_fake.calls)
@@ -463,20 +463,20 @@ def test_describe_says_what_would_be_created_and_deleted_and_changes_nothing(com
     assert all(method == "GET" for method, _path in compute_fake.calls[calls_before:])
 
 
-def test_start_refuses_a_task_without_its_disk_params(compute_fake, clock):
-    plan, rt = make_plan(), make_runtime(clock)
+def test_start_refuses_a_task_without_its_disk_params(compute_fake, compute_clock):
+    plan, rt = make_plan(), make_runtime(compute_clock)
     target = Target(key="projects/proj-alpha/zones/us-east1-b/disks/web", params={"project": "proj-alpha"})
 
     with pytest.raises(PermanentError, match="params.name"):
-        disks.start(plan, target, RunContext("r", plan.name, target.key, clock()), rt)
+        disks.start(plan, target, RunContext("r", plan.name, target.key, compute_clock()), rt)
 
 
-def test_done_reports_what_was_pruned(compute_fake, clock):
+def test_done_reports_what_was_pruned(compute_fake, compute_clock):
     compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
-    plan, rt = make_plan(), make_runtime(clock)
-    clock.advance(hours=1)
+    plan, rt = make_plan(), make_runtime(compute_clock)
+    compute_clock.advance(hours=1)
     (first,) = run_plan(plan, rt).values()
-    clock.advance(hours=1)
+    compute_clock.advance(hours=1)
 
     (second,) = run_plan(plan, rt).values()
 
@@ -485,16 +485,39 @@ def test_done_reports_what_was_pruned(compute_fake, clock):
     assert second.outcome.stats["kept"] == 1
 
 
-def test_a_snapshot_already_deleted_by_someone_else_counts_as_pruned(compute_fake, clock):
+def test_a_snapshot_already_deleted_by_someone_else_counts_as_pruned(compute_fake, compute_clock):
     disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
-    plan, rt = make_plan(), make_runtime(clock)
-    clock.advance(hours=1)
+    plan, rt = make_plan(), make_runtime(compute_clock)
+    compute_clock.advance(hours=1)
     (first,) = run_plan(plan, rt).values()
     compute_fake.deleted_elsewhere.add(first.outcome.stats["snapshot"])
-    clock.advance(hours=1)
+    compute_clock.advance(hours=1)
 
     (second,) = run_plan(plan, rt).values()
 
     assert second.status == "done" and second.outcome.stats["prune_errors"] == []
     assert second.outcome.stats["pruned"] == [first.outcome.stats["snapshot"]]
     assert [s["name"] for s in compute_fake.snapshots_of(disk)] == [second.outcome.stats["snapshot"]]
+
+
+def test_pruning_reads_every_page_of_the_snapshot_listing(compute_fake, compute_clock, monkeypatch):
+    monkeypatch.setattr(disks, "API_MAX_RESULTS", 2)  # Compute pages at 500; small pages make paging visible
+    disk = compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "2"})
+    plan, rt = make_plan(), make_runtime(compute_clock)
+    for _ in range(6):
+        compute_clock.advance(hours=1)
+        compute_fake.add_snapshot(
+            "proj-alpha",
+            f"older-{compute_clock():%H%M}",
+            source_disk=disk,
+            labels={"managed-by": "backup-scheduler", "plan": "disk-nightly", "source-disk-id": disk["id"]},
+        )
+    compute_clock.advance(hours=1)
+
+    (result,) = run_plan(plan, rt).values()
+
+    assert result.status == "done"
+    assert [s["name"] for s in compute_fake.snapshots_of(disk)] == sorted(
+        [result.outcome.stats["snapshot"], "older-1500"]
+    )
+    assert len([p for m, p in compute_fake.calls if m == "GET" and p.endswith("global/snapshots")]) == 4

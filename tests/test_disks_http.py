@@ -12,20 +12,20 @@ from services.runtime import Runtime, Settings
 from tests.fakes_compute import ComputeFake, FakeServer
 
 
-def test_a_run_over_real_http_snapshots_and_prunes(clock):
-    fake = ComputeFake(clock=clock)
+def test_a_run_over_real_http_snapshots_and_prunes(compute_clock):
+    fake = ComputeFake(clock=compute_clock)
     disk = fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={"backup-generations": "1"})
     plan = parse_plan("disk-nightly", {"kind": "disks", "select": {"projects": ["proj-alpha"]}})
 
     with FakeServer(fake) as server:
         rt = Runtime(
             Settings.from_env({"BACKUP_COMPUTE_ENDPOINT": server.endpoint}),
-            clock=clock,
+            clock=compute_clock,
             credentials=AnonymousCredentials(),
         )
         outputs = []
         for _ in range(2):
-            period = clock.advance(hours=1)
+            period = compute_clock.advance(hours=1)
             (target,) = disks.enumerate_targets(plan, None, rt).targets
             run = RunContext(run_id="r", plan=plan.name, target_key=target.key, period=period)
             outcome = disks.start(plan, target, run, rt)

@@ -14,10 +14,10 @@ from tests.fixtures.compute import FAKE_COMPUTE_ENDPOINT
 
 
 @pytest.fixture
-def rt(clock, monkeypatch):
+def rt(compute_clock, monkeypatch):
     monkeypatch.setattr(disks, "RESTORE_POLL_SECONDS", 0.0)
     settings = Settings.from_env({"BACKUP_COMPUTE_ENDPOINT": FAKE_COMPUTE_ENDPOINT, "BACKUP_PROJECT": "proj-alpha"})
-    return Runtime(settings, clock=clock, credentials=AnonymousCredentials())
+    return Runtime(settings, clock=compute_clock, credentials=AnonymousCredentials())
 
 
 @pytest.fixture
