@@ -63,9 +63,20 @@ def start_datastore(port: int) -> subprocess.Popen:
         sys.exit("Java is needed for the Datastore emulator: install openjdk-17-jre-headless")
     log_file = open(STATE / "datastore.log", "w")  # noqa: SIM115 - lives as long as the emulator
     return subprocess.Popen(
-        ["java", "-cp", str(jar), "com.google.cloud.datastore.emulator.CloudDatastore", "start", "--testing",
-         "--host=127.0.0.1", f"--port={port}", "--store_on_disk=false", str(STATE / "datastore")],
-        stdout=log_file, stderr=subprocess.STDOUT,
+        [
+            "java",
+            "-cp",
+            str(jar),
+            "com.google.cloud.datastore.emulator.CloudDatastore",
+            "start",
+            "--testing",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--store_on_disk=false",
+            str(STATE / "datastore"),
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -87,8 +98,9 @@ def seed_demo_data() -> None:
     if gcs.lookup_bucket(DEMO_BUCKET) is None:
         gcs.create_bucket(DEMO_BUCKET)
         # The emulator keeps location and class only when patched; Datastore exports need both right.
-        gcs._connection.api_request(method="PATCH", path=f"/b/{DEMO_BUCKET}",
-                                    data={"location": "us-central1", "storageClass": "STANDARD"})
+        gcs._connection.api_request(
+            method="PATCH", path=f"/b/{DEMO_BUCKET}", data={"location": "us-central1", "storageClass": "STANDARD"}
+        )
 
 
 def main() -> None:
@@ -126,18 +138,37 @@ def main() -> None:
         wait_for(f"http://127.0.0.1:{ds_port}/", "the Datastore emulator", children[0])
         seed_demo_data()
         app_log = open(STATE / "app.log", "w")  # noqa: SIM115 - lives as long as the app
-        children.append(subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{app_port}", "--workers", "1",
-             "--threads", "8", "--timeout", "0", "main:app"],
-            cwd=ROOT, env=os.environ.copy(), stdout=app_log, stderr=subprocess.STDOUT,
-        ))
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "--bind",
+                    f"127.0.0.1:{app_port}",
+                    "--workers",
+                    "1",
+                    "--threads",
+                    "8",
+                    "--timeout",
+                    "0",
+                    "main:app",
+                ],
+                cwd=ROOT,
+                env=os.environ.copy(),
+                stdout=app_log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_for(f"{service_url}/healthz", "the app", children[-1])
         queue = LocalQueue(STATE / "queue.sqlite3")
         dispatcher = LocalDispatcher(queue, service_url, token, load_queue_configs(ROOT / "queue.yaml")).start()
         cron = LocalCron(load_cron(ROOT / "cron.yaml"), service_url, token).start()
-        started = requests.post(f"{service_url}/admin/plans/{DEMO_PLAN}/run",
-                                headers={"Authorization": f"Bearer {token}"}, timeout=60)
-        print(f"""
+        started = requests.post(
+            f"{service_url}/admin/plans/{DEMO_PLAN}/run", headers={"Authorization": f"Bearer {token}"}, timeout=60
+        )
+        print(
+            f"""
 backup-scheduler is running on {service_url} (app log: .local/app.log)
   demo plan '{DEMO_PLAN}' started: {started.text.strip()}
   runs:        curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/runs
@@ -146,7 +177,9 @@ backup-scheduler is running on {service_url} (app log: .local/app.log)
                BACKUP_PROJECT={PROJECT} ./backup runs
   exports:     gs://{DEMO_BUCKET}/datastore/... in the GCS emulator ({env["STORAGE_EMULATOR_HOST"]}), .local/exports
 Ctrl-C stops everything.
-""", flush=True)
+""",
+            flush=True,
+        )
         while not stop.is_set():
             for child in children:
                 if child.poll() is not None:

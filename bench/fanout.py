@@ -15,7 +15,7 @@ import statistics
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -41,8 +41,11 @@ def serve(latency: float) -> TasksStandIn:
             with lock:
                 duplicate = name in names
                 names.add(name)
-            status, reply = (409, {"error": {"code": 409, "message": "exists", "status": "ALREADY_EXISTS"}}) \
-                if duplicate else (200, body["task"])
+            status, reply = (
+                (409, {"error": {"code": 409, "message": "exists", "status": "ALREADY_EXISTS"}})
+                if duplicate
+                else (200, body["task"])
+            )
             data = json.dumps(reply).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -61,8 +64,13 @@ def serve(latency: float) -> TasksStandIn:
 def _settings(endpoint: str):
     from services.runtime import Settings
 
-    return Settings(project="bench", on_app_engine=False, queue_backend="cloudtasks", tasks_endpoint=endpoint,
-                    tasks_transport="rest")
+    return Settings(
+        project="bench",
+        on_app_engine=False,
+        queue_backend="cloudtasks",
+        tasks_endpoint=endpoint,
+        tasks_transport="rest",
+    )
 
 
 def run_ours(endpoint: str, count: int, plan_name: str, out) -> None:
@@ -78,7 +86,7 @@ def run_ours(endpoint: str, count: int, plan_name: str, out) -> None:
     settings = _settings(endpoint)
     rt = Runtime(settings, plans={plan_name: plan})
     queue = CloudTasksQueue(settings)
-    period = datetime(2026, 11, 23, 2, tzinfo=timezone.utc)
+    period = datetime(2026, 11, 23, 2, tzinfo=UTC)
     token, page, enqueued, pages = None, 0, 0, []
     started = time.perf_counter()
     while True:
@@ -92,8 +100,15 @@ def run_ours(endpoint: str, count: int, plan_name: str, out) -> None:
         token = str(page * plan.fanout_page_size)
     elapsed = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out.send({"enqueued": enqueued, "seconds": elapsed, "rss_mb": peak, "page_median": statistics.median(pages),
-              "page_max": max(pages)})
+    out.send(
+        {
+            "enqueued": enqueued,
+            "seconds": elapsed,
+            "rss_mb": peak,
+            "page_median": statistics.median(pages),
+            "page_max": max(pages),
+        }
+    )
 
 
 def run_sequential(endpoint: str, count: int, out) -> None:
@@ -142,16 +157,24 @@ def main() -> None:
     seq_rate = sequential["enqueued"] / sequential["seconds"]
     print(f"Cloud Tasks stand-in answering each create after {args.latency_ms:.0f} ms (real client, REST)")
     print(f"{'':34}{'tasks':>8}{'seconds':>10}{'tasks/s':>10}{'peak RSS MB':>13}")
-    print(f"{'backup-scheduler fan-out':34}{ours['enqueued']:>8}{ours['seconds']:>10.1f}{rate:>10.0f}"
-          f"{ours['rss_mb']:>13.0f}")
-    print(f"{'backup-scheduler fan-out (small)':34}{small['enqueued']:>8}{small['seconds']:>10.1f}"
-          f"{small['enqueued'] / small['seconds']:>10.0f}{small['rss_mb']:>13.0f}")
-    print(f"{'one create_task at a time':34}{sequential['enqueued']:>8}{sequential['seconds']:>10.1f}"
-          f"{seq_rate:>10.0f}{sequential['rss_mb']:>13.0f}")
+    print(
+        f"{'backup-scheduler fan-out':34}{ours['enqueued']:>8}{ours['seconds']:>10.1f}{rate:>10.0f}"
+        f"{ours['rss_mb']:>13.0f}"
+    )
+    print(
+        f"{'backup-scheduler fan-out (small)':34}{small['enqueued']:>8}{small['seconds']:>10.1f}"
+        f"{small['enqueued'] / small['seconds']:>10.0f}{small['rss_mb']:>13.0f}"
+    )
+    print(
+        f"{'one create_task at a time':34}{sequential['enqueued']:>8}{sequential['seconds']:>10.1f}"
+        f"{seq_rate:>10.0f}{sequential['rss_mb']:>13.0f}"
+    )
     print(f"throughput ratio (ours / one at a time): {rate / seq_rate:.1f}x")
     print(f"peak RSS {args.targets} vs {args.small} targets: {ours['rss_mb']:.0f} MB vs {small['rss_mb']:.0f} MB")
-    print(f"one fan-out request (500 targets): median {ours['page_median']:.2f} s, max {ours['page_max']:.2f} s"
-          " (App Engine cron/task request deadline: 600 s)")
+    print(
+        f"one fan-out request (500 targets): median {ours['page_median']:.2f} s, max {ours['page_max']:.2f} s"
+        " (App Engine cron/task request deadline: 600 s)"
+    )
 
 
 if __name__ == "__main__":

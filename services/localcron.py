@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
-from typing import Callable
 
 import requests
 
@@ -19,8 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class LocalCron:
-    def __init__(self, jobs: list[CronJob], base_url: str, token: str | None,
-                 clock: Callable[[], datetime] = utcnow):
+    def __init__(self, jobs: list[CronJob], base_url: str, token: str | None, clock: Callable[[], datetime] = utcnow):
         self.jobs = jobs
         self.base_url = base_url.rstrip("/")
         self.token = token

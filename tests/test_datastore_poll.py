@@ -45,8 +45,14 @@ def operation_json(done: bool, entities: int = 0, error: dict | None = None) -> 
 @pytest.fixture
 def env(tmp_path):
     rt = make_runtime(tmp_path, credentials=AnonymousCredentials(), datastore_admin_endpoint=ADMIN)
-    plan = parse_plan("nightly", {"kind": "datastore", "destination": {"bucket": "b", "prefix": "nightly"},
-                                  "options": {"location": "us-central1"}})
+    plan = parse_plan(
+        "nightly",
+        {
+            "kind": "datastore",
+            "destination": {"bucket": "b", "prefix": "nightly"},
+            "options": {"location": "us-central1"},
+        },
+    )
     target = Target("Customer", {"project": "test-project", "namespaces": [""], "kinds": ["Customer"]})
     run = RunContext("r1", "nightly", "Customer", Clock()())
     return rt, plan, target, run
