@@ -10,7 +10,7 @@ import logging
 
 from flask import Blueprint, jsonify, request
 
-from handlers import catalog, runtime
+from handlers import catalog, queue, runtime
 from handlers.auth import cron_only, queue_only
 from services import notify
 from services.stale import AlertStore, check_stale
@@ -41,7 +41,7 @@ def send_notification():  # type: ignore[no-untyped-def]
 @bp.get("/cron/_stale")
 @cron_only
 def stale_check():  # type: ignore[no-untyped-def]
-    report = check_stale(runtime(), catalog())
+    report = check_stale(runtime(), catalog(), queue=queue())
     return jsonify(report.to_json())
 
 
@@ -57,6 +57,6 @@ def daily_digest():  # type: ignore[no-untyped-def]
             continue
         stale = sorted(name for name, alert in alerts.for_plan(plan.name).items() if alert.stale)
         message = notify.digest_message(rt, plan, store, stale)
-        if notify.enqueue_message(rt, plan, message):
+        if notify.enqueue_message(rt, plan, message, queue()):
             queued.append(plan.name)
     return jsonify({"queued": queued})
