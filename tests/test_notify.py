@@ -6,16 +6,18 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from datetime import timedelta
 
 import pytest
 import responses
 from google.auth.credentials import AnonymousCredentials
 
+from main import create_app
 from services import notify, worker
 from services.catalog import FAILED, SUCCEEDED, Catalog
 from services.errors import PermanentError
 from services.queue import LocalQueue
-from tests.alerting import finished_run, make_plan, served_app
+from tests.alerting import AUTH, finished_run, make_plan, served_app
 from tests.helpers import Clock, make_runtime
 
 TOPIC = "backup-events"
@@ -232,3 +234,28 @@ def test_a_webhook_url_that_would_leak_or_is_missing_is_refused(tmp_path, monkey
 
     with pytest.raises(PermanentError, match=problem):
         notify.post_webhook(rt, "OPS_CHAT_WEBHOOK", message)
+
+
+def test_daily_digest_summarises_the_last_day_once(tmp_path, datastore, monkeypatch):
+    monkeypatch.setenv("OPS_CHAT_WEBHOOK", "https://chat.example/hook")
+    plan = make_plan("nightly", digest=True, on_failure=False, webhook_env="OPS_CHAT_WEBHOOK")
+    quiet = make_plan("quiet", webhook_env="OPS_CHAT_WEBHOOK")  # no digest asked for
+    clock = Clock()
+    rt = make_runtime(tmp_path, plans={plan.name: plan, quiet.name: quiet}, clock=clock)
+    catalog = Catalog(datastore)
+    queue = LocalQueue(tmp_path / "queue.sqlite3")
+    catalog.save(finished_run("nightly", "Customer", SUCCEEDED, clock.now - timedelta(hours=2)))
+    catalog.save(finished_run("nightly", "Order", FAILED, clock.now - timedelta(hours=1), error="quota exceeded"))
+    catalog.save(finished_run("nightly", "Old", FAILED, clock.now - timedelta(days=3), error="long ago"))
+    client = create_app(rt, queue=queue, catalog=catalog).test_client()
+
+    first = client.get("/cron/_digest", headers=AUTH)
+    second = client.get("/cron/_digest", headers=AUTH)
+
+    assert first.get_json() == {"queued": ["nightly"]}
+    assert second.get_json() == {"queued": []}  # same day: collapsed
+    [message] = [json.loads(t["payload"]) for t in notify_tasks(queue)]
+    assert message["kind"] == "digest" and message["status"] == "failed"
+    assert "1 failed, 1 succeeded in the last 24 h" in message["text"]
+    assert "`Order`: quota exceeded" in message["text"]
+    assert "long ago" not in message["text"]
