@@ -16,14 +16,14 @@ from handlers import catalog, runtime
 from handlers.auth import admin_only
 from services.catalog import RunRecord
 from services.fanout import schedules
-from services.status import age_text, build_status, location_url, render_metrics
+from services.status import StatusView, age_text, build_status, location_url, render_metrics
 
 bp = Blueprint("status", __name__)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _view():  # type: ignore[no-untyped-def]
+def _view() -> StatusView:
     rt = runtime()
     return build_status(rt, catalog(), schedules(rt))
 

@@ -273,7 +273,17 @@ def _mark_sent(rt: Any, key: str, channel: str, message: Message) -> None:
     from google.cloud import datastore
 
     entity = datastore.Entity(_sent_key(rt, key, channel), exclude_from_indexes=("target",))
-    entity.update({"plan": message.plan, "target": message.target, "kind": message.kind, "sent_at": rt.now()})
+    now = rt.now()
+    # expire_at is for a Datastore TTL policy: the record only has to outlive the collapse window.
+    entity.update(
+        {
+            "plan": message.plan,
+            "target": message.target,
+            "kind": message.kind,
+            "sent_at": now,
+            "expire_at": now + COLLAPSE_WINDOW + timedelta(days=1),
+        }
+    )
     rt.datastore().put(entity)
 
 

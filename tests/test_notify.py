@@ -259,3 +259,24 @@ def test_daily_digest_summarises_the_last_day_once(tmp_path, datastore, monkeypa
     assert "1 failed, 1 succeeded in the last 24 h" in message["text"]
     assert "`Order`: quota exceeded" in message["text"]
     assert "long ago" not in message["text"]
+
+
+def test_a_message_recreated_after_the_queue_forgot_its_name_is_not_sent_again(
+    tmp_path, datastore, webhook_server, monkeypatch
+):
+    monkeypatch.setenv("OPS_CHAT_WEBHOOK", webhook_server.url)
+    plan = make_plan("nightly", webhook_env="OPS_CHAT_WEBHOOK")
+    rt = make_runtime(tmp_path, plans={plan.name: plan})
+    first_queue, second_queue = LocalQueue(tmp_path / "a.sqlite3"), LocalQueue(tmp_path / "b.sqlite3")
+    record = finished_run("nightly", "Customer", FAILED, rt.now(), error="boom")
+    notify.run_finished(rt, plan, record, first_queue)
+    notify.run_finished(rt, plan, record, second_queue)  # a queue that has never seen the name
+    [first] = [notify.Message.from_json(json.loads(t["payload"])) for t in first_queue.tasks()]
+    [second] = [notify.Message.from_json(json.loads(t["payload"])) for t in second_queue.tasks()]
+
+    sent = notify.deliver(rt, first)
+    again = notify.deliver(rt, second)
+
+    assert first.key == second.key
+    assert (sent.channels, again.channels) == ({"webhook": "sent"}, {"webhook": "already sent"})
+    assert len(webhook_server.received) == 1
