@@ -142,11 +142,12 @@ def check_stale(rt: Any, catalog: Catalog, alerts: AlertStore | None = None, que
             if is_stale and fanout and fanout.last_failure_at and (good_at is None or fanout.last_failure_at > good_at):
                 reason += f"; the plan's fan-out failed at {fanout.last_failure_at:%Y-%m-%d %H:%M} UTC"
                 reason += f": {fanout.last_error}"
-            _settle(rt, alerts, plan, alert, is_stale, reason, state, report, queue, stored=name in known)
+            episode = (good_at or alert.first_seen).isoformat()  # the same for every checker racing on this unit
+            _settle(rt, alerts, plan, alert, is_stale, reason, state, report, queue, name in known, episode)
         # A unit that no longer applies (the "(plan)" unit once targets exist) is resolved, not left stale forever.
         for name, alert in known.items():
             if name not in units and alert.stale:
-                _settle(rt, alerts, plan, alert, False, "", None, report, queue, stored=True)
+                _settle(rt, alerts, plan, alert, False, "", None, report, queue, True, "")
     return report
 
 
@@ -161,7 +162,10 @@ def _settle(
     report: StaleReport,
     queue: Any,
     stored: bool,
+    episode: str,
 ) -> None:
+    """Record and announce a change of ``alert``. ``episode`` names a stale episode (the time of the last good copy,
+    or first sight): two checks racing on the same unit build the same task name, so only one message is queued."""
     now = rt.now()
     if is_stale:
         report.stale.append(f"{plan.name}/{alert.target}")
@@ -172,15 +176,16 @@ def _settle(
         log.error("backup stale: plan %s, target %s: %s", plan.name, alert.target, reason, extra=labels)
         report.changes.append(StaleChange(plan.name, alert.target, notify.STALE, reason))
         text = f"*Backup stale*: plan `{plan.name}`, target `{alert.target}`\n{reason}"
-        _notify(rt, plan, alert, notify.STALE, text, reason, state, queue)
+        _notify(rt, plan, alert.target, notify.STALE, text, reason, state, queue, episode)
     elif not is_stale and alert.stale:
+        episode = alert.since.isoformat() if alert.since else ""  # as stored: racing checks read the same value
         alert.stale, alert.recovered_at = False, now
         alerts.put(alert)
         good = f"good copy at {state.last_good_at:%Y-%m-%d %H:%M} UTC" if state and state.last_good_at else "resolved"
         log.info("backup recovered: plan %s, target %s: %s", plan.name, alert.target, good, extra={"plan": plan.name})
         report.changes.append(StaleChange(plan.name, alert.target, notify.RECOVERED, good))
         text = f"Backup recovered: plan `{plan.name}`, target `{alert.target}`: {good}"
-        _notify(rt, plan, alert, notify.RECOVERED, text, None, state, queue)
+        _notify(rt, plan, alert.target, notify.RECOVERED, text, None, state, queue, episode)
     elif not stored:
         alerts.put(alert)  # remember first_seen: a target that never succeeds goes stale one RPO later
 
@@ -188,25 +193,24 @@ def _settle(
 def _notify(
     rt: Any,
     plan: Any,
-    alert: StaleAlert,
+    target: str,
     kind: str,
     text: str,
     error: str | None,
     state: TargetState | None,
     queue: Any,
+    episode: str,
 ) -> None:
-    assert alert.since is not None
     message = notify.Message(
         kind=kind,
         plan=plan.name,
-        target=alert.target,
+        target=target,
         status=kind,
         text=text,
         at=rt.now().isoformat(),
         error=error,
         output=state.last_good_output if state else None,
         run_id=(state.last_good_run_id or state.last_run_id) if state else None,
-        # One message per episode: the episode is named by the moment it went stale.
-        key=notify.collapse_key(kind, plan.name, alert.target, kind, "", alert.since.isoformat()),
+        key=notify.collapse_key(kind, plan.name, target, kind, "", episode),
     )
     notify.enqueue_message(rt, plan, message, queue)

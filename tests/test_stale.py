@@ -8,10 +8,10 @@ from datetime import timedelta
 
 from main import create_app
 from services import notify, worker
-from services.catalog import SUCCEEDED, Catalog
+from services.catalog import NAMESPACE, SUCCEEDED, Catalog
 from services.errors import PermanentError
 from services.queue import LocalQueue
-from services.stale import PLAN_UNIT, check_stale
+from services.stale import PLAN_UNIT, STALE_KIND, check_stale
 from tests.alerting import AUTH, finished_run, make_plan
 from tests.helpers import Clock, make_runtime
 
@@ -149,3 +149,19 @@ def test_a_target_that_disappeared_goes_stale_and_is_named_as_missing(tmp_path, 
     assert change.target == "Archived"
     assert "not part of the plan's recent runs" in change.reason
     assert report.stale == ["nightly/Archived"]
+
+
+def test_two_checks_racing_on_the_same_target_queue_one_message(tmp_path, datastore, monkeypatch):
+    monkeypatch.setenv("OPS_CHAT_WEBHOOK", "https://chat.example/hook")
+    plan = make_plan("nightly", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
+    clock, rt, catalog, queue = setup(tmp_path, datastore, plan)
+    good_run(catalog, "nightly", "Customer", clock.now)
+    clock.advance(hours=30)
+    first = check_stale(rt, catalog, queue=queue)
+    # The second checker read the alert state before the first one wrote it: it sees no alert at all.
+    datastore.delete_multi([e.key for e in datastore.query(kind=STALE_KIND, namespace=NAMESPACE).fetch()])
+    clock.advance(seconds=40)
+    second = check_stale(rt, catalog, queue=queue)
+
+    assert [c.change for c in first.changes] == [c.change for c in second.changes] == ["stale"]
+    assert [m["kind"] for m in queued_messages(queue)] == ["stale"]
