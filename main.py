@@ -30,11 +30,13 @@ def create_app(runtime: Runtime | None = None, queue: Any = None, catalog: Catal
         else (lambda: rt.client("catalog", lambda: Catalog(rt.datastore()))),
     }
 
-    from handlers import admin, cron, tasks
+    from handlers import admin, alerts, cron, status, tasks
 
     app.register_blueprint(cron.bp)
     app.register_blueprint(tasks.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(status.bp)  # /, /api/status, /metrics
+    app.register_blueprint(alerts.bp)  # /tasks/_notify, /cron/_stale, /cron/_digest
 
     @app.before_request
     def _trace() -> None:

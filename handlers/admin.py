@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from handlers import catalog, queue, runtime
+from handlers import status as status_pages
 from handlers.auth import admin_only
 from handlers.cron import unknown_plan
 from services.fanout import dry_run, fan_out, manual_period
@@ -59,4 +60,6 @@ def show_run(run_id: str):  # type: ignore[no-untyped-def]
     record = catalog().get(run_id)
     if record is None:
         return jsonify({"error": f"no run {run_id!r}"}), 404
+    if status_pages.wants_html():
+        return status_pages.run_page(record)
     return jsonify(record.to_json())
