@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from services.errors import ConfigError
 
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Settings:
     tasks_endpoint: str | None = None  # Cloud Tasks emulator / Private Service Connect
     tasks_transport: str = "grpc"  # "grpc" | "rest"
     tasks_target: str = "appengine"  # "appengine" | "http"
+    gae_service: str = "default"  # the App Engine service tasks are routed to
     service_url: str = "http://127.0.0.1:8080"  # where HTTP targets and the local queue send tasks
     tasks_service_account: str | None = None  # OIDC identity for HTTP targets
     tasks_audience: str | None = None
@@ -89,6 +91,7 @@ class Settings:
             tasks_endpoint=env.get("BACKUP_TASKS_ENDPOINT") or None,
             tasks_transport=transport,
             tasks_target=target,
+            gae_service=env.get("GAE_SERVICE", "default"),
             service_url=env.get("BACKUP_SERVICE_URL", "http://127.0.0.1:8080").rstrip("/"),
             tasks_service_account=env.get("BACKUP_TASKS_SERVICE_ACCOUNT") or None,
             tasks_audience=env.get("BACKUP_TASKS_AUDIENCE") or None,
@@ -121,7 +124,7 @@ class Runtime:
         self._plans = plans
         self.clock = clock
         self._credentials = credentials
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a factory may ask for another client
         self._clients: dict[str, Any] = {}
 
     def now(self) -> datetime:
@@ -141,6 +144,11 @@ class Runtime:
             if name not in self._clients:
                 self._clients[name] = factory()
             return self._clients[name]
+
+    @property
+    def given_credentials(self) -> Any:
+        """The credentials this Runtime was built with, or None to let each client find its own (ADC)."""
+        return self._credentials
 
     def credentials(self) -> Any:
         """Credentials for Google APIs built with googleapiclient: the ones given (tests pass anonymous

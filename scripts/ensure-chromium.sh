@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs Debian's chromium for the status-page browser test (tests/test_status_page.py), and the Playwright
+# Python package that drives it (pinned in requirements-dev.txt). Does nothing when both are present.
+# Playwright's own browser download is never used: the test launches /usr/bin/chromium.
+set -euo pipefail
+
+if [ ! -x /usr/bin/chromium ]; then
+  if ! apt-cache show chromium >/dev/null 2>&1; then
+    apt-get update
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium fonts-dejavu-core
+fi
+
+PYTHON="${PYTHON:-/work/venv/bin/python}"
+[ -x "$PYTHON" ] || PYTHON=python3
+if ! "$PYTHON" -c "import playwright" >/dev/null 2>&1; then
+  "$PYTHON" -m pip install "$(grep -E '^playwright==' "$(dirname "$0")/../requirements-dev.txt")"
+fi

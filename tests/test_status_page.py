@@ -1,0 +1,193 @@
+"""The status page in a real headless browser (Debian's chromium driven by Playwright), plus /api/status and
+/metrics. The page must load, show a red target with its error, and refuse a caller without admin auth."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from main import create_app
+from services.catalog import FAILED, Catalog
+from services.runtime import ROOT
+from tests.alerting import AUTH, finished_run, make_plan
+from tests.helpers import LOCAL_TOKEN, Clock, make_runtime
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+INVOICE_ERROR = "PERMISSION_DENIED: backup@demo.iam lacks storage.objects.create on bucket demo-backups"
+
+
+def seed_catalog(catalog: Catalog, clock: Clock):
+    """datastore-nightly (RPO 26 h, cron 02:00): one green, one amber and one red target; files-hourly: its
+    fan-out failed; sql-weekly: never ran."""
+    now = clock.now
+    catalog.save(finished_run("datastore-nightly", "Customer", "succeeded", now - timedelta(hours=3)))
+    catalog.save(finished_run("datastore-nightly", "Order", "succeeded", now - timedelta(hours=22)))
+    catalog.save(finished_run("datastore-nightly", "acme/Invoice", "succeeded", now - timedelta(hours=40)))
+    failed = finished_run("datastore-nightly", "acme/Invoice", FAILED, now - timedelta(hours=3), error=INVOICE_ERROR)
+    catalog.save(failed)
+    catalog.save(finished_run("files-hourly", "share-a", "succeeded", now - timedelta(hours=5)))
+    fanout = finished_run("files-hourly", "(fan-out)", FAILED, now - timedelta(hours=1), error="Filestore API: 403")
+    catalog.save(fanout)
+    return failed
+
+
+@pytest.fixture
+def status_app(tmp_path, datastore):
+    clock = Clock()
+    plans = [
+        make_plan("datastore-nightly", rpo_hours=26),
+        make_plan("files-hourly", rpo_hours=2),
+        make_plan("sql-weekly", rpo_hours=170),
+    ]
+    rt = make_runtime(tmp_path, plans={p.name: p for p in plans}, clock=clock)
+    catalog = Catalog(datastore)
+    failed = seed_catalog(catalog, clock)
+    return create_app(rt, catalog=catalog), failed
+
+
+@pytest.fixture
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(
+            "chromium is not installed: run scripts/ensure-chromium.sh (apt-get install chromium)", pytrace=False
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: pip install -r requirements-dev.txt", pytrace=False)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_status_page_shows_red_target_with_its_error_and_needs_admin(status_app, serve, browser, tmp_path):
+    app, failed = status_app
+    with serve(app) as served:
+        anonymous = browser.new_page()
+        refused = anonymous.goto(served.url + "/")
+        admin = browser.new_context(extra_http_headers=AUTH, viewport={"width": 1100, "height": 900})
+        page = admin.new_page()
+        loaded = page.goto(served.url + "/")
+        invoice = page.locator('tr[data-target="acme/Invoice"]')
+        invoice_text = invoice.inner_text()
+        invoice_health = invoice.get_attribute("data-health")
+        healths = {
+            name: page.locator(f'tr[data-target="{name}"]').get_attribute("data-health")
+            for name in ("Customer", "Order")
+        }
+        plan_text = page.locator("#plan-datastore-nightly .meta").inner_text()
+        fanout_banner = page.locator("#plan-files-hourly .banner").inner_text()
+        never_ran = page.locator("#plan-sql-weekly").inner_text()
+        page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
+        invoice.get_by_role("link", name="run and log").click()
+        page.wait_for_load_state()
+        run_text = page.locator("body").inner_text()
+        run_title = page.title()
+
+    assert refused.status == 401
+    assert loaded.status == 200
+    assert invoice_health == "red"
+    assert INVOICE_ERROR in invoice_text
+    assert "40.0 h" in invoice_text
+    assert healths == {"Customer": "green", "Order": "amber"}
+    assert "next run 2026-11-24 02:00 UTC" in plan_text and "RPO 26 h" in plan_text
+    assert "Fan-out failed" in fanout_banner and "Filestore API: 403" in fanout_banner
+    assert "No run of this plan has been recorded yet" in never_ran
+    assert failed.run_id in run_title
+    assert "export of acme/Invoice started" in run_text and INVOICE_ERROR in run_text
+    assert (tmp_path / "status-page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("BACKUP_UPDATE_SCREENSHOTS") == "1":  # refresh the README's picture: make screenshots
+        shutil.copy(tmp_path / "status-page.png", ROOT / "docs" / "status-page.png")
+
+
+def test_status_page_fits_a_phone_screen(status_app, serve, browser, tmp_path):
+    app, _failed = status_app
+    with serve(app) as served:
+        phone = browser.new_context(extra_http_headers=AUTH, viewport={"width": 390, "height": 844}, is_mobile=True)
+        page = phone.new_page()
+        page.goto(served.url + "/")
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        error_visible = page.get_by_text(INVOICE_ERROR).is_visible()
+        page.screenshot(path=str(tmp_path / "status-page-phone.png"))
+
+    assert overflow <= 0
+    assert error_visible
+    if os.environ.get("BACKUP_UPDATE_SCREENSHOTS") == "1":
+        shutil.copy(tmp_path / "status-page-phone.png", ROOT / "docs" / "status-page-phone.png")
+
+
+def test_api_status_is_json_for_scripts(status_app):
+    app, _failed = status_app
+    client = app.test_client()
+
+    denied = client.get("/api/status")
+    body = client.get("/api/status", headers=AUTH).get_json()
+
+    assert denied.status_code == 401
+    plans = {p["name"]: p for p in body["plans"]}
+    targets = {t["target"]: t for t in plans["datastore-nightly"]["targets"]}
+    assert {name: t["health"] for name, t in targets.items()} == {
+        "Customer": "green",
+        "Order": "amber",
+        "acme/Invoice": "red",
+    }
+    assert targets["acme/Invoice"]["last_error"] == INVOICE_ERROR
+    assert targets["Customer"]["location_url"].startswith("https://console.cloud.google.com/storage/browser/")
+    assert plans["files-hourly"]["health"] == "red" and plans["files-hourly"]["fanout_error"] == "Filestore API: 403"
+    assert plans["sql-weekly"]["never_ran"] is True
+    assert body["counts"] == {"green": 1, "amber": 1, "red": 2}
+
+
+def test_runs_page_is_html_for_browsers_and_json_for_scripts(status_app):
+    app, failed = status_app
+    client = app.test_client()
+
+    as_json = client.get(f"/runs/{failed.run_id}", headers=AUTH)
+    as_html = client.get(f"/runs/{failed.run_id}", headers=AUTH | {"Accept": "text/html,*/*;q=0.8"})
+
+    assert as_json.get_json()["error"] == INVOICE_ERROR
+    assert as_html.content_type.startswith("text/html")
+    assert "export of acme/Invoice started" in as_html.get_data(as_text=True)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+
+
+def test_metrics_accept_the_scrape_token_or_an_admin(status_app, monkeypatch):
+    app, _failed = status_app
+    monkeypatch.setenv("BACKUP_METRICS_TOKEN", "scrape-secret-77")
+    client = app.test_client()
+    now = Clock().now
+
+    anonymous = client.get("/metrics")
+    scraper = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret-77"})
+    admin = client.get("/metrics", headers={"Authorization": f"Bearer {LOCAL_TOKEN}"})
+
+    assert anonymous.status_code == 401
+    assert scraper.status_code == 200 and admin.status_code == 200
+    assert scraper.content_type.startswith("text/plain; version=0.0.4")
+    samples = parse_metrics(scraper.get_data(as_text=True))
+    customer = '{plan="datastore-nightly",target="Customer"}'
+    invoice = '{plan="datastore-nightly",target="acme/Invoice"}'
+    assert samples["backup_last_success_timestamp_seconds" + customer] == (now - timedelta(hours=3)).timestamp()
+    assert samples["backup_last_success_timestamp_seconds" + invoice] == (now - timedelta(hours=40)).timestamp()
+    assert samples["backup_last_run_failed" + invoice] == 1
+    assert samples["backup_target_health" + invoice] == 2
+    assert samples['backup_plan_rpo_seconds{plan="datastore-nightly"}'] == 26 * 3600
+    assert samples['backup_plan_fanout_failed{plan="files-hourly"}'] == 1
+    assert "# TYPE backup_last_success_timestamp_seconds gauge" in scraper.get_data(as_text=True)
