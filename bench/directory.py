@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -122,7 +122,7 @@ def main() -> None:
 
         full = {"engine": [], "rsync": []}
         incr = {"engine": [], "rsync": []}
-        base = datetime(2026, 11, 23, 0, 0, tzinfo=timezone.utc)
+        base = datetime(2026, 11, 23, 0, 0, tzinfo=UTC)
         changed = 0
         for rnd in range(args.rounds):
             ours = work / f"engine-{rnd}"
