@@ -138,11 +138,7 @@ def main() -> None:
             full["engine"].append(timed(lambda o=ours: copy_tree(source, o, base, threads=args.threads, sync=False)))
             changed = change_files(paths, args.changed)
             incr["engine"].append(
-                timed(
-                    lambda o=ours: copy_tree(
-                        source, o, base + timedelta(hours=1), threads=args.threads, sync=False
-                    )
-                )
+                timed(lambda o=ours: copy_tree(source, o, base + timedelta(hours=1), threads=args.threads, sync=False))
             )
             incr["rsync"].append(timed(lambda t=theirs: run_rsync(source, t / "second", t / "first")))
             shutil.rmtree(ours)

@@ -589,7 +589,7 @@ def restore_filestore(
     timeout_seconds: float = 3 * 3600,
     poll_seconds: float = 15.0,
     rate_limit_wait_seconds: float = 120.0,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
     on_progress: Callable[[str], None] = lambda _message: None,
 ) -> RestoreResult:
     """Restore ``backup`` onto file share ``share`` of ``instance`` (``instances.restore``), and wait for it.
@@ -604,6 +604,7 @@ def restore_filestore(
         target = InstanceRef.parse(instance)
     except ValueError as exc:
         raise PermanentError(f"--instance: {exc}") from exc
+    sleep = sleep or time.sleep
     api = file_client(rt, file_endpoint(endpoint, rt))
     deadline = time.monotonic() + timeout_seconds
     backup_project = BACKUP_NAME.match(backup).group(1)  # type: ignore[union-attr]

@@ -1,0 +1,213 @@
+"""File-share commands: ``backup restore-filestore`` and ``backup directory run|restore|verify``.
+
+Directory copies run here in the foreground with a progress bar (the same engine a worker with the mount uses);
+Filestore restores wait for the operation and always take a safety backup of the target share first.
+Exit codes: 0 done; 1 the operation failed or verify found problems (the reason is printed); 2 bad usage.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from commands import current_runtime
+from services import dircopy
+from services.errors import BackupError
+
+
+class _Bar:
+    """Feeds engine Progress reports into a click progress bar sized by bytes, created on the first report
+    (only then is the total known)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar: Any = None
+        self.shown = 0
+
+    def __call__(self, progress: dircopy.Progress) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(progress.bytes_total, 1), label=self.label, show_pos=False)
+            self.bar.__enter__()
+        step = progress.bytes_done - self.shown
+        if step > 0:
+            self.bar.update(step)
+            self.shown = progress.bytes_done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _print_stats(stats: dircopy.CopyStats) -> None:
+    click.echo(
+        f"copied {stats.files_copied} files ({stats.bytes_copied} bytes), linked {stats.files_linked} unchanged,"
+        f" {stats.files_deleted} deleted since the previous copy, {stats.symlinks} symlinks,"
+        f" {stats.directories} directories, {stats.duration_seconds:.1f} s"
+    )
+    for error in stats.errors:
+        click.echo(f"error: {error}", err=True)
+
+
+@click.command("restore-filestore")
+@click.option("--backup", required=True, help="Backup name: projects/P/locations/REGION/backups/ID.")
+@click.option("--instance", required=True, help="Target instance: projects/P/locations/L/instances/ID.")
+@click.option("--share", required=True, help="File share on the target instance to overwrite.")
+@click.option("--endpoint", default=None, help="Filestore API endpoint (default: BACKUP_FILE_ENDPOINT or Google's).")
+@click.option("--timeout", default=3 * 3600.0, show_default=True, help="Seconds to wait for backup and restore.")
+def restore_filestore_command(backup: str, instance: str, share: str, endpoint: str | None, timeout: float) -> None:
+    """Restore BACKUP onto SHARE of INSTANCE, after taking a safety backup of that share."""
+    from services.filestore import restore_filestore
+
+    rt = current_runtime()
+    try:
+        result = restore_filestore(
+            rt,
+            backup=backup,
+            instance=instance,
+            share=share,
+            endpoint=endpoint,
+            timeout_seconds=timeout,
+            on_progress=click.echo,
+        )
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"restored {result.backup} onto {result.instance} share {result.share}")
+    click.echo(f"the share's previous content is in safety backup {result.safety_backup}")
+
+
+@click.group("directory")
+def directory_group() -> None:
+    """Timestamped directory copies: run one, verify one against its manifest, restore one."""
+
+
+@directory_group.command("run")
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.argument("dest", required=False, type=click.Path(path_type=Path))
+@click.option("--plan", "plan_name", default=None, help="Run every source of this plan instead of SOURCE DEST.")
+@click.option("--keep", type=click.IntRange(min=1), default=None, help="Keep this many complete copies (ad hoc).")
+@click.option("--min-keep", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 64), default=dircopy.DEFAULT_THREADS, show_default=True)
+@click.option("--no-sync", is_flag=True, help="Skip the file-system flush before the copy is marked complete.")
+def directory_run(
+    source: Path | None,
+    dest: Path | None,
+    plan_name: str | None,
+    keep: int | None,
+    min_keep: int,
+    threads: int,
+    no_sync: bool,
+) -> None:
+    """Copy SOURCE into DEST/<UTC timestamp>/, hard-linking files unchanged since the previous copy."""
+    rt = current_runtime()
+    if plan_name:
+        if source or dest:
+            raise click.UsageError("give either --plan or SOURCE DEST, not both")
+        _run_plan(rt, plan_name)
+        return
+    if source is None or dest is None:
+        raise click.UsageError("SOURCE and DEST are required (or --plan NAME)")
+    bar = _Bar(f"copying {source}")
+    try:
+        result = dircopy.copy_tree(
+            source, dest, rt.now(), threads=threads, sync=not no_sync, on_progress=bar, progress_every=0.2
+        )
+    except dircopy.CopyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
+    click.echo(f"copy: {result.path}" + (f" (linked against {result.previous.name})" if result.previous else ""))
+    _print_stats(result.stats)
+    if result.stats.errors:
+        raise click.ClickException(f"{len(result.stats.errors)} errors (see {result.path / dircopy.LOG_NAME})")
+    if keep is not None:
+        for path in dircopy.prune(dest, keep, min_keep):
+            click.echo(f"retention: deleted {path}")
+
+
+def _run_plan(rt: Any, plan_name: str) -> None:
+    from services import directory
+    from services.kinds import RunContext
+
+    plan = rt.plans.get(plan_name)
+    if plan is None or plan.kind != "directory":
+        raise click.ClickException(f"no directory plan called {plan_name!r} in {rt.settings.plans_path}")
+    period = rt.now().astimezone(UTC).replace(microsecond=0)
+    failures = 0
+    for target in directory.enumerate_targets(plan, None, rt).targets:
+        run = RunContext(run_id=f"cli-{period:%Y%m%dT%H%M%S}", plan=plan.name, target_key=target.key, period=period)
+        run.on_log = click.echo
+        try:
+            outcome = directory.start(plan, target, run, rt)
+        except BackupError as exc:
+            failures += 1
+            click.echo(f"{target.key}: FAILED: {exc}", err=True)
+            continue
+        click.echo(f"{target.key}: {outcome.message}")
+    if failures:
+        raise click.ClickException(f"{failures} of the plan's sources failed")
+
+
+@directory_group.command("verify")
+@click.argument("copy", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--threads", type=click.IntRange(1, 64), default=dircopy.DEFAULT_THREADS, show_default=True)
+def directory_verify(copy: Path, threads: int) -> None:
+    """Re-read every file of COPY and compare it with the copy's manifest."""
+    bar = _Bar(f"verifying {copy}")
+    try:
+        report = dircopy.verify_copy(copy, threads=threads, on_progress=bar)
+    except dircopy.CopyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
+    for problem in report.problems:
+        click.echo(f"problem: {problem}", err=True)
+    if not report.ok:
+        raise click.ClickException(f"{copy}: {len(report.problems)} problems found")
+    click.echo(f"{copy}: OK, {report.files_checked} files ({report.bytes_checked} bytes) match the manifest")
+
+
+@directory_group.command("restore")
+@click.argument("copy", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--path", "subpath", default=None, help="Restore only this directory of the copy (relative path).")
+@click.option("--overwrite", is_flag=True, help="Restore into a non-empty TARGET, after a safety copy of it.")
+@click.option(
+    "--safety-dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the safety copy goes (default: the copy's own destination folder).",
+)
+@click.option("--threads", type=click.IntRange(1, 64), default=dircopy.DEFAULT_THREADS, show_default=True)
+def directory_restore(
+    copy: Path, target: Path, subpath: str | None, overwrite: bool, safety_dest: Path | None, threads: int
+) -> None:
+    """Restore COPY (a DEST/<timestamp> folder) into TARGET, checking every file against the manifest."""
+    bar = _Bar(f"restoring {copy}")
+    try:
+        result = dircopy.restore_copy(
+            copy,
+            target,
+            subpath=subpath,
+            overwrite=overwrite,
+            safety_dest=safety_dest,
+            when=datetime.now(UTC),
+            threads=threads,
+            on_progress=bar,
+        )
+    except dircopy.CopyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
+    if result.safety_copy:
+        click.echo(f"safety copy of {target} before overwriting: {result.safety_copy}")
+    click.echo(f"restored {result.files} files ({result.bytes} bytes), {result.symlinks} symlinks into {target}")
+    for error in result.errors:
+        click.echo(f"error: {error}", err=True)
+    if result.errors:
+        raise click.ClickException(f"{len(result.errors)} files could not be restored")
+
+
+commands = [restore_filestore_command, directory_group]

@@ -1,0 +1,66 @@
+"""``backup directory run|verify|restore`` and ``backup restore-filestore`` through click, on real temp trees and
+the Filestore fake: exit codes and what an operator reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from commands.files import directory_group, restore_filestore_command
+from services import dircopy
+from tests.fakes_filestore import FilestoreFake
+from tests.fixtures.filestore import FAKE_FILE_ENDPOINT
+
+
+def test_run_verify_and_restore_from_the_command_line(tmp_path: Path):
+    src, dest = tmp_path / "share", tmp_path / "backups"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "a.txt").write_text("alpha")
+    dest.mkdir()
+    runner = CliRunner()
+
+    ran = runner.invoke(directory_group, ["run", str(src), str(dest), "--no-sync"])
+    [copy] = dircopy.complete_copies(dest)
+    verified = runner.invoke(directory_group, ["verify", str(copy)])
+    (copy / "docs" / "a.txt").write_text("alphA")
+    damaged = runner.invoke(directory_group, ["verify", str(copy)])
+    refused = runner.invoke(directory_group, ["restore", str(copy), str(src)])
+
+    assert ran.exit_code == 0, ran.output
+    assert "copied 1 files" in ran.output
+    assert verified.exit_code == 0 and "OK, 1 files" in verified.output
+    assert damaged.exit_code == 1
+    assert "docs/a.txt: content differs" in damaged.output
+    assert refused.exit_code == 1 and "not empty" in refused.output
+    assert (src / "docs" / "a.txt").read_text() == "alpha"
+
+
+def test_run_needs_a_source_and_destination():
+    result = CliRunner().invoke(directory_group, ["run"])
+
+    assert result.exit_code == 2
+    assert "SOURCE and DEST are required" in result.output
+
+
+def test_restore_filestore_reports_the_safety_backup(filestore_fake: FilestoreFake, monkeypatch):
+    monkeypatch.setenv("BACKUP_FILE_ENDPOINT", FAKE_FILE_ENDPOINT)
+    home = filestore_fake.add_instance("proj-one", "us-central1", "home", {})
+    backup = "projects/proj-one/locations/us-central1/backups/b1"
+    filestore_fake.add_backup(backup, home, {})
+    from google.auth.credentials import AnonymousCredentials
+
+    from services.runtime import Runtime, Settings
+
+    rt = Runtime(Settings.from_env(), credentials=AnonymousCredentials())
+    monkeypatch.setattr("services.filestore.time.sleep", lambda seconds: None)
+
+    result = CliRunner().invoke(
+        restore_filestore_command,
+        ["--backup", backup, "--instance", home, "--share", "vol1"],
+        obj={"runtime": rt},
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "safety backup projects/proj-one/locations/us-central1/backups/pre-restore-home-" in result.output
+    assert filestore_fake.restores[0]["sourceBackup"] == backup
