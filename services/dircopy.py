@@ -9,7 +9,7 @@ Layout of a destination root::
     DEST/.backup-lock               flock held for the whole run (copy + retention)
     DEST/.inprogress-<stamp>/       a copy being written; never looks complete
     DEST/<stamp>/                   a complete copy (renamed from .inprogress-<stamp> at the very end)
-    DEST/<stamp>/.backup-manifest.jsonl   header line + one line per entry (path, type, size, mtime, mode, sha256)
+    DEST/<stamp>/.backup-manifest.tsv     a JSON header line, then one tab-separated line per entry
     DEST/<stamp>/.backup-log.txt          what the run did: counts, bytes, duration, errors
 
 A folder is "ours" only if its name is a stamp and its manifest's header carries ``FORMAT``; retention and
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "backup-scheduler/dircopy/1"
-MANIFEST_NAME = ".backup-manifest.jsonl"
+MANIFEST_NAME = ".backup-manifest.tsv"
 LOG_NAME = ".backup-log.txt"
 LOCK_NAME = ".backup-lock"
 INPROGRESS_PREFIX = ".inprogress-"
@@ -159,10 +159,12 @@ class CopyStats:
     bytes_linked: int = 0
     duration_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a failure of this copy
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         out["errors"] = len(self.errors)
+        out.pop("notes")
         return out
 
 
@@ -494,11 +496,17 @@ class _Copier:
         self.source = str(source)
         self.work = str(work)
         self.previous = str(previous) if previous else None
-        self.previous_lines: dict[str, str] = read_manifest_lines(previous) if previous else {}
+        self.stats = CopyStats()
+        self.previous_lines: dict[str, str] = {}
+        if previous is not None:
+            try:
+                self.previous_lines = read_manifest_lines(previous)
+            except (OSError, ValueError, IndexError) as exc:
+                # A damaged manifest must not stop backups: copy everything, and say why in the log.
+                self.stats.notes.append(f"previous copy {previous.name} has an unreadable manifest ({exc}); full copy")
         self.threads = max(1, threads)
         self.on_progress = on_progress
         self.progress_every = progress_every
-        self.stats = CopyStats()
         self.lines: list[tuple[str, str]] = []  # (path, manifest line) of everything in the new copy
         self._files_done = 0
         self._files_total = 0
@@ -673,6 +681,7 @@ def _write_log(path: Path, header: dict[str, Any], stats: CopyStats) -> None:
         f"errors:    {len(stats.errors)}",
     ]
     lines += [f"  error: {e}" for e in stats.errors]
+    lines += [f"note:      {n}" for n in stats.notes]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -721,7 +730,11 @@ def copy_tree(
         started = clock()
         t0 = time.monotonic()
         copier = _Copier(source, work, previous, threads, on_progress, progress_every)
-        copier.run(allow_empty)
+        try:
+            copier.run(allow_empty)
+        except CopyError:
+            remove_tree(work)  # refused before anything worth keeping was written
+            raise
         stats = copier.stats
         stats.duration_seconds = round(time.monotonic() - t0, 3)
         header = {

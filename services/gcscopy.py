@@ -9,7 +9,7 @@ The same idea as services/dircopy.py, adapted to object storage:
   We chose server-side copies over a manifest that points into older copies because retention then stays
   trivial: deleting one stamp prefix can never break another copy.
 - Symlinks, directories, modes, owners and times live in the manifest only (objects have no such things).
-- ``<stamp>/.backup-manifest.jsonl`` is uploaded last and is what makes a copy complete; the log
+- ``<stamp>/.backup-manifest.tsv`` is uploaded last and is what makes a copy complete; the log
   (``.backup-log.txt``) is uploaded just before it. Retention deletes a copy's manifest first, so a copy that is
   half deleted never looks complete either.
 - Prefixes without a manifest are interrupted copies. One older than ``STALE_AFTER`` is deleted by the next run;

@@ -276,6 +276,7 @@ def test_an_empty_source_after_a_full_copy_is_refused(tree: Path, tmp_path: Path
     with pytest.raises(dircopy.CopyError, match="is the share mounted"):
         dircopy.copy_tree(empty, dest, T0 + timedelta(hours=1))
     assert len(dircopy.complete_copies(dest)) == 1
+    assert not [p for p in dest.iterdir() if p.name.startswith(dircopy.INPROGRESS_PREFIX)]
 
 
 def test_a_destination_inside_the_source_is_refused(tree: Path):
@@ -393,3 +394,19 @@ def test_several_sources_get_their_own_folder():
     targets = directory.enumerate_targets(plan, None, None).targets
 
     assert [(t.key, t.params["dest"]) for t in targets] == [("/mnt/a", "/bk/a"), ("/mnt/b", "/bk/b")]
+
+
+def test_a_damaged_previous_manifest_means_a_full_copy_not_a_stuck_backup(tree: Path, tmp_path: Path):
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    first = dircopy.copy_tree(tree, dest, T0).path
+    manifest = first / dircopy.MANIFEST_NAME
+    header = manifest.read_text().splitlines()[0]
+    manifest.write_text(header + "\ngarbage without tabs\n")
+
+    second = dircopy.copy_tree(tree, dest, T0 + timedelta(hours=1))
+
+    assert second.stats.files_linked == 0
+    assert second.stats.files_copied == 6
+    assert "unreadable manifest" in (second.path / dircopy.LOG_NAME).read_text()
+    assert dircopy.verify_copy(second.path).ok
