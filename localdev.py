@@ -171,6 +171,8 @@ def main() -> None:
             f"""
 backup-scheduler is running on {service_url} (app log: .local/app.log)
   demo plan '{DEMO_PLAN}' started: {started.text.strip()}
+  status:      curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/api/status
+               (the page {service_url}/ wants the same header: e.g. a browser extension that sets it)
   runs:        curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/runs
   run a plan:  curl -X POST -H "Authorization: Bearer $(cat .local/token)" {service_url}/admin/plans/{DEMO_PLAN}/run
   CLI:         BACKUP_LOCAL_QUEUE_DB=.local/queue.sqlite3 DATASTORE_EMULATOR_HOST=127.0.0.1:{ds_port} \\
