@@ -197,14 +197,16 @@ def main() -> None:
         f" projects; fake Compute over HTTP on 127.0.0.1 answering after {LATENCY_SECONDS * 1000:.0f} ms"
     )
     header = (
-        f"{'approach':30} {'disks':>6} {'enqueued':>8} {'requests':>9} {'total s':>8} {'disks/s':>8} {'longest request s':>18}"
+        f"{'approach':30} {'disks':>6} {'enqueued':>8} {'requests':>9} {'total s':>8} {'disks/s':>8}"
+        f" {'longest request s':>18}"
         f" {'p50 request s':>14} {'% of 600 s':>10} {'peak RSS MiB':>12}"
     )
     print(header)
     for name, r in rows:
         longest = max(r["requests"])
         print(
-            f"{name:30} {r['targets']:>6} {r['enqueued']:>8} {r['calls']:>9} {r['seconds']:>8.2f} {r['targets'] / r['seconds']:>8.0f}"
+            f"{name:30} {r['targets']:>6} {r['enqueued']:>8} {r['calls']:>9} {r['seconds']:>8.2f}"
+            f" {r['targets'] / r['seconds']:>8.0f}"
             f" {longest:>18.3f} {statistics.median(r['requests']):>14.3f}"
             f" {100 * longest / CRON_DEADLINE_SECONDS:>9.2f}% {r['peak_rss_mib']:>12.1f}"
         )
