@@ -168,6 +168,7 @@ Ctrl-C stops everything.
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave children behind
         print("\nstopping ...", flush=True)
         for part in (cron, dispatcher):
             if part is not None:
