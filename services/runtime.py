@@ -165,6 +165,6 @@ class Runtime:
         return self.client("datastore", lambda: datastore.Client(project=self.settings.project))
 
     def storage(self) -> Any:
-        from google.cloud import storage
+        from google.cloud import storage  # type: ignore[attr-defined]
 
         return self.client("storage", lambda: storage.Client(project=self.settings.project))
