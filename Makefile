@@ -12,8 +12,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 # Local stand-ins that come from package registries (installed only when missing).
-stand-ins:
-	@for script in scripts/ensure-*.sh; do [ ! -e "$$script" ] || bash "$$script" || exit 1; done
+stand-ins: $(VENV)/.installed
+	@for script in scripts/ensure-*.sh; do [ ! -e "$$script" ] || PYTHON=$(abspath $(PY)) bash "$$script" || exit 1; done
 
 run: $(VENV)/.installed
 	$(PY) localdev.py
@@ -24,6 +24,7 @@ test: $(VENV)/.installed stand-ins
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed
 	$(PY) bench/fanout.py

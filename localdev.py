@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 import requests
 
 from services import logs
+from services.errors import ConfigError
+from services.local_emulators import datastore_emulator_command
 from services.localcron import LocalCron
 from services.queue import LocalDispatcher, LocalQueue, load_queue_configs
 from services.schedule import load_cron
@@ -31,14 +32,6 @@ PROJECT = "demo-backups"
 DEMO_PLAN = "datastore-nightly"
 DEMO_BUCKET = "demo-backups"
 log = logging.getLogger("localdev")
-
-
-def sdk_root() -> Path:
-    gcloud = shutil.which("gcloud")
-    if not gcloud:
-        sys.exit("The Google Cloud SDK is needed for the Datastore emulator: install google-cloud-cli")
-    out = subprocess.run([gcloud, "info", "--format=value(installation.sdk_root)"], capture_output=True, text=True)
-    return Path(out.stdout.strip())
 
 
 def wait_for(url: str, what: str, process: subprocess.Popen | None = None, timeout: float = 90) -> None:
@@ -56,28 +49,12 @@ def wait_for(url: str, what: str, process: subprocess.Popen | None = None, timeo
 
 
 def start_datastore(port: int) -> subprocess.Popen:
-    jar = sdk_root() / "platform" / "cloud-datastore-emulator" / "CloudDatastore.jar"
-    if not jar.exists():
-        sys.exit(f"Datastore emulator missing ({jar}): install google-cloud-cli-datastore-emulator")
-    if not shutil.which("java"):
-        sys.exit("Java is needed for the Datastore emulator: install openjdk-17-jre-headless")
+    try:
+        command = datastore_emulator_command(port, STATE / "datastore")
+    except ConfigError as exc:
+        sys.exit(str(exc))
     log_file = open(STATE / "datastore.log", "w")  # noqa: SIM115 - lives as long as the emulator
-    return subprocess.Popen(
-        [
-            "java",
-            "-cp",
-            str(jar),
-            "com.google.cloud.datastore.emulator.CloudDatastore",
-            "start",
-            "--testing",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            "--store_on_disk=false",
-            str(STATE / "datastore"),
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
+    return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def seed_demo_data() -> None:
@@ -171,6 +148,8 @@ def main() -> None:
             f"""
 backup-scheduler is running on {service_url} (app log: .local/app.log)
   demo plan '{DEMO_PLAN}' started: {started.text.strip()}
+  status:      curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/api/status
+               (the page {service_url}/ wants the same header: e.g. a browser extension that sets it)
   runs:        curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/runs
   run a plan:  curl -X POST -H "Authorization: Bearer $(cat .local/token)" {service_url}/admin/plans/{DEMO_PLAN}/run
   CLI:         BACKUP_LOCAL_QUEUE_DB=.local/queue.sqlite3 DATASTORE_EMULATOR_HOST=127.0.0.1:{ds_port} \\
@@ -189,6 +168,7 @@ Ctrl-C stops everything.
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave children behind
         print("\nstopping ...", flush=True)
         for part in (cron, dispatcher):
             if part is not None:

@@ -19,6 +19,8 @@ def create_app(runtime: Runtime | None = None, queue: Any = None, catalog: Catal
     if runtime is None:
         logs.configure(rt.settings.on_app_engine)
     rt.plans  # noqa: B018 - load and validate now, not on the first request
+    if queue is not None:
+        rt.client("queue", lambda: queue)  # the one queue for handlers and services (notifications) alike
     app = Flask(__name__)
     app.extensions["backup"] = {
         "runtime": rt,

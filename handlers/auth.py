@@ -57,9 +57,13 @@ def _certs(url: str) -> dict[str, str]:
         cached = _certs_cache.get(url)
         if cached and time.monotonic() - cached[0] < _CERTS_TTL:
             return cached[1]
-    response = requests.get(url, timeout=10)
-    response.raise_for_status()
-    data = response.json()  # {key id: PEM certificate or key}, the format of both Google endpoints above
+    try:
+        response = requests.get(url, timeout=10)
+        response.raise_for_status()
+        data = response.json()  # {key id: PEM certificate or key}, the format of both Google endpoints above
+    except (requests.RequestException, ValueError) as exc:
+        # Not the caller's fault, and it may pass: 503 lets a queue retry instead of dropping the task.
+        raise Denied(503, f"cannot fetch token signing keys from {url}: {exc}") from None
     with _certs_lock:
         _certs_cache[url] = (time.monotonic(), data)
     return data
@@ -72,6 +76,8 @@ def verify_jwt(token: str, certs_url: str, audience: str | None, issuers: tuple[
 
     if not audience:
         raise Denied(403, "token verification needs an audience and none is configured")
+    if token.count(".") != 2:
+        raise Denied(403, "token rejected: not a JWT")
     try:
         claims = jwt.decode(token, certs=_certs(certs_url), audience=audience, clock_skew_in_seconds=30)
     except (ValueError, auth_exceptions.GoogleAuthError) as exc:

@@ -11,7 +11,7 @@ if [ ! -x /usr/bin/chromium ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium fonts-dejavu-core
 fi
 
-PYTHON="${PYTHON:-/work/venv/bin/python}"
+PYTHON="${PYTHON:-$(dirname "$0")/../.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
 if ! "$PYTHON" -c "import playwright" >/dev/null 2>&1; then
   "$PYTHON" -m pip install "$(grep -E '^playwright==' "$(dirname "$0")/../requirements-dev.txt")"

@@ -153,11 +153,12 @@ class Catalog:
         entity.update(asdict(state))
         return entity
 
-    def recent_runs(self, limit: int = 50, plan: str | None = None) -> list[RunRecord]:
-        """Newest first. Filtering by plan happens here so only built-in single-property indexes are needed."""
+    def recent_runs(self, limit: int = 50, plan: str | None = None, scan: int = 5000) -> list[RunRecord]:
+        """Newest first. Filtering by plan happens here, over at most ``scan`` newest runs, so only Datastore's
+        built-in single-property indexes are needed (no index.yaml to deploy)."""
         query = self.client.query(kind=RUN_KIND, namespace=self.namespace, order=["-created"])
         records = []
-        for entity in query.fetch(limit=None if plan else limit):
+        for entity in query.fetch(limit=scan if plan else limit):
             record = self._from_entity(entity)
             if plan is None or record.plan == plan:
                 records.append(record)

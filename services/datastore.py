@@ -134,10 +134,10 @@ def group_pairs(pairs: list[tuple[str, str]]) -> list[tuple[list[str], list[str]
         for start in range(0, len(kinds), MAX_COMBINATIONS):
             by_kinds.setdefault(tuple(sorted(kinds)[start : start + MAX_COMBINATIONS]), []).append(ns)
     groups = []
-    for kinds, namespaces in sorted(by_kinds.items()):
-        per_request = max(1, MAX_COMBINATIONS // len(kinds))
+    for kind_group, namespaces in sorted(by_kinds.items()):
+        per_request = max(1, MAX_COMBINATIONS // len(kind_group))
         for start in range(0, len(namespaces), per_request):
-            groups.append((namespaces[start : start + per_request], list(kinds)))
+            groups.append((namespaces[start : start + per_request], list(kind_group)))
     return groups
 
 
@@ -293,7 +293,7 @@ def _finished(plan: Any, rt: Runtime, operation: Any, state: dict[str, Any], run
         raise PermanentError(f"export failed (code {operation.error.code}): {operation.error.message}")
     response = datastore_admin_v1.ExportEntitiesResponse.deserialize(operation.response.value)
     metadata = datastore_admin_v1.ExportEntitiesMetadata.deserialize(operation.metadata.value)
-    stats = {
+    stats: dict[str, int | None] = {
         "entities": int(metadata.progress_entities.work_completed),
         "bytes": int(metadata.progress_bytes.work_completed),
     }

@@ -6,6 +6,7 @@ Every kind module parses its part of a plan with ``Fields`` so that a mistake in
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 from services.errors import ConfigError
@@ -41,7 +42,7 @@ class Fields:
             return default
         return self.raw[key]
 
-    def str(self, key: str, default: Any = _REQUIRED, choices: tuple[str, ...] | None = None) -> Any:
+    def str(self, key: builtins.str, default: Any = _REQUIRED, choices: tuple[builtins.str, ...] | None = None) -> Any:
         value = self._get(key, default)
         if value is default and default is not _REQUIRED:
             return value
@@ -51,7 +52,9 @@ class Fields:
             raise self.error(key, f"expected one of {', '.join(choices)}", value)
         return value
 
-    def int(self, key: str, default: Any = _REQUIRED, minimum: int | None = None, maximum: int | None = None) -> Any:
+    def int(
+        self, key: builtins.str, default: Any = _REQUIRED, minimum: int | None = None, maximum: int | None = None
+    ) -> Any:
         value = self._get(key, default)
         if value is default and default is not _REQUIRED:
             return value
@@ -63,7 +66,7 @@ class Fields:
             raise self.error(key, f"expected an integer <= {maximum}", value)
         return value
 
-    def float(self, key: str, default: Any = _REQUIRED, minimum: float | None = None) -> Any:
+    def float(self, key: builtins.str, default: Any = _REQUIRED, minimum: float | None = None) -> Any:
         value = self._get(key, default)
         if value is default and default is not _REQUIRED:
             return value
@@ -73,14 +76,14 @@ class Fields:
             raise self.error(key, f"expected a number >= {minimum}", value)
         return float(value)
 
-    def bool(self, key: str, default: Any = _REQUIRED) -> Any:
+    def bool(self, key: builtins.str, default: Any = _REQUIRED) -> Any:
         value = self._get(key, default)
         if not isinstance(value, bool):
             # YAML's "false" in quotes is a string, and a non-empty string is truthy: refuse it.
             raise self.error(key, "expected true or false (unquoted)", value)
         return value
 
-    def str_list(self, key: str, default: Any = _REQUIRED) -> Any:
+    def str_list(self, key: builtins.str, default: Any = _REQUIRED) -> Any:
         value = self._get(key, default)
         if value is default and default is not _REQUIRED:
             return value
@@ -88,11 +91,11 @@ class Fields:
             raise self.error(key, "expected a list of non-empty strings", value)
         return list(value)
 
-    def section(self, key: str, required: bool = False) -> Fields:
+    def section(self, key: builtins.str, required: builtins.bool = False) -> Fields:
         value = self._get(key, _REQUIRED if required else {})
         return Fields(value, self.where, f"{self.prefix}{key}.")
 
-    def any(self, key: str, default: Any = _REQUIRED) -> Any:
+    def any(self, key: builtins.str, default: Any = _REQUIRED) -> Any:
         return self._get(key, default)
 
     def done(self) -> None:

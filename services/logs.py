@@ -15,7 +15,7 @@ _LABELS = ("plan", "target", "run_id")
 
 class CloudLoggingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "severity": record.levelname if record.levelname != "WARN" else "WARNING",
             "message": record.getMessage(),
             "logger": record.name,
@@ -27,7 +27,7 @@ class CloudLoggingFormatter(logging.Formatter):
         if trace:
             entry["logging.googleapis.com/trace"] = trace
         if record.exc_info:
-            entry["message"] += "\n" + self.formatException(record.exc_info)
+            entry["message"] = record.getMessage() + "\n" + self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 

@@ -85,7 +85,7 @@ class Message:
         if raw["kind"] not in MESSAGE_KINDS:
             raise ValueError(f"'kind' must be one of {', '.join(MESSAGE_KINDS)}, got {raw['kind']!r}")
         known = cls.__dataclass_fields__
-        return cls(**{k: (str(v) if v is not None else None) for k, v in raw.items() if k in known})
+        return cls(**{k: (str(v) if v is not None else None) for k, v in raw.items() if k in known})  # type: ignore[arg-type]
 
     def pubsub_body(self) -> bytes:
         body = {
@@ -298,7 +298,7 @@ def topic_path(rt: Any, topic: str) -> str:
 def publish(rt: Any, topic: str, message: Message) -> str:
     """Publish and wait for the server's message id. Honours PUBSUB_EMULATOR_HOST (the client does)."""
     from google.api_core import exceptions
-    from google.cloud import pubsub_v1
+    from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 
     publisher = rt.client("pubsub-publisher", pubsub_v1.PublisherClient)
     try:

@@ -83,6 +83,11 @@ class Settings:
         transport = env.get("BACKUP_TASKS_TRANSPORT", "grpc")
         if transport not in ("grpc", "rest"):
             raise ConfigError(f"BACKUP_TASKS_TRANSPORT: expected 'grpc' or 'rest', got {transport!r}")
+        if on_app_engine and env.get("BACKUP_LOCAL_TOKEN"):
+            raise ConfigError(
+                "BACKUP_LOCAL_TOKEN is set on App Engine: it is for local runs only; admins use IAP or a Google ID"
+                " token (BACKUP_ADMIN_EMAILS). Remove it from app.yaml"
+            )
         return cls(
             project=project,
             on_app_engine=on_app_engine,
@@ -165,6 +170,6 @@ class Runtime:
         return self.client("datastore", lambda: datastore.Client(project=self.settings.project))
 
     def storage(self) -> Any:
-        from google.cloud import storage
+        from google.cloud import storage  # type: ignore[attr-defined]
 
         return self.client("storage", lambda: storage.Client(project=self.settings.project))

@@ -85,16 +85,20 @@ def record_bad_task(rt: Runtime, catalog: Catalog, plan_name: str, payload: Any,
     return Answer(200, {"status": FAILED, "run_id": identifier, "error": problem})
 
 
-def _plan(rt: Runtime, name: str) -> Plan | None:
-    return rt.plans.get(name)
+def _known_plan(rt: Runtime, catalog: Catalog, plan_name: str, payload: Any) -> Plan | Answer:
+    """The plan a task names, or the recorded 2xx answer for a plan that is no longer in plans.yaml."""
+    plan = rt.plans.get(plan_name)
+    if plan is None:
+        return record_bad_task(rt, catalog, plan_name, payload, f"plan {plan_name!r} is not in plans.yaml")
+    return plan
 
 
 def run_backup_task(
     rt: Runtime, catalog: Catalog, queue: TaskQueue, plan_name: str, payload: Any, delivery: Delivery
 ) -> Answer:
-    plan = _plan(rt, plan_name)
-    if plan is None:
-        return record_bad_task(rt, catalog, plan_name, payload, f"plan {plan_name!r} is not in plans.yaml")
+    plan = _known_plan(rt, catalog, plan_name, payload)
+    if isinstance(plan, Answer):
+        return plan
     try:
         identifier, period, target = _parse_backup_payload(payload)
     except ValueError as exc:
@@ -128,9 +132,9 @@ def run_backup_task(
 def run_poll_task(
     rt: Runtime, catalog: Catalog, queue: TaskQueue, plan_name: str, payload: Any, delivery: Delivery
 ) -> Answer:
-    plan = _plan(rt, plan_name)
-    if plan is None:
-        return record_bad_task(rt, catalog, plan_name, payload, f"plan {plan_name!r} is not in plans.yaml")
+    plan = _known_plan(rt, catalog, plan_name, payload)
+    if isinstance(plan, Answer):
+        return plan
     if not isinstance(payload, dict) or not isinstance(payload.get("run_id"), str):
         return record_bad_task(rt, catalog, plan_name, payload, "malformed poll task: expected {'run_id': ...}")
     record = catalog.get(payload["run_id"])
@@ -149,9 +153,9 @@ def run_poll_task(
 def run_fanout_task(
     rt: Runtime, catalog: Catalog, queue: TaskQueue, plan_name: str, payload: Any, delivery: Delivery
 ) -> Answer:
-    plan = _plan(rt, plan_name)
-    if plan is None:
-        return record_bad_task(rt, catalog, plan_name, payload, f"plan {plan_name!r} is not in plans.yaml")
+    plan = _known_plan(rt, catalog, plan_name, payload)
+    if isinstance(plan, Answer):
+        return plan
     try:
         period = datetime.fromisoformat(payload["period"])
         token = payload["page_token"]

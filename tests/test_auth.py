@@ -139,3 +139,27 @@ def test_local_token_is_accepted_and_a_wrong_one_is_not(client_for):
 
     assert call(client, "GET", "/admin/plans", {"Authorization": f"Bearer {LOCAL_TOKEN}"}).status_code == 200
     assert call(client, "GET", "/admin/plans", {"Authorization": "Bearer guess"}).status_code == 403
+
+
+def test_local_token_is_refused_on_app_engine():
+    from services.errors import ConfigError
+    from services.runtime import Settings
+
+    with pytest.raises(ConfigError, match="BACKUP_LOCAL_TOKEN is set on App Engine"):
+        Settings.from_env({"GAE_ENV": "standard", "GOOGLE_CLOUD_PROJECT": "p", "BACKUP_LOCAL_TOKEN": "x"})
+
+
+def test_unreachable_signing_keys_are_a_503_not_a_crash(tmp_path, datastore):
+    from services.queue import LocalQueue
+    from tests.helpers import free_port
+
+    rt = make_runtime(
+        tmp_path, service_url=SERVICE_URL, admin_emails=(ADMIN,), oidc_certs_url=f"http://127.0.0.1:{free_port()}/certs"
+    )
+    client = create_app(rt, queue=LocalQueue(tmp_path / "q.sqlite3")).test_client()
+    well_formed = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln"
+
+    response = call(client, "GET", "/admin/plans", {"Authorization": f"Bearer {well_formed}"})
+
+    assert response.status_code == 503
+    assert "cannot fetch token signing keys" in response.get_json()["error"]

@@ -57,14 +57,19 @@ def test_sdk_parsers_accept_app_cron_and_queue_yaml():
     assert view["queues"]["datastore-exports"]["rate"] == "15/m"  # under Datastore's 20 exports+imports a minute
 
 
-def test_every_cron_plan_url_names_an_existing_plan():
+def test_every_cron_url_names_an_existing_plan_or_service_job():
+    from main import create_app
+
     plans = load_plans(ROOT / "plans.yaml")
     jobs = load_cron(ROOT / "cron.yaml")
+    routes = {rule.rule for rule in create_app().url_map.iter_rules()}
 
-    named = [job.plan for job in jobs if job.url.startswith("/cron/")]
+    plan_jobs = [job.plan for job in jobs if job.plan is not None]
+    # Service jobs use names no plan can have (plan names never contain "_").
+    service_jobs = [job.url for job in jobs if job.plan is None]
 
-    assert named and None not in named, [job.url for job in jobs]
-    assert set(named) <= set(plans)
+    assert plan_jobs and set(plan_jobs) <= set(plans)
+    assert all(url.startswith("/cron/_") and url in routes for url in service_jobs), service_jobs
 
 
 def test_every_plan_queue_exists_in_queue_yaml():
