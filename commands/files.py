@@ -151,13 +151,19 @@ def _run_plan(rt: Any, plan_name: str) -> None:
 
 
 @directory_group.command("verify")
-@click.argument("copy", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("copy")
 @click.option("--threads", type=click.IntRange(1, 64), default=dircopy.DEFAULT_THREADS, show_default=True)
-def directory_verify(copy: Path, threads: int) -> None:
-    """Re-read every file of COPY and compare it with the copy's manifest."""
+def directory_verify(copy: str, threads: int) -> None:
+    """Re-read every file of COPY (a DEST/<timestamp> folder or gs://BUCKET/PREFIX/<timestamp>) and compare it
+    with the copy's manifest."""
     bar = _Bar(f"verifying {copy}")
     try:
-        report = dircopy.verify_copy(copy, threads=threads, on_progress=bar)
+        if copy.startswith("gs://"):
+            from services import gcscopy
+
+            report = gcscopy.verify_bucket_copy(current_runtime().storage(), copy, threads=threads)
+        else:
+            report = dircopy.verify_copy(Path(copy), threads=threads, on_progress=bar)
     except dircopy.CopyError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
@@ -170,7 +176,7 @@ def directory_verify(copy: Path, threads: int) -> None:
 
 
 @directory_group.command("restore")
-@click.argument("copy", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("copy")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--path", "subpath", default=None, help="Restore only this directory of the copy (relative path).")
 @click.option("--overwrite", is_flag=True, help="Restore into a non-empty TARGET, after a safety copy of it.")
@@ -182,13 +188,27 @@ def directory_verify(copy: Path, threads: int) -> None:
 )
 @click.option("--threads", type=click.IntRange(1, 64), default=dircopy.DEFAULT_THREADS, show_default=True)
 def directory_restore(
-    copy: Path, target: Path, subpath: str | None, overwrite: bool, safety_dest: Path | None, threads: int
+    copy: str, target: Path, subpath: str | None, overwrite: bool, safety_dest: Path | None, threads: int
 ) -> None:
-    """Restore COPY (a DEST/<timestamp> folder) into TARGET, checking every file against the manifest."""
+    """Restore COPY (a DEST/<timestamp> folder, or gs://BUCKET/PREFIX/<timestamp> into an empty TARGET) into
+    TARGET, checking every file against the manifest."""
+    if copy.startswith("gs://"):
+        if subpath or overwrite:
+            raise click.UsageError("--path and --overwrite are for local copies; restore a bucket copy whole")
+        from services import gcscopy
+
+        try:
+            result = gcscopy.restore_bucket_copy(current_runtime().storage(), copy, target, threads=threads)
+        except dircopy.CopyError as exc:
+            raise click.ClickException(str(exc)) from exc
+        _report_restore(result, target)
+        return
+    if not Path(copy).is_dir():
+        raise click.UsageError(f"COPY {copy} is not a directory")
     bar = _Bar(f"restoring {copy}")
     try:
         result = dircopy.restore_copy(
-            copy,
+            Path(copy),
             target,
             subpath=subpath,
             overwrite=overwrite,
@@ -201,6 +221,10 @@ def directory_restore(
         raise click.ClickException(str(exc)) from exc
     finally:
         bar.close()
+    _report_restore(result, target)
+
+
+def _report_restore(result: dircopy.RestoreResult, target: Path) -> None:
     if result.safety_copy:
         click.echo(f"safety copy of {target} before overwriting: {result.safety_copy}")
     click.echo(f"restored {result.files} files ({result.bytes} bytes), {result.symlinks} symlinks into {target}")

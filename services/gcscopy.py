@@ -18,6 +18,7 @@ The same idea as services/dircopy.py, adapted to object storage:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -281,3 +282,107 @@ def run_plan_copy(plan: Any, settings: Any, source: str, dest: str, run: RunCont
     stats["pruned"] = pruned
     verb = "already complete" if result.already_done else "complete"
     return Done(output=result.url, stats=stats, message=f"copy {result.url} {verb}")
+
+
+def _split_copy_url(url: str) -> tuple[BucketPlace, str]:
+    """``gs://bucket/prefix/<stamp>`` -> (place of the copies, stamp)."""
+    place = BucketPlace.parse(url)
+    parent, _, name = place.prefix.rstrip("/").rpartition("/")
+    if not STAMP_PATTERN.match(name):
+        raise dircopy.CopyError(f"{url}: expected gs://BUCKET/PREFIX/<stamp> of one copy")
+    return BucketPlace(place.bucket, f"{parent}/" if parent else ""), name
+
+
+def _manifest_or_fail(client: Any, place: BucketPlace, name: str, url: str) -> dircopy.Manifest:
+    manifest = _read_manifest(client, place, name)
+    if manifest is None:
+        raise dircopy.CopyError(f"{url}: no manifest of ours (not a complete copy made by this service)")
+    return manifest
+
+
+def verify_bucket_copy(client: Any, url: str, *, threads: int = dircopy.DEFAULT_THREADS) -> dircopy.VerifyReport:
+    """Download every object of a bucket copy and compare it with the manifest (sha256 and size); list objects
+    the manifest does not know."""
+    place, name = _split_copy_url(url)
+    manifest = _manifest_or_fail(client, place, name, url)
+    bucket = client.bucket(place.bucket)
+    prefix = place.copy_prefix(name)
+    report = dircopy.VerifyReport(Path(name))
+    files = [e for e in manifest.entries.values() if e.kind == "f"]
+
+    def check(entry: Entry) -> str | None:
+        try:
+            data = bucket.blob(prefix + entry.path).download_as_bytes()
+        except NotFound:
+            return f"{entry.path}: missing"
+        if len(data) != entry.size:
+            return f"{entry.path}: {len(data)} bytes, manifest says {entry.size}"
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            return f"{entry.path}: content differs from the manifest (sha256 {digest}, expected {entry.sha256})"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gcsverify") as pool:
+        for entry, problem in zip(files, pool.map(check, files), strict=True):
+            report.files_checked += 1
+            report.bytes_checked += entry.size
+            if problem:
+                report.problems.append(problem)
+    known = {prefix + e.path for e in files} | {prefix + MANIFEST_NAME, prefix + LOG_NAME}
+    for blob in client.list_blobs(place.bucket, prefix=prefix):
+        if blob.name not in known:
+            report.problems.append(f"{blob.name[len(prefix) :]}: in the copy but not in its manifest")
+    return report
+
+
+def restore_bucket_copy(client: Any, url: str, target: Path, *, threads: int = dircopy.DEFAULT_THREADS) -> Any:
+    """Download a bucket copy into ``target`` (missing or empty), checking each file's sha256 before it is
+    renamed into place, then set modes and times and recreate symlinks from the manifest."""
+    place, name = _split_copy_url(url)
+    manifest = _manifest_or_fail(client, place, name, url)
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise dircopy.CopyError(f"restore target {target} is not an empty directory; restore into an empty one")
+    target.mkdir(parents=True, exist_ok=True)
+    bucket = client.bucket(place.bucket)
+    prefix = place.copy_prefix(name)
+    result = dircopy.RestoreResult(target)
+    entries = sorted(manifest.entries.values(), key=lambda e: e.path)
+    for entry in entries:
+        if entry.kind == "d":
+            (target / entry.path).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def fetch(entry: Entry) -> str | None:
+        dst = target / entry.path
+        tmp = dst.with_name(f".restore-{dst.name}")
+        try:
+            data = bucket.blob(prefix + entry.path).download_as_bytes()
+        except NotFound:
+            return f"{entry.path}: object missing from the copy"
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            return f"{entry.path}: checksum mismatch in the copy; not restored"
+        tmp.write_bytes(data)
+        os.chmod(tmp, entry.mode)
+        os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns))
+        os.rename(tmp, dst)
+        return None
+
+    files = [e for e in entries if e.kind == "f"]
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gcsrestore") as pool:
+        for entry, error in zip(files, pool.map(fetch, files), strict=True):
+            if error:
+                result.errors.append(error)
+            else:
+                result.files += 1
+                result.bytes += entry.size
+    for entry in entries:
+        if entry.kind == "l":
+            os.symlink(entry.target or "", target / entry.path)
+            os.utime(target / entry.path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+            result.symlinks += 1
+    for entry in reversed(entries):
+        if entry.kind == "d":
+            os.chmod(target / entry.path, entry.mode)
+            os.utime(target / entry.path, ns=(entry.mtime_ns, entry.mtime_ns))
+            result.directories += 1
+    return result

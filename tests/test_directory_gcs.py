@@ -95,3 +95,21 @@ def test_kind_with_bucket_destination_applies_retention(files_bucket, tmp_path: 
     ]
     assert objects(files_bucket, "share/20261123T020000Z/") == {}
     assert objects(files_bucket, "share/20261123T040000Z/")["a.txt"] == b"hour 2"
+
+
+def test_verify_and_restore_a_bucket_copy(files_bucket, tmp_path: Path):
+    client = files_bucket
+    src = make_tree(tmp_path / "share")
+    (src / "docs" / "b.txt").chmod(0o640)
+    copy = gcscopy.copy_tree_to_bucket(src, client, URL, T0)
+    assert gcscopy.verify_bucket_copy(client, copy.url).ok
+
+    restored = gcscopy.restore_bucket_copy(client, copy.url, tmp_path / "restored")
+
+    assert restored.errors == []
+    assert (tmp_path / "restored" / "docs" / "b.txt").read_bytes() == b"bravo" * 1000
+    assert ((tmp_path / "restored" / "docs" / "b.txt").stat().st_mode & 0o777) == 0o640
+    assert os.readlink(tmp_path / "restored" / "link") == "docs/b.txt"
+    client.bucket("dir-copies").blob("share/20261123T020000Z/a.txt").upload_from_string(b"alphA")
+    problems = gcscopy.verify_bucket_copy(client, copy.url).problems
+    assert [p.split(":")[0] for p in problems] == ["a.txt"]
