@@ -1,0 +1,136 @@
+"""A fault-injecting HTTP proxy in front of pouchdb-server, for what pouchdb never does on its own.
+
+pouchdb-server never answers 429 and accepts any body size, unlike Cloudant (429 beyond the plan's rate,
+413 over 64 MB). The proxy forwards every request to the real server and can, per rule, answer 429 with a
+``Retry-After`` header, 5xx, or 413 for bodies over a size; it records each request's arrival time so tests can
+measure the writes-per-second a client really achieved.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "host"}
+
+
+@dataclass
+class Fault:
+    """Answer ``status`` instead of forwarding, ``times`` times, to requests matching method and path."""
+
+    status: int
+    times: int
+    method: str = "POST"
+    path_contains: str = "_bulk_docs"
+    retry_after: str | None = None
+
+
+@dataclass
+class Seen:
+    at: float  # time.monotonic() on arrival
+    method: str
+    path: str
+    status: int
+    body_bytes: int
+
+
+@dataclass
+class ProxyState:
+    upstream: str
+    faults: list[Fault] = field(default_factory=list)
+    max_body_bytes: int | None = None
+    seen: list[Seen] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def requests_to(self, method: str, path_contains: str, status: int | None = None) -> list[Seen]:
+        with self.lock:
+            return [
+                s
+                for s in self.seen
+                if s.method == method and path_contains in s.path and (status is None or s.status == status)
+            ]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    state: ProxyState  # set on the subclass made per proxy
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def _handle(self) -> None:
+        arrived = time.monotonic()
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        fault = self._matching_fault(len(body))
+        if fault is not None:
+            status, extra = fault
+            payload = b'{"error":"injected","reason":"fault-injecting proxy"}'
+            self.send_response(status)
+            for name, value in extra.items():
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            self._record(arrived, len(body), status)
+            return
+        upstream = urlsplit(self.state.upstream)
+        conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=120)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+            conn.request(self.command, self.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for name, value in resp.getheaders():
+                if name.lower() not in HOP_HEADERS and name.lower() != "content-length":
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            self._record(arrived, len(body), resp.status)
+        finally:
+            conn.close()
+
+    def _matching_fault(self, body_bytes: int) -> tuple[int, dict[str, str]] | None:
+        with self.state.lock:
+            limit = self.state.max_body_bytes
+            if limit is not None and self.command == "POST" and body_bytes > limit:
+                return 413, {}
+            for fault in self.state.faults:
+                if fault.times > 0 and fault.method == self.command and fault.path_contains in self.path:
+                    fault.times -= 1
+                    return fault.status, ({"Retry-After": fault.retry_after} if fault.retry_after else {})
+        return None
+
+    def _record(self, arrived: float, body_bytes: int, status: int) -> None:
+        with self.state.lock:
+            self.state.seen.append(Seen(arrived, self.command, self.path, status, body_bytes))
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+
+class FaultProxy:
+    """``with FaultProxy(upstream) as proxy:`` serves on ``proxy.url`` until the block ends."""
+
+    def __init__(self, upstream: str):
+        self.state = ProxyState(upstream=upstream)
+        handler = type("Handler", (_Handler,), {"state": self.state})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join()
