@@ -103,7 +103,7 @@ def backup_prefix(plan: str, database: str) -> str:
 
 
 def backup_name(plan: str, database: str, period: datetime, mode: str, incremental: bool) -> str:
-    return f"{backup_prefix(plan, database)}{utc_stamp(period)}-{mode}-{'incr' if incremental else 'full'}"
+    return f"{backup_prefix(plan, database)}{utc_stamp(period)}-{mode}{'-incr' if incremental else ''}"
 
 
 # --------------------------------------------------------------------------------------------------- backup
@@ -421,7 +421,9 @@ def _post_line(
     if trust_limits and len(line) <= opts.batch_bytes:
         # The fast path: the line was written within these limits, send its bytes untouched.
         try:
-            return _post_body(server, db, line, where, None)
+            count = _post_body(server, db, line, where, None)
+            result.batches_sent += 1
+            return count
         except HttpRefused as exc:
             if exc.status != 413:
                 raise

@@ -25,6 +25,7 @@ from services.errors import ConfigError
 
 KIND_MODULES: dict[str, str] = {
     "datastore": "services.datastore",
+    "couchdb": "services.couchdb",
 }
 
 
