@@ -86,3 +86,27 @@ def winners(url: str, db: str) -> dict[str, dict]:
     """The winning revision of every live document, as the server reports it (no tombstones)."""
     rows = requests.get(f"{url}/{db}/_all_docs", params={"include_docs": "true"}, timeout=120).json()["rows"]
     return {row["id"]: row["doc"] for row in rows}
+
+
+def couch_plan(name: str, destination: str, databases: list[str], **options: Any) -> Any:
+    """A parsed ``couchdb`` plan, as plans.yaml would give it."""
+    from services.plans import parse_plan
+
+    retention = options.pop("retention", None)
+    raw: dict[str, Any] = {
+        "kind": "couchdb",
+        "select": {"databases": databases},
+        "destination": {"url": destination},
+        "options": options,
+    }
+    if retention:
+        raw["retention"] = retention
+    return parse_plan(name, raw)
+
+
+def runtime(clock: Any = None, env: dict[str, str] | None = None) -> Any:
+    from google.auth.credentials import AnonymousCredentials
+
+    from services.runtime import Runtime, Settings, utcnow
+
+    return Runtime(Settings.from_env(env or {}), plans={}, clock=clock or utcnow, credentials=AnonymousCredentials())
