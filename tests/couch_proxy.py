@@ -43,6 +43,8 @@ class ProxyState:
     upstream: str
     faults: list[Fault] = field(default_factory=list)
     max_body_bytes: int | None = None
+    strip_auth: bool = False  # pouchdb-server in admin party refuses unknown users: take the header off
+    auth_seen: list[str] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -83,6 +85,9 @@ class _Handler(BaseHTTPRequestHandler):
         conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=120)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+            if self.state.strip_auth and "Authorization" in headers:
+                with self.state.lock:
+                    self.state.auth_seen.append(headers.pop("Authorization"))
             conn.request(self.command, self.path, body=body or None, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
