@@ -106,6 +106,9 @@ class RetryPolicy:
     max_retry_after: float = 120.0  # a server asking for longer than this is treated as an outage
 
 
+DEFAULT_RETRY = RetryPolicy()
+
+
 class CouchServer:
     """One CouchDB-API server. Every request goes through ``request`` (rate limits, retries, clear errors)."""
 
@@ -126,7 +129,7 @@ class CouchServer:
         self.session.headers.update({"Accept": "application/json", "User-Agent": "backup-scheduler-couchdb"})
         self.write_bucket = TokenBucket(writes_per_second, sleep=sleep)
         self.read_bucket = TokenBucket(reads_per_second, sleep=sleep)
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DEFAULT_RETRY
         self.timeout = timeout
         self._sleep = sleep
         self.retries = 0  # how many requests were retried, for stats and tests
