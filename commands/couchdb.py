@@ -136,6 +136,9 @@ def couchdb() -> None:
 @click.option("--prefix", "name_prefix", default="cli", show_default=True, help="First path element of the names.")
 @click.option("--batch-docs", default=500, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--batch-bytes", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(64 * 1024))
+@click.option(
+    "--page-size", default=2000, show_default=True, type=click.IntRange(1, 10000), help="_changes rows per read."
+)
 @click.option("--reads-per-second", type=click.FloatRange(0.1), default=None)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_server_options
@@ -149,6 +152,7 @@ def backup_command(
     name_prefix: str,
     batch_docs: int,
     batch_bytes: int,
+    page_size: int,
     reads_per_second: float | None,
     quiet: bool,
     url_env: str,
@@ -159,7 +163,9 @@ def backup_command(
     if not databases and not all_dbs:
         raise click.UsageError("name at least one database (names or globs), or pass --all")
     rt = _runtime()
-    opts = BackupOptions(mode=mode, attachments=attachments, batch_docs=batch_docs, batch_bytes=batch_bytes)
+    opts = BackupOptions(
+        mode=mode, attachments=attachments, batch_docs=batch_docs, batch_bytes=batch_bytes, page_size=page_size
+    )
     with _exit_codes():
         server = _server(url_env, user_env, password_env, reads_per_second=reads_per_second)
         store = store_for(destination, rt)

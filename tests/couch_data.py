@@ -19,7 +19,9 @@ def _h(*parts: object) -> str:
     return hashlib.md5("/".join(map(str, parts)).encode()).hexdigest()
 
 
-def make_docs(n: int, *, attachment_every: int = 10, attachment_bytes: int = 2000, start: int = 0) -> list[dict]:
+def make_docs(
+    n: int, *, attachment_every: int = 10, attachment_bytes: int = 2000, start: int = 0, padding: int = 0
+) -> list[dict]:
     docs: list[dict[str, Any]] = []
     for i in range(start, start + n):
         doc_id = f"doc-{i:06d}"
@@ -33,6 +35,8 @@ def make_docs(n: int, *, attachment_every: int = 10, attachment_bytes: int = 200
             "tags": ["a", "b", str(i % 7)],
             "nested": {"doc": {"looks": "like a wrapper but is data"}},
         }
+        if padding:
+            doc["text"] = (_h(doc_id, "text") * (padding // 32 + 1))[:padding]
         if attachment_every and i % attachment_every == 0:
             blob = hashlib.sha256(doc_id.encode()).digest() * (attachment_bytes // 32 + 1)
             doc["_attachments"] = {
@@ -110,3 +114,27 @@ def runtime(clock: Any = None, env: dict[str, str] | None = None) -> Any:
     from services.runtime import Runtime, Settings, utcnow
 
     return Runtime(Settings.from_env(env or {}), plans={}, clock=clock or utcnow, credentials=AnonymousCredentials())
+
+
+def peak_rss_mb(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> tuple[float, int]:
+    """Run ``argv`` to completion; return (peak resident memory of that process in MB, exit status).
+
+    Reads the kernel's high-water mark (VmHWM in /proc/PID/status) every 20 ms while it runs. Not ru_maxrss:
+    on Linux a child's ru_maxrss starts from its parent's peak (the memory map it was spawned from is counted
+    at exec), so a child of a 70 MB pytest would never report less than 70 MB."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak_kb = 0
+    while process.poll() is None:
+        try:
+            with open(f"/proc/{process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        peak_kb = max(peak_kb, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.02)
+    process.wait()
+    return peak_kb / 1024, process.returncode
