@@ -116,7 +116,9 @@ def runtime(clock: Any = None, env: dict[str, str] | None = None) -> Any:
     return Runtime(Settings.from_env(env or {}), plans={}, clock=clock or utcnow, credentials=AnonymousCredentials())
 
 
-def peak_rss_mb(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> tuple[float, int]:
+def peak_rss_mb(
+    argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None, stderr_path: str | None = None
+) -> tuple[float, int]:
     """Run ``argv`` to completion; return (peak resident memory of that process in MB, exit status).
 
     Reads the kernel's high-water mark (VmHWM in /proc/PID/status) every 20 ms while it runs. Not ru_maxrss:
@@ -125,7 +127,10 @@ def peak_rss_mb(argv: list[str], env: dict[str, str] | None = None, cwd: str | N
     import subprocess
     import time
 
-    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errors = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=errors)
+    if stderr_path:
+        errors.close()
     peak_kb = 0
     while process.poll() is None:
         try:

@@ -9,6 +9,7 @@ measure the writes-per-second a client really achieved.
 from __future__ import annotations
 
 import http.client
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class ProxyState:
     max_body_bytes: int | None = None
     strip_auth: bool = False  # pouchdb-server in admin party refuses unknown users: take the header off
     auth_seen: list[str] = field(default_factory=list)
+    # CouchDB 3 reports doc_del_count in database info; pouchdb-server does not, and couchrestore refuses a
+    # target whose doc_del_count is not 0 (the benchmark needs this to run couchrestore at all).
+    add_doc_del_count: bool = False
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -66,8 +70,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         arrived = time.monotonic()
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = self._read_body()
         fault = self._matching_fault(len(body))
         if fault is not None:
             status, extra = fault
@@ -91,6 +94,8 @@ class _Handler(BaseHTTPRequestHandler):
             conn.request(self.command, self.path, body=body or None, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
+            if self.state.add_doc_del_count and self.command == "GET" and resp.status == 200:
+                data = _with_doc_del_count(self.path, data)
             self.send_response(resp.status)
             for name, value in resp.getheaders():
                 if name.lower() not in HOP_HEADERS and name.lower() != "content-length":
@@ -101,6 +106,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._record(arrived, len(body), resp.status)
         finally:
             conn.close()
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            # Node clients (couchrestore) stream request bodies in chunks without a Content-Length.
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline().strip():  # trailers, then the empty line
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
 
     def _matching_fault(self, body_bytes: int) -> tuple[int, dict[str, str]] | None:
         with self.state.lock:
@@ -118,6 +138,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.state.seen.append(Seen(arrived, self.command, self.path, status, body_bytes))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+
+def _with_doc_del_count(path: str, data: bytes) -> bytes:
+    if path.count("/") != 1 or "?" in path or path == "/" or path.startswith("/_"):
+        return data
+    info = json.loads(data)
+    if isinstance(info, dict) and "doc_count" in info and "doc_del_count" not in info:
+        info["doc_del_count"] = 0
+        return json.dumps(info).encode()
+    return data
 
 
 class FaultProxy:
