@@ -156,6 +156,26 @@ def _fetch_docs(
         chunk = max(1, min(opts.batch_docs, opts.batch_bytes // per_doc))
 
 
+def _pages_of_docs(
+    server: CouchServer, db: str, since: Any, opts: BackupOptions, *, with_history: bool
+) -> Iterator[tuple[list[dict[str, Any]], Iterator[dict[str, Any]]]]:
+    """(changes rows, their documents) page by page.
+
+    Full mode: every leaf via ``_bulk_get?revs=true``. Winning mode reads documents straight from
+    ``_changes?include_docs=true`` (one request per page, no ``_revisions``), except in an increment: there each
+    document needs its history, or restoring it on top of the full backup would start a second branch (a
+    spurious conflict) instead of extending the first."""
+    if opts.mode == "winning" and not with_history:
+        for rows in server.changes_with_docs(
+            db, since, attachments=opts.attachments, page_size=opts.page_size, page_bytes=opts.batch_bytes
+        ):
+            yield rows, (row["doc"] for row in rows if row.get("doc"))
+        return
+    all_leaves = opts.mode == "full"
+    for rows in server.changes(db, since, all_leaves=all_leaves, page_size=opts.page_size):
+        yield rows, _fetch_docs(server, db, _leaf_refs(rows, all_leaves), opts)
+
+
 def backup_database(
     server: CouchServer,
     db: str,
@@ -197,15 +217,14 @@ def backup_database(
         source_doc_count=info.get("doc_count"),
         started=started.isoformat(),
     )
-    all_leaves = opts.mode == "full"
     with store.open_write(manifest.data_name) as raw:
         hashing = _HashingWriter(raw)
         # mtime=0 keeps the output a pure function of the documents (same input, same bytes).
         with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
             batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)
-            for rows in server.changes(db, since, all_leaves=all_leaves, page_size=opts.page_size):
+            for rows, docs in _pages_of_docs(server, db, since, opts, with_history=previous is not None):
                 count = 0
-                for doc in _fetch_docs(server, db, _leaf_refs(rows, all_leaves), opts):
+                for doc in docs:
                     batches.add(encode_doc(doc))
                     count += 1
                     if doc.get("_deleted"):
@@ -553,8 +572,8 @@ def verify_database(
             expected.flush()
             actual = _Loader(conn, "a")
             opts = BackupOptions(mode=mode, attachments=False, page_size=page_size)
-            for rows in server.changes(db, 0, all_leaves=mode == "full", page_size=page_size):
-                for doc in _fetch_docs(server, db, _leaf_refs(rows, mode == "full"), opts):
+            for rows, docs in _pages_of_docs(server, db, 0, opts, with_history=False):
+                for doc in docs:
                     actual.add(doc)
                 if progress is not None:
                     progress(len(rows))

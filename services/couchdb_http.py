@@ -231,6 +231,30 @@ class CouchServer:
             if len(rows) < page_size:
                 return
 
+    def changes_with_docs(
+        self, db: str, since: Any, *, attachments: bool, page_size: int, page_bytes: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Pages of ``_changes?include_docs=true`` rows: each row's ``doc`` is the winning revision (tombstones
+        included), without ``_revisions``. One request per page, the cheapest read a server offers.
+
+        Documents range from bytes to megabytes, so the page length adapts to stay near ``page_bytes``."""
+        limit = min(page_size, 100)
+        while True:
+            params: dict[str, Any] = {"limit": limit, "since": since, "include_docs": "true"}
+            if attachments:
+                params["attachments"] = "true"
+            resp = self.request("GET", self.db_path(db, "_changes"), params=params)
+            size = len(resp.content)
+            page = resp.json()
+            rows = page.get("results", [])
+            if not rows:
+                return
+            yield rows
+            since = page.get("last_seq", rows[-1]["seq"])
+            if len(rows) < limit:
+                return
+            limit = max(1, min(page_size, page_bytes // max(1, size // len(rows))))
+
     def bulk_get(self, db: str, refs: list[tuple[str, str]], *, attachments: bool) -> list[dict[str, Any]]:
         """The documents at the given (id, rev) pairs with their ``_revisions`` history, in request order."""
         params = {"revs": "true"}

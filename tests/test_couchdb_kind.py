@@ -125,6 +125,29 @@ def test_incremental_backups_restore_to_the_same_state_as_a_full_one(couch_env, 
     assert len(list_manifests(store, f"hourly/{db}/")) == 3
 
 
+def test_winning_mode_increments_extend_revisions_instead_of_creating_conflicts(couch_env, tmp_path):
+    url = couch_env.url
+    db = couch_env.new_db_name("winc")
+    seed(url, db, make_docs(20, attachment_every=0))
+    plan = couch_plan("hourly", str(tmp_path), [db], mode="winning", incremental=True)
+    store = open_store(str(tmp_path))
+    start(plan, Target(key=db), _run(plan, db, T0), runtime())
+    doc = requests.get(f"{url}/{db}/doc-000001", timeout=10).json()
+    requests.put(f"{url}/{db}/doc-000001", json={**doc, "n": "edited"}, timeout=10).raise_for_status()
+    doc = requests.get(f"{url}/{db}/doc-000006", timeout=10).json()
+    requests.delete(f"{url}/{db}/doc-000006", params={"rev": doc["_rev"]}, timeout=10).raise_for_status()
+    done = start(plan, Target(key=db), _run(plan, db, T0 + timedelta(hours=1)), runtime())
+    chain = resolve_chain(store, str(Path(done.output).relative_to(tmp_path)))
+    target = couch_env.new_db_name("winc-restored")
+
+    restore_chain(CouchServer(url), target, store, chain, RestoreOptions(), checkpoint_path=tmp_path / "c.json")
+
+    edited = requests.get(f"{url}/{target}/doc-000001", params={"conflicts": "true"}, timeout=10).json()
+    assert edited["n"] == "edited" and "_conflicts" not in edited
+    assert requests.get(f"{url}/{target}/doc-000006", timeout=10).status_code == 404
+    assert verify_database(CouchServer(url), target, store, chain).ok
+
+
 def test_credentials_never_reach_logs_outputs_or_manifests(couch_env, tmp_path, monkeypatch):
     db = couch_env.new_db_name("cred")
     seed(couch_env.url, db, make_docs(5))
