@@ -62,7 +62,6 @@ class CouchdbSettings:
     backup: BackupOptions
     incremental: bool = False
     full_every: int = 7  # in an incremental plan, a new full backup after this many backups in a chain
-    writes_per_second: float | None = None
     reads_per_second: float | None = None
 
 
@@ -100,7 +99,6 @@ def parse_settings(fields: Fields) -> CouchdbSettings:
         ),
         incremental=options.bool("incremental", False),
         full_every=options.int("full_every", 7, minimum=1, maximum=1000),
-        writes_per_second=options.float("writes_per_second", None, minimum=0.1),
         reads_per_second=options.float("reads_per_second", None, minimum=0.1),
     )
     for section in (server, select, destination, options):
@@ -201,12 +199,7 @@ def start(plan: Any, target: Target, run: RunContext, rt: Any) -> Outcome:
     else:
         previous = _previous_for_increment(settings, existing)
         name = backup_name(plan.name, db, run.period, settings.backup.mode, previous is not None)
-        server = server_from_env(
-            settings.server,
-            rt,
-            writes_per_second=settings.writes_per_second,
-            reads_per_second=settings.reads_per_second,
-        )
+        server = server_from_env(settings.server, rt, reads_per_second=settings.reads_per_second)
         try:
             run.log(f"backing up {db} from {redact_url(server.url)} to {store.url(name)}")
             manifest = backup_database(
