@@ -19,8 +19,10 @@ import gzip
 import hashlib
 import json
 import os
+import queue
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -136,10 +138,10 @@ def _leaf_refs(rows: list[dict[str, Any]], all_leaves: bool) -> list[tuple[str, 
     return refs
 
 
-def _fetch_docs(
+def _fetch_chunks(
     server: CouchServer, db: str, refs: list[tuple[str, str]], opts: BackupOptions
-) -> Iterator[dict[str, Any]]:
-    """The documents for ``refs`` in chunks sized so one chunk stays near ``batch_bytes`` in memory."""
+) -> Iterator[list[dict[str, Any]]]:
+    """The documents for ``refs``, in chunks sized so one chunk stays near ``batch_bytes`` in memory."""
     chunk = min(opts.batch_docs, 200)
     i = 0
     while i < len(refs):
@@ -149,17 +151,23 @@ def _fetch_docs(
             part.append(refs[i + len(part)])
         i += len(part)
         docs = server.bulk_get(db, part, attachments=opts.attachments)
-        size = sum(len(json.dumps(d.get("_attachments", ""))) for d in docs) + 1024 * len(docs)
-        yield from docs
+        yield docs
         # Attachments make documents vary from bytes to megabytes: aim the next chunk at the byte budget.
-        per_doc = max(1, size // max(1, len(docs)))
+        attachment_chars = sum(len(a.get("data", "")) for d in docs for a in (d.get("_attachments") or {}).values())
+        per_doc = 1024 + attachment_chars // max(1, len(docs))
         chunk = max(1, min(opts.batch_docs, opts.batch_bytes // per_doc))
 
 
-def _pages_of_docs(
+@dataclass
+class _Chunk:
+    docs: list[dict[str, Any]]
+    seq: Any = None  # set on the last chunk of a _changes page: everything up to it has been read
+
+
+def _doc_chunks(
     server: CouchServer, db: str, since: Any, opts: BackupOptions, *, with_history: bool
-) -> Iterator[tuple[list[dict[str, Any]], Iterator[dict[str, Any]]]]:
-    """(changes rows, their documents) page by page.
+) -> Iterator[_Chunk]:
+    """The documents changed since ``since``, chunk by chunk.
 
     Full mode: every leaf via ``_bulk_get?revs=true``. Winning mode reads documents straight from
     ``_changes?include_docs=true`` (one request per page, no ``_revisions``), except in an increment: there each
@@ -169,11 +177,52 @@ def _pages_of_docs(
         for rows in server.changes_with_docs(
             db, since, attachments=opts.attachments, page_size=opts.page_size, page_bytes=opts.batch_bytes
         ):
-            yield rows, (row["doc"] for row in rows if row.get("doc"))
+            yield _Chunk([row["doc"] for row in rows if row.get("doc")], rows[-1]["seq"])
         return
     all_leaves = opts.mode == "full"
     for rows in server.changes(db, since, all_leaves=all_leaves, page_size=opts.page_size):
-        yield rows, _fetch_docs(server, db, _leaf_refs(rows, all_leaves), opts)
+        held: list[dict[str, Any]] | None = None  # one chunk behind, so the page's last chunk can carry its seq
+        for docs in _fetch_chunks(server, db, _leaf_refs(rows, all_leaves), opts):
+            if held is not None:
+                yield _Chunk(held)
+            held = docs
+        yield _Chunk(held or [], rows[-1]["seq"])
+
+
+def _prefetched(chunks: Iterator[_Chunk], depth: int = 2) -> Iterator[_Chunk]:
+    """Read ahead in a thread: the server works on the next chunk while this process encodes and compresses
+    the current one. At most ``depth`` chunks wait, so memory stays bounded."""
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while not stop.is_set():
+                    try:
+                        slots.put(("chunk", chunk), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            slots.put(("error", exc))
+
+    reader = threading.Thread(target=produce, name="couchdb-prefetch", daemon=True)
+    reader.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        reader.join(timeout=5)
 
 
 def backup_database(
@@ -222,18 +271,17 @@ def backup_database(
         # mtime=0 keeps the output a pure function of the documents (same input, same bytes).
         with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
             batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)
-            for rows, docs in _pages_of_docs(server, db, since, opts, with_history=previous is not None):
-                count = 0
-                for doc in docs:
+            for chunk in _prefetched(_doc_chunks(server, db, since, opts, with_history=previous is not None)):
+                for doc in chunk.docs:
                     batches.add(encode_doc(doc))
-                    count += 1
                     if doc.get("_deleted"):
                         manifest.deleted += 1
                     manifest.attachment_count += len(doc.get("_attachments") or ())
-                manifest.docs += count
-                manifest.seq = rows[-1]["seq"]
+                manifest.docs += len(chunk.docs)
+                if chunk.seq is not None:
+                    manifest.seq = chunk.seq
                 if progress is not None:
-                    progress(count)
+                    progress(len(chunk.docs))
             batches.flush()
     manifest.batches = batches.lines
     manifest.bytes_uncompressed = batches.bytes
@@ -572,11 +620,11 @@ def verify_database(
             expected.flush()
             actual = _Loader(conn, "a")
             opts = BackupOptions(mode=mode, attachments=False, page_size=page_size)
-            for rows, docs in _pages_of_docs(server, db, 0, opts, with_history=False):
-                for doc in docs:
+            for chunk in _prefetched(_doc_chunks(server, db, 0, opts, with_history=False)):
+                for doc in chunk.docs:
                     actual.add(doc)
                 if progress is not None:
-                    progress(len(rows))
+                    progress(len(chunk.docs))
             actual.flush()
             return _compare(conn, db, show)
         finally:

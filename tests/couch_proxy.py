@@ -150,14 +150,24 @@ def _with_doc_del_count(path: str, data: bytes) -> bytes:
     return data
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that hangs up mid-answer (couchrestore aborting on an error) is not the proxy's problem.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FaultProxy:
     """``with FaultProxy(upstream) as proxy:`` serves on ``proxy.url`` until the block ends."""
 
     def __init__(self, upstream: str):
         self.state = ProxyState(upstream=upstream)
         handler = type("Handler", (_Handler,), {"state": self.state})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
