@@ -203,6 +203,7 @@ def backup_command(
 @click.option("--writes-per-second", type=click.FloatRange(0.1), default=None, help="E.g. 10 for Cloudant Lite.")
 @click.option("--batch-docs", default=500, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--batch-bytes", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(64 * 1024))
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 32), help="Requests in flight.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--verify/--no-verify", default=True, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -215,6 +216,7 @@ def restore_command(
     writes_per_second: float | None,
     batch_docs: int,
     batch_bytes: int,
+    concurrency: int,
     checkpoint: Path | None,
     verify: bool,
     quiet: bool,
@@ -237,7 +239,9 @@ def restore_command(
         if checkpoint is None:
             key = hashlib.sha256(f"{server.url}|{target}|{chain[-1].name}".encode()).hexdigest()[:16]
             checkpoint = ROOT / ".local" / "couchdb-restore" / f"{key}.json"
-        opts = RestoreOptions(batch_docs=batch_docs, batch_bytes=batch_bytes, overwrite=overwrite)
+        opts = RestoreOptions(
+            batch_docs=batch_docs, batch_bytes=batch_bytes, overwrite=overwrite, concurrency=concurrency
+        )
         total = sum(m.batches for m in chain)
         try:
             with _progress(f"restore {target}", total, quiet) as bar:

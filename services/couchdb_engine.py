@@ -24,6 +24,7 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +62,7 @@ class RestoreOptions:
     batch_docs: int = 500
     batch_bytes: int = 8 * 1024 * 1024  # Cloudant refuses request bodies over 64 MB; stay well below
     overwrite: bool = False
+    concurrency: int = 4  # _bulk_docs requests in flight (the writes-per-second limit applies to all of them)
 
 
 @dataclass
@@ -373,10 +375,12 @@ class Checkpoint:
     database: str
     backups: list[str]
     position: list[int] = field(default_factory=lambda: [0, 0])  # [backup index, lines applied in it]
+    ahead: list[int] = field(default_factory=list)  # lines of that backup applied past the position (concurrency)
 
     def save(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"database": self.database, "backups": self.backups, "position": self.position}))
+        state = {"database": self.database, "backups": self.backups, "position": self.position, "ahead": self.ahead}
+        tmp.write_text(json.dumps(state))
         os.replace(tmp, self.path)
 
     @classmethod
@@ -389,7 +393,13 @@ class Checkpoint:
                 f"checkpoint {path} belongs to a restore of {data.get('backups')} into {data.get('database')!r};"
                 " remove it or choose another checkpoint file"
             )
-        return cls(path=path, database=database, backups=backups, position=list(data["position"]))
+        return cls(
+            path=path,
+            database=database,
+            backups=backups,
+            position=list(data["position"]),
+            ahead=list(data.get("ahead", [])),
+        )
 
 
 def database_is_empty(server: CouchServer, db: str) -> bool | None:
@@ -450,53 +460,112 @@ def restore_chain(
     security = chain[-1].security
     if security:
         server.request("PUT", server.db_path(db, "_security"), body=json.dumps(security).encode(), write=True)
-    for index, manifest in enumerate(chain):
-        if index < checkpoint.position[0]:
-            result.lines_skipped += manifest.batches
-            continue
-        done_here = checkpoint.position[1] if index == checkpoint.position[0] else 0
-        limits_ok = manifest.batch_docs <= opts.batch_docs and manifest.batch_bytes <= opts.batch_bytes
-        for line_no, line in enumerate(iter_backup_lines(store, manifest)):
-            if line_no < done_here:
-                result.lines_skipped += 1
+    with ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="couchdb-restore") as pool:
+        for index, manifest in enumerate(chain):
+            if index < checkpoint.position[0]:
+                result.lines_skipped += manifest.batches
                 continue
-            where = f"{store.url(manifest.data_name)} line {line_no + 1}"
-            result.docs += _post_line(server, db, line, where, opts, result, trust_limits=limits_ok)
-            result.lines_done += 1
-            checkpoint.position = [index, line_no + 1]
+            _restore_one(server, db, store, manifest, index, opts, checkpoint, result, pool, progress, after_line)
+            checkpoint.position, checkpoint.ahead = [index + 1, 0], []
             checkpoint.save()
-            if after_line is not None:
-                after_line(result.lines_done)
-            if progress is not None:
-                progress(1)
-        checkpoint.position = [index + 1, 0]
-        checkpoint.save()
     checkpoint.path.unlink()
     return result
 
 
-def _post_line(
+@dataclass
+class _LineOutcome:
+    docs: int = 0
+    requests: int = 0
+    splits: int = 0
+
+
+def _restore_one(
     server: CouchServer,
     db: str,
-    line: bytes,
-    where: str,
+    store: Store,
+    manifest: Manifest,
+    index: int,
     opts: RestoreOptions,
+    checkpoint: Checkpoint,
     result: RestoreResult,
-    trust_limits: bool,
-) -> int:
+    pool: ThreadPoolExecutor,
+    progress: Progress | None,
+    after_line: Callable[[int], None] | None,
+) -> None:
+    """Post the lines of one backup with up to ``opts.concurrency`` in flight. The checkpoint records the
+    contiguous prefix of applied lines plus any applied beyond it, so a resumed run re-sends nothing that
+    was confirmed; only lines in flight at a hard kill can be sent twice (harmless with new_edits=false)."""
+    resuming_here = index == checkpoint.position[0]
+    contiguous = checkpoint.position[1] if resuming_here else 0
+    completed: set[int] = set(checkpoint.ahead) if resuming_here else set()
+    limits_ok = manifest.batch_docs <= opts.batch_docs and manifest.batch_bytes <= opts.batch_bytes
+    pending: dict[Future[_LineOutcome], int] = {}
+    failure: BaseException | None = None
+
+    def settle() -> None:
+        nonlocal contiguous, failure
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in finished:
+            line_no = pending.pop(future)
+            try:
+                outcome = future.result()
+            except BaseException as exc:  # kept until in-flight lines are recorded, then raised
+                failure = failure or exc
+                continue
+            result.docs += outcome.docs
+            result.batches_sent += outcome.requests
+            result.splits += outcome.splits
+            result.lines_done += 1
+            completed.add(line_no)
+        while contiguous in completed:
+            completed.remove(contiguous)
+            contiguous += 1
+        checkpoint.position, checkpoint.ahead = [index, contiguous], sorted(completed)
+        checkpoint.save()
+        for _ in finished:
+            if progress is not None:
+                progress(1)
+        if after_line is not None and failure is None:
+            try:
+                after_line(result.lines_done)
+            except BaseException as exc:
+                failure = exc
+
+    for line_no, line in enumerate(iter_backup_lines(store, manifest)):
+        if line_no < contiguous or line_no in completed:
+            result.lines_skipped += 1
+            continue
+        while len(pending) >= opts.concurrency and failure is None:
+            settle()
+        if failure is not None:
+            break
+        where = f"{store.url(manifest.data_name)} line {line_no + 1}"
+        pending[pool.submit(_post_line, server, db, line, where, opts, limits_ok)] = line_no
+    while pending:
+        settle()
+    if failure is not None:
+        raise failure
+
+
+def _post_line(
+    server: CouchServer, db: str, line: bytes, where: str, opts: RestoreOptions, trust_limits: bool
+) -> _LineOutcome:
     """POST one backup line; split it when it is over the restore's limits or the server answers 413."""
+    outcome = _LineOutcome()
     if trust_limits and len(line) <= opts.batch_bytes:
         # The fast path: the line was written within these limits, send its bytes untouched.
         try:
-            count = _post_body(server, db, line, where, None)
-            result.batches_sent += 1
-            return count
+            outcome.docs = _post_body(server, db, line, where, None)
+            outcome.requests = 1
+            return outcome
         except HttpRefused as exc:
             if exc.status != 413:
                 raise
     docs = decode_line(line, where)
-    result.splits += 1
-    return sum(_post_docs(server, db, part, where, opts, result) for part in _split(docs, opts))
+    outcome.splits += 1
+    for part in _split(docs, opts):
+        outcome.docs += _post_docs(server, db, part, where, outcome)
+    return outcome
 
 
 def _split(docs: list[dict[str, Any]], opts: RestoreOptions) -> Iterator[list[dict[str, Any]]]:
@@ -513,12 +582,10 @@ def _split(docs: list[dict[str, Any]], opts: RestoreOptions) -> Iterator[list[di
         yield part
 
 
-def _post_docs(
-    server: CouchServer, db: str, docs: list[dict[str, Any]], where: str, opts: RestoreOptions, result: RestoreResult
-) -> int:
+def _post_docs(server: CouchServer, db: str, docs: list[dict[str, Any]], where: str, outcome: _LineOutcome) -> int:
     try:
         count = _post_body(server, db, encode_line(docs), where, docs)
-        result.batches_sent += 1
+        outcome.requests += 1
         return count
     except HttpRefused as exc:
         if exc.status != 413:
@@ -527,11 +594,9 @@ def _post_docs(
             raise PermanentError(
                 f"{where}: document {docs[0].get('_id')!r} is too large for the server (HTTP 413)"
             ) from None
-        result.splits += 1
+        outcome.splits += 1
         half = len(docs) // 2
-        return _post_docs(server, db, docs[:half], where, opts, result) + _post_docs(
-            server, db, docs[half:], where, opts, result
-        )
+        return _post_docs(server, db, docs[:half], where, outcome) + _post_docs(server, db, docs[half:], where, outcome)
 
 
 def _post_body(server: CouchServer, db: str, body: bytes, where: str, docs: list[dict[str, Any]] | None) -> int:

@@ -133,6 +133,10 @@ class CouchServer:
         self.timeout = timeout
         self._sleep = sleep
         self.retries = 0  # how many requests were retried, for stats and tests
+        # After a 429/5xx with Retry-After, no thread sends anything before this time (time.monotonic()):
+        # a server that asked us to wait means all of us, not just the request that was refused.
+        self._not_before = 0.0
+        self._pause_lock = threading.Lock()
 
     def close(self) -> None:
         self.session.close()
@@ -158,6 +162,7 @@ class CouchServer:
         headers = {"Content-Type": "application/json"} if body is not None else None
         bucket = self.write_bucket if write else self.read_bucket
         for attempt in range(1, self.retry.attempts + 1):
+            self._wait_for_pause()
             bucket.acquire()
             try:
                 resp = self.session.request(
@@ -188,11 +193,19 @@ class CouchServer:
             raise HttpRefused(message, resp.status_code)
         raise AssertionError("unreachable")  # the loop returns or raises
 
+    def _wait_for_pause(self) -> None:
+        with self._pause_lock:
+            remaining = self._not_before - time.monotonic()
+        if remaining > 0:
+            self._sleep(remaining)
+
     def _backoff(self, attempt: int, retry_after: float | None) -> None:
         self.retries += 1
         if retry_after is not None:
-            # The server said when: waiting less would only earn another 429.
-            self._sleep(retry_after)
+            # The server said when: waiting less would only earn another 429, for every thread.
+            with self._pause_lock:
+                self._not_before = max(self._not_before, time.monotonic() + retry_after)
+            self._wait_for_pause()
             return
         delay = min(self.retry.max_delay, self.retry.base_delay * 2 ** (attempt - 1))
         self._sleep(delay * random.uniform(0.5, 1.0))

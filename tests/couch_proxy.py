@@ -49,6 +49,7 @@ class ProxyState:
     # CouchDB 3 reports doc_del_count in database info; pouchdb-server does not, and couchrestore refuses a
     # target whose doc_del_count is not 0 (the benchmark needs this to run couchrestore at all).
     add_doc_del_count: bool = False
+    write_delay: float = 0.0  # seconds to hold each _bulk_docs before forwarding (to kill a client mid-restore)
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -84,6 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
             self._record(arrived, len(body), status)
             return
+        if self.state.write_delay and self.command == "POST" and "_bulk_docs" in self.path:
+            time.sleep(self.state.write_delay)
         upstream = urlsplit(self.state.upstream)
         conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=120)
         try:
