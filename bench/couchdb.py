@@ -117,6 +117,11 @@ def run_size(url: str, restore_url: str, n: int, work: Path) -> list[Row]:
         if mode == "full":
             rows.append(timed(tool, "verify", [*ours, "verify", str(manifest), "--db", target, "--quiet"], env, work))
 
+    # Like for like with couchbackup's default shallow backup, which leaves attachment data out.
+    dest = work / f"ours-stubs-{n}"
+    stubs = [*ours, "backup", src, "--to", str(dest), "--mode", "winning", "--no-attachments", "--quiet"]
+    rows.append(timed("ours winning --no-attachments", "backup", stubs, env, work))
+
     cb = [str(BIN / "couchbackup"), "--db", src, "--mode", "shallow", "--quiet"]
     cr = [str(BIN / "couchrestore"), "--quiet"]
     for label, extra in (

@@ -54,7 +54,8 @@ class BackupOptions:
     attachments: bool = True
     batch_docs: int = 500
     batch_bytes: int = 8 * 1024 * 1024
-    page_size: int = 2000  # _changes rows per request
+    page_size: int = 2000  # _changes rows per request, at most
+    read_bytes: int = 4 * 1024 * 1024  # aim of one read (a _changes page with documents, a _bulk_get chunk)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _leaf_refs(rows: list[dict[str, Any]], all_leaves: bool) -> list[tuple[str, 
 def _fetch_chunks(
     server: CouchServer, db: str, refs: list[tuple[str, str]], opts: BackupOptions
 ) -> Iterator[list[dict[str, Any]]]:
-    """The documents for ``refs``, in chunks sized so one chunk stays near ``batch_bytes`` in memory."""
+    """The documents for ``refs``, in chunks sized so one chunk stays near ``read_bytes`` in memory."""
     chunk = min(opts.batch_docs, 200)
     i = 0
     while i < len(refs):
@@ -157,7 +158,7 @@ def _fetch_chunks(
         # Attachments make documents vary from bytes to megabytes: aim the next chunk at the byte budget.
         attachment_chars = sum(len(a.get("data", "")) for d in docs for a in (d.get("_attachments") or {}).values())
         per_doc = 1024 + attachment_chars // max(1, len(docs))
-        chunk = max(1, min(opts.batch_docs, opts.batch_bytes // per_doc))
+        chunk = max(1, min(opts.batch_docs, opts.read_bytes // per_doc))
 
 
 @dataclass
@@ -177,7 +178,7 @@ def _doc_chunks(
     spurious conflict) instead of extending the first."""
     if opts.mode == "winning" and not with_history:
         for rows in server.changes_with_docs(
-            db, since, attachments=opts.attachments, page_size=opts.page_size, page_bytes=opts.batch_bytes
+            db, since, attachments=opts.attachments, page_size=opts.page_size, page_bytes=opts.read_bytes
         ):
             yield _Chunk([row["doc"] for row in rows if row.get("doc")], rows[-1]["seq"])
         return
@@ -191,7 +192,7 @@ def _doc_chunks(
         yield _Chunk(held or [], rows[-1]["seq"])
 
 
-def _prefetched(chunks: Iterator[_Chunk], depth: int = 2) -> Iterator[_Chunk]:
+def _prefetched(chunks: Iterator[_Chunk], depth: int = 1) -> Iterator[_Chunk]:
     """Read ahead in a thread: the server works on the next chunk while this process encodes and compresses
     the current one. At most ``depth`` chunks wait, so memory stays bounded."""
     slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
