@@ -124,7 +124,11 @@ def server_from_env(
         raise PermanentError(f"environment variable {server.url_env} (the CouchDB server URL) is not set")
     user = env.get(server.user_env or "", "") or None
     password = env.get(server.password_env or "", "") or None
-    if server.password_secret and user:
+    if server.password_secret:
+        if not user:
+            raise PermanentError(
+                f"server.password_secret is set but the user variable {server.user_env} is empty or not set"
+            )
         password = access_secret(server.password_secret, rt)
     auth = (user, password or "") if user else None
     return CouchServer(url, auth=auth, writes_per_second=writes_per_second, reads_per_second=reads_per_second)

@@ -388,7 +388,11 @@ class Checkpoint:
     def load(cls, path: Path, database: str, backups: list[str]) -> Checkpoint | None:
         if not path.exists():
             return None
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+            position = [int(data["position"][0]), int(data["position"][1])]
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise PermanentError(f"checkpoint {path} is unreadable ({exc}); remove it to restart the restore") from None
         if data.get("database") != database or data.get("backups") != backups:
             raise PermanentError(
                 f"checkpoint {path} belongs to a restore of {data.get('backups')} into {data.get('database')!r};"
@@ -398,7 +402,7 @@ class Checkpoint:
             path=path,
             database=database,
             backups=backups,
-            position=list(data["position"]),
+            position=position,
             ahead=list(data.get("ahead", [])),
         )
 
@@ -434,6 +438,9 @@ def restore_chain(
     resumes an interrupted restore instead."""
     names = [m.name for m in chain]
     result = RestoreResult(database=db, backups=names)
+    for manifest in chain:
+        # A damaged backup is refused before the target is touched (or dropped, with overwrite).
+        check_data_file(store, manifest)
     checkpoint = Checkpoint.load(checkpoint_path, db, names)
     if checkpoint is not None:
         result.resumed = True

@@ -180,6 +180,31 @@ def test_overwrite_takes_a_confirmed_safety_backup_before_dropping_the_target(po
     assert verify_database(CouchServer(pouchdb.url), target, store, [manifest]).ok
 
 
+def test_a_damaged_backup_is_refused_before_the_target_is_touched(pouchdb, source, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    manifest = _backup(pouchdb.url, source, store)
+    data = tmp_path / "store" / manifest.data_name
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+    target = pouchdb.new_db_name("busy")
+    seed(pouchdb.url, target, [{"_id": "precious", "_rev": "1-abc", "v": 1}])
+    before = leaves(pouchdb.url, target)
+
+    with pytest.raises(PermanentError, match=r"1-full.jsonl.gz (is unreadable|does not match)"):
+        restore_chain(
+            CouchServer(pouchdb.url),
+            target,
+            store,
+            [manifest],
+            RestoreOptions(overwrite=True),
+            checkpoint_path=tmp_path / "c.json",
+            safety_backup=lambda: pytest.fail("no safety backup should be needed"),
+        )
+
+    assert leaves(pouchdb.url, target) == before
+
+
 def test_verify_names_the_first_differing_ids(pouchdb, source, tmp_path):
     store = open_store(str(tmp_path / "store"))
     manifest = _backup(pouchdb.url, source, store)
