@@ -139,6 +139,9 @@ def couchdb() -> None:
 @click.option(
     "--page-size", default=2000, show_default=True, type=click.IntRange(1, 10000), help="_changes rows per read."
 )
+@click.option(
+    "--read-bytes", default=4 * 1024 * 1024, show_default=True, type=click.IntRange(16 * 1024), help="Aim per read."
+)
 @click.option("--reads-per-second", type=click.FloatRange(0.1), default=None)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_server_options
@@ -153,6 +156,7 @@ def backup_command(
     batch_docs: int,
     batch_bytes: int,
     page_size: int,
+    read_bytes: int,
     reads_per_second: float | None,
     quiet: bool,
     url_env: str,
@@ -164,7 +168,12 @@ def backup_command(
         raise click.UsageError("name at least one database (names or globs), or pass --all")
     rt = _runtime()
     opts = BackupOptions(
-        mode=mode, attachments=attachments, batch_docs=batch_docs, batch_bytes=batch_bytes, page_size=page_size
+        mode=mode,
+        attachments=attachments,
+        batch_docs=batch_docs,
+        batch_bytes=batch_bytes,
+        page_size=page_size,
+        read_bytes=read_bytes,
     )
     with _exit_codes():
         server = _server(url_env, user_env, password_env, reads_per_second=reads_per_second)
