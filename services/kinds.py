@@ -26,6 +26,7 @@ from services.errors import ConfigError
 
 KIND_MODULES: dict[str, str] = {
     "datastore": "services.datastore",
+    "couchdb": "services.couchdb",
     "directory": "services.directory",
     "disks": "services.disks",
     "filestore": "services.filestore",

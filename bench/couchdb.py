@@ -1,0 +1,196 @@
+"""Benchmark: our CouchDB backup/restore against IBM's couchbackup/couchrestore, in one run, on one local server.
+
+    /work/venv/bin/python bench/couchdb.py              # 100,000 documents, plus 20,000 to show memory is flat
+    /work/venv/bin/python bench/couchdb.py --docs 10000 --also 0
+
+The database: ~1 KB documents, 5% with a 20 KB attachment, in a pouchdb-server started here (in memory,
+127.0.0.1). Each tool runs as its own process; peak RSS is its kernel high-water mark (VmHWM). couchbackup runs
+in shallow mode with its defaults (no attachments: they are "experimental" there); ours runs with attachments
+on, in winning mode (the closest to shallow) and in full mode (every leaf revision with its history).
+Restores of both tools go through tests/couch_proxy.py, which adds the ``doc_del_count: 0`` that couchrestore
+insists on and pouchdb-server does not report.
+Needs scripts/ensure-pouchdb.sh (pouchdb-server and @cloudant/couchbackup in .local/node_modules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.couch_data import peak_rss_mb  # noqa: E402
+from tests.couch_proxy import FaultProxy  # noqa: E402
+from tests.fixtures.pouchdb import free_port  # noqa: E402
+
+BIN = ROOT / ".local" / "node_modules" / ".bin"
+
+
+def make_batch(start: int, count: int) -> list[dict]:
+    docs = []
+    for i in range(start, start + count):
+        doc_id = f"doc-{i:07d}"
+        rev = hashlib.md5(doc_id.encode()).hexdigest()
+        text = (hashlib.sha256(doc_id.encode()).hexdigest() * 28)[:900]
+        doc = {"_id": doc_id, "_rev": f"1-{rev}", "n": i, "kind": "bench", "text": text}
+        if i % 20 == 0:
+            blob = hashlib.sha512(doc_id.encode()).digest() * 320  # 20 KB
+            doc["_attachments"] = {
+                "a.bin": {"content_type": "application/octet-stream", "data": base64.b64encode(blob).decode()}
+            }
+        docs.append(doc)
+    return docs
+
+
+def seed(url: str, db: str, n: int) -> None:
+    requests.put(f"{url}/{db}", timeout=30).raise_for_status()
+    for start in range(0, n, 1000):
+        body = {"docs": make_batch(start, min(1000, n - start)), "new_edits": False}
+        requests.post(f"{url}/{db}/_bulk_docs", json=body, timeout=600).raise_for_status()
+
+
+Row = tuple[str, str, float, float, str]  # tool, operation, seconds, peak RSS MB, failure ("" when it worked)
+
+
+def timed(
+    tool: str,
+    op: str,
+    argv: list[str],
+    env: dict[str, str],
+    work: Path,
+    stdin: Path | None = None,
+    stdout: Path | None = None,
+) -> Row:
+    """One tool run: seconds and peak RSS; a failure is reported with the tool's last error line, not hidden."""
+    start = time.monotonic()
+    if stdin is not None or stdout is not None:
+        # couchbackup writes to stdout and couchrestore reads stdin: a shell redirect that execs the tool.
+        argv = [
+            "/bin/sh",
+            "-c",
+            "exec " + " ".join(argv) + (f" < {stdin}" if stdin else "") + (f" > {stdout}" if stdout else ""),
+        ]
+    errors = work / "stderr.txt"
+    rss, status = peak_rss_mb(argv, env, str(ROOT), stderr_path=str(errors))
+    secs = time.monotonic() - start
+    failure = ""
+    if status != 0:
+        lines = [line for line in errors.read_text(errors="replace").splitlines() if line.strip()]
+        failure = f"exit {status}: {lines[-1][:150] if lines else ''}"
+    print(f"  {tool:<40} {op:<8} {secs:7.1f} s {rss:7.1f} MB {failure}", flush=True)
+    return tool, op, secs, rss, failure
+
+
+def run_size(url: str, restore_url: str, n: int, work: Path) -> list[Row]:
+    env = {**os.environ, "COUCHDB_URL": url, "COUCH_URL": url}
+    # Both tools' restores go through the same compatibility proxy (see main()), so they pay the same hop.
+    restore_env = {**os.environ, "COUCHDB_URL": restore_url, "COUCH_URL": restore_url}
+    src = f"bench-{n}"
+    t = time.monotonic()
+    seed(url, src, n)
+    print(f"  seeded {n} docs in {time.monotonic() - t:.1f} s", flush=True)
+    ours = [sys.executable, "-m", "commands.couchdb"]
+    rows: list[Row] = []
+    created = [src]
+
+    for mode in ("winning", "full"):
+        tool = f"ours {mode} (attachments)"
+        dest = work / f"ours-{mode}-{n}"
+        rows.append(
+            timed(tool, "backup", [*ours, "backup", src, "--to", str(dest), "--mode", mode, "--quiet"], env, work)
+        )
+        manifest = next(dest.rglob("*.manifest.json"))
+        target = f"ours-{mode}-restored-{n}"
+        created.append(target)
+        restore = [*ours, "restore", str(manifest), "--db", target, "--quiet", "--no-verify"]
+        rows.append(timed(tool, "restore", restore, restore_env, work))
+        if mode == "full":
+            rows.append(timed(tool, "verify", [*ours, "verify", str(manifest), "--db", target, "--quiet"], env, work))
+
+    # Like for like with couchbackup's default shallow backup, which leaves attachment data out.
+    dest = work / f"ours-stubs-{n}"
+    stubs = [*ours, "backup", src, "--to", str(dest), "--mode", "winning", "--no-attachments", "--quiet"]
+    rows.append(timed("ours winning --no-attachments", "backup", stubs, env, work))
+
+    cb = [str(BIN / "couchbackup"), "--db", src, "--mode", "shallow", "--quiet"]
+    cr = [str(BIN / "couchrestore"), "--quiet"]
+    for label, extra in (
+        ("couchbackup shallow (defaults)", []),
+        ("couchbackup shallow --attachments", ["--attachments"]),
+    ):
+        out = work / f"couchbackup-{n}-{len(extra)}.txt"
+        rows.append(timed(label, "backup", [*cb, *extra], env, work, stdout=out))
+        target = f"cb-restored-{n}-{len(extra)}"
+        created.append(target)
+        requests.put(f"{url}/{target}", timeout=30).raise_for_status()  # couchrestore needs it to exist (#151)
+        rows.append(timed(label, "restore", [*cr, "--db", target, *extra], restore_env, work, stdin=out))
+    for db in created:
+        requests.delete(f"{url}/{db}", timeout=300)  # give the in-memory server its memory back
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--also", type=int, default=20_000, help="a smaller size too, to show memory is flat (0: none)")
+    args = parser.parse_args()
+    for tool in ("pouchdb-server", "couchbackup", "couchrestore"):
+        if not (BIN / tool).exists():
+            raise SystemExit(f"{BIN / tool} is missing: run scripts/ensure-pouchdb.sh")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="couch-bench-") as tmp:
+        work = Path(tmp)
+        server = subprocess.Popen(
+            [str(BIN / "pouchdb-server"), "--in-memory", "--port", str(port), "--host", "127.0.0.1", "-n"],
+            cwd=tmp,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(200):
+                try:
+                    requests.get(url, timeout=1)
+                    break
+                except requests.ConnectionError:
+                    time.sleep(0.1)
+            sizes = [s for s in (args.also, args.docs) if s]
+            table = {}
+            # couchrestore refuses targets whose info lacks doc_del_count == 0, which pouchdb-server never sends;
+            # the proxy adds it. Restores of both tools go through it.
+            with FaultProxy(url) as proxy:
+                proxy.state.add_doc_del_count = True
+                for n in sizes:
+                    print(f"size {n}:", flush=True)
+                    table[n] = run_size(url, proxy.url, n, work)
+        finally:
+            server.terminate()
+            server.wait()
+    print(
+        f"\nCouchDB backup benchmark, {time.strftime('%Y-%m-%d')},"
+        f" pouchdb-server 4.2.0 in memory, {os.cpu_count()} cores"
+    )
+    print(f"{'docs':>8}  {'tool':<36} {'op':<8} {'seconds':>8} {'docs/s':>9} {'peak RSS MB':>12}")
+    for n, rows in table.items():
+        for tool, op, secs, rss, failure in rows:
+            rate = "-" if failure else f"{n / secs:.0f}"
+            print(f"{n:>8}  {tool:<36} {op:<8} {secs:>8.1f} {rate:>9} {rss:>12.1f}  {failure}")
+        for base_tool in ("couchbackup shallow (defaults)", "couchbackup shallow --attachments"):
+            base = {op: secs for tool, op, secs, _, failure in rows if tool == base_tool and not failure}
+            for tool, op, secs, _, failure in rows:
+                if tool.startswith("ours") and op in base and not failure:
+                    print(f"{n:>8}  {tool} vs {base_tool}, {op}: {base[op] / secs:.2f}x docs/s")
+
+
+if __name__ == "__main__":
+    main()

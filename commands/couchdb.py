@@ -1,0 +1,312 @@
+"""``backup couchdb backup|restore|verify``: CouchDB / Cloudant backups from the command line, no App Engine needed.
+
+The server comes from the environment (``COUCHDB_URL``, ``COUCHDB_USER``, ``COUCHDB_PASSWORD``, or the variables
+named with ``--url-env`` ...), never from the command line, so credentials stay out of shell history and logs.
+Also runnable on its own: ``python -m commands.couchdb backup ...``.
+
+Exit codes: 0 done; 1 failed (the message says why); 2 bad usage; 3 verification found differences;
+4 restore refused because the target is not empty (use --overwrite); 5 the server kept answering 429/5xx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from services.couchdb import ServerSettings, select_databases, server_from_env, store_for
+from services.couchdb_engine import (
+    BackupOptions,
+    RestoreOptions,
+    backup_database,
+    backup_name,
+    backup_prefix,
+    list_manifests,
+    read_manifest,
+    resolve_chain,
+    restore_chain,
+    verify_database,
+)
+from services.couchdb_format import DATA_SUFFIX, MANIFEST_SUFFIX, Manifest
+from services.couchdb_http import CouchServer
+from services.couchdb_store import Store
+from services.errors import BackupError, PermanentError, TargetGone, TransientError
+from services.runtime import ROOT, Runtime
+
+EXIT_FAILED = 1
+EXIT_MISMATCH = 3
+EXIT_NOT_EMPTY = 4
+EXIT_UNAVAILABLE = 5
+
+
+def _runtime() -> Runtime:
+    from commands import current_runtime
+
+    return current_runtime()
+
+
+def _server_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--password-env", default="COUCHDB_PASSWORD", show_default=True, help="Env var with the password."
+    )(func)
+    func = click.option("--user-env", default="COUCHDB_USER", show_default=True, help="Env var with the user name.")(
+        func
+    )
+    func = click.option("--url-env", default="COUCHDB_URL", show_default=True, help="Env var with the server URL.")(
+        func
+    )
+    return func
+
+
+def _server(url_env: str, user_env: str, password_env: str, **limits: float | None) -> CouchServer:
+    settings = ServerSettings(url_env=url_env, user_env=user_env, password_env=password_env)
+    return server_from_env(settings, _runtime(), **limits)
+
+
+@contextmanager
+def _exit_codes() -> Iterator[None]:
+    """Turn the service's errors into one line on stderr and a documented exit code."""
+    try:
+        yield
+    except NotEmptyTarget as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_NOT_EMPTY)
+    except TransientError as exc:
+        click.echo(f"error: server unavailable or rate limiting: {exc}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    except (BackupError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+class NotEmptyTarget(PermanentError):
+    pass
+
+
+def open_backup(url: str, rt: Runtime) -> tuple[Store, list[Manifest]]:
+    """The store rooted where backup ``url`` (its manifest or data file) was written, and its restore chain."""
+    for suffix in (MANIFEST_SUFFIX, DATA_SUFFIX):
+        if url.endswith(suffix):
+            url = url[: -len(suffix)]
+    directory, _, base = url.rpartition("/")
+    if not directory or not base:
+        raise PermanentError(f"{url!r}: expected the URL or path of a backup's .manifest.json")
+    first = read_manifest(store_for(directory, rt), base)
+    if not url.endswith("/" + first.name) and url != first.name:
+        raise PermanentError(f"{url!r}: the manifest there calls itself {first.name!r}; was it moved?")
+    root = url[: -len(first.name)].rstrip("/") or "/"
+    store = store_for(root, rt)
+    return store, resolve_chain(store, first.name)
+
+
+def _progress(label: str, total: int | None, quiet: bool) -> Any:
+    if quiet:
+        return _NoBar()
+    return click.progressbar(length=total or 0, label=label, file=sys.stderr, show_pos=True)
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
+@click.group("couchdb")
+def couchdb() -> None:
+    """Back up, restore and verify CouchDB / Cloudant databases."""
+
+
+@couchdb.command("backup")
+@click.argument("databases", nargs=-1)
+@click.option("--to", "destination", required=True, help="gs://BUCKET/PREFIX or an absolute local directory.")
+@click.option("--all", "all_dbs", is_flag=True, help="Every user database (system databases only when named).")
+@click.option("--mode", type=click.Choice(["full", "winning"]), default="full", show_default=True)
+@click.option("--attachments/--no-attachments", default=True, show_default=True)
+@click.option("--incremental", is_flag=True, help="Store only changes since the latest backup of the same mode.")
+@click.option("--prefix", "name_prefix", default="cli", show_default=True, help="First path element of the names.")
+@click.option("--batch-docs", default=500, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--batch-bytes", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(64 * 1024))
+@click.option(
+    "--page-size", default=2000, show_default=True, type=click.IntRange(1, 10000), help="_changes rows per read."
+)
+@click.option(
+    "--read-bytes", default=4 * 1024 * 1024, show_default=True, type=click.IntRange(16 * 1024), help="Aim per read."
+)
+@click.option("--reads-per-second", type=click.FloatRange(0.1), default=None)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_server_options
+def backup_command(
+    databases: tuple[str, ...],
+    destination: str,
+    all_dbs: bool,
+    mode: str,
+    attachments: bool,
+    incremental: bool,
+    name_prefix: str,
+    batch_docs: int,
+    batch_bytes: int,
+    page_size: int,
+    read_bytes: int,
+    reads_per_second: float | None,
+    quiet: bool,
+    url_env: str,
+    user_env: str,
+    password_env: str,
+) -> None:
+    """Back up DATABASES (names or globs) to --to; prints each backup's manifest URL."""
+    if not databases and not all_dbs:
+        raise click.UsageError("name at least one database (names or globs), or pass --all")
+    rt = _runtime()
+    opts = BackupOptions(
+        mode=mode,
+        attachments=attachments,
+        batch_docs=batch_docs,
+        batch_bytes=batch_bytes,
+        page_size=page_size,
+        read_bytes=read_bytes,
+    )
+    with _exit_codes():
+        server = _server(url_env, user_env, password_env, reads_per_second=reads_per_second)
+        store = store_for(destination, rt)
+        available = server.all_dbs()
+        chosen = select_databases(("*",) if all_dbs else databases, available)
+        # A database named exactly is taken even when it is a system database.
+        chosen = sorted(set(chosen) | {d for d in databases if d in available})
+        if not chosen:
+            raise PermanentError(f"no database on {server.url} matches {', '.join(databases) or '--all'}")
+        for db in chosen:
+            previous = None
+            if incremental:
+                same = [m for m in list_manifests(store, backup_prefix(name_prefix, db)) if m.mode == mode]
+                previous = same[-1] if same else None
+            name = backup_name(name_prefix, db, rt.now(), mode, previous is not None)
+            total = server.db_info(db).get("doc_count")
+            with _progress(f"backup {db}", total, quiet) as bar:
+                manifest = backup_database(
+                    server, db, store, name, opts, plan=name_prefix, previous=previous, progress=bar.update, now=rt.now
+                )
+            click.echo(store.url(manifest.manifest_name))
+            click.echo(
+                f"{db}: {manifest.docs} revisions ({manifest.deleted} deleted), {manifest.attachment_count}"
+                f" attachments, {manifest.bytes} bytes, seq {manifest.seq}",
+                err=True,
+            )
+        server.close()
+
+
+@couchdb.command("restore")
+@click.argument("backup")
+@click.option("--db", "target", required=True, help="Database to restore into (created if missing).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty target, after a safety backup of it.")
+@click.option("--safety-to", default=None, help="Where the safety backup goes (default: next to the backup).")
+@click.option("--writes-per-second", type=click.FloatRange(0.1), default=None, help="E.g. 10 for Cloudant Lite.")
+@click.option("--batch-docs", default=500, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--batch-bytes", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(64 * 1024))
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 32), help="Requests in flight.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--verify/--no-verify", default=True, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_server_options
+def restore_command(
+    backup: str,
+    target: str,
+    overwrite: bool,
+    safety_to: str | None,
+    writes_per_second: float | None,
+    batch_docs: int,
+    batch_bytes: int,
+    concurrency: int,
+    checkpoint: Path | None,
+    verify: bool,
+    quiet: bool,
+    url_env: str,
+    user_env: str,
+    password_env: str,
+) -> None:
+    """Restore BACKUP (a manifest URL or path; increments bring their full backup) into --db, then verify."""
+    rt = _runtime()
+    with _exit_codes():
+        server = _server(url_env, user_env, password_env, writes_per_second=writes_per_second)
+        store, chain = open_backup(backup, rt)
+        safety_store = store_for(safety_to, rt) if safety_to else store
+
+        def safety_backup() -> Manifest:
+            name = backup_name("safety", target, rt.now(), "full", False)
+            click.echo(f"target {target} is not empty: safety backup to {safety_store.url(name)}", err=True)
+            return backup_database(server, target, safety_store, name, BackupOptions(mode="full"), plan="safety")
+
+        if checkpoint is None:
+            key = hashlib.sha256(f"{server.url}|{target}|{chain[-1].name}".encode()).hexdigest()[:16]
+            checkpoint = ROOT / ".local" / "couchdb-restore" / f"{key}.json"
+        opts = RestoreOptions(
+            batch_docs=batch_docs, batch_bytes=batch_bytes, overwrite=overwrite, concurrency=concurrency
+        )
+        total = sum(m.batches for m in chain)
+        try:
+            with _progress(f"restore {target}", total, quiet) as bar:
+                result = restore_chain(
+                    server,
+                    target,
+                    store,
+                    chain,
+                    opts,
+                    checkpoint_path=checkpoint,
+                    safety_backup=safety_backup,
+                    progress=bar.update,
+                )
+        except PermanentError as exc:
+            if "is not empty" in str(exc):
+                raise NotEmptyTarget(str(exc)) from None
+            raise
+        click.echo(
+            f"{target}: restored {len(chain)} backup(s), {result.lines_done} batches"
+            + (f" (resumed, {result.lines_skipped} already applied)" if result.resumed else "")
+            + (f"; safety backup {result.safety_backup}" if result.safety_backup else ""),
+            err=True,
+        )
+        if verify:
+            _verify(server, target, store, chain, quiet)
+        server.close()
+
+
+@couchdb.command("verify")
+@click.argument("backup")
+@click.option("--db", "target", required=True, help="The database to compare with the backup.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_server_options
+def verify_command(backup: str, target: str, quiet: bool, url_env: str, user_env: str, password_env: str) -> None:
+    """Compare --db with BACKUP: counts, (id, rev) pairs and attachment digests. Exit 3 on a difference."""
+    rt = _runtime()
+    with _exit_codes():
+        server = _server(url_env, user_env, password_env)
+        store, chain = open_backup(backup, rt)
+        _verify(server, target, store, chain, quiet)
+        server.close()
+
+
+def _verify(server: CouchServer, target: str, store: Store, chain: list[Manifest], quiet: bool) -> None:
+    try:
+        total = server.db_info(target).get("doc_count")
+    except TargetGone:
+        raise PermanentError(f"database {target!r} does not exist on {server.url}") from None
+    with _progress(f"verify {target}", total, quiet) as bar:
+        result = verify_database(server, target, store, chain, progress=bar.update)
+    click.echo(result.summary(), err=True)
+    if not result.ok:
+        sys.exit(EXIT_MISMATCH)
+
+
+commands = [couchdb]
+
+if __name__ == "__main__":
+    couchdb(prog_name="couchdb")
