@@ -16,15 +16,17 @@ Adding a kind means adding a module and one line to ``KIND_MODULES``.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from services.errors import ConfigError
 
 KIND_MODULES: dict[str, str] = {
     "datastore": "services.datastore",
+    "sqlsync": "services.sqlsync",
 }
 
 

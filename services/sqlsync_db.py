@@ -1,0 +1,454 @@
+"""The SQL half of the sqlsync kind: connections, schema checks, masking a scratch database in place, re-inserting
+preserved staging rows with key remapping, and the post-import PII verification.
+
+Everything here talks DB-API (PyMySQL) to MySQL or MariaDB, so the local profile and Cloud SQL share it; only
+how a connection is opened differs (``connect``): TCP/socket for local servers and the Cloud SQL Auth Proxy, the
+Cloud SQL Python Connector for Cloud SQL instances.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,63}$")
+MAP_BATCH = 5000
+# Kinds whose original values are personal data worth checking for after the import.
+VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash")
+
+
+@dataclass(frozen=True)
+class DatabaseRef:
+    """One side of the sync. Local profile: ``host``/``port`` or ``socket``. Cloud SQL: ``instance`` as
+    ``project:region:name`` (SQL goes through the Python Connector, or over TCP to ``host`` when set, e.g. a
+    Cloud SQL Auth Proxy)."""
+
+    role: str
+    database: str
+    instance: str | None = None
+    host: str | None = None
+    port: int = 3306
+    socket: str | None = None
+    user: str = "root"
+    password_env: str | None = None
+    private_ip: bool = False
+
+    def password(self) -> str:
+        if not self.password_env:
+            return ""
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise LookupError(f"{self.role}: environment variable {self.password_env} (password) is not set")
+        return value
+
+    def label(self) -> str:
+        where = self.instance or (self.socket if self.socket else f"{self.host}:{self.port}")
+        return f"{where}/{self.database}"
+
+
+def quote(name: str) -> str:
+    """Backtick-quote an identifier that has already been validated against IDENTIFIER."""
+    if not IDENTIFIER.match(name):
+        raise ValueError(f"not a plain SQL identifier: {name!r}")
+    return f"`{name}`"
+
+
+def connect(ref: DatabaseRef, database: str | None = None, *, streaming: bool = False) -> Any:
+    """A PyMySQL connection to ``ref`` (autocommit on). ``streaming`` returns unbuffered cursors for big reads."""
+    import pymysql
+    import pymysql.cursors
+
+    kwargs: dict[str, Any] = {
+        "user": ref.user,
+        "password": ref.password(),
+        "database": database if database is not None else ref.database,
+        "autocommit": True,
+        "charset": "utf8mb4",
+        "local_infile": True,
+        "max_allowed_packet": 64 * 1024 * 1024,
+    }
+    if streaming:
+        kwargs["cursorclass"] = pymysql.cursors.SSCursor
+    if ref.instance and not ref.host and not ref.socket:
+        return _connect_cloud_sql(ref, kwargs)
+    if ref.socket:
+        return pymysql.connect(unix_socket=ref.socket, **kwargs)
+    return pymysql.connect(host=ref.host or "127.0.0.1", port=ref.port, **kwargs)
+
+
+def _connect_cloud_sql(ref: DatabaseRef, kwargs: dict[str, Any]) -> Any:
+    """Through the Cloud SQL Python Connector (IAM-authorised TLS, private IP when asked)."""
+    try:
+        from google.cloud.sql.connector import Connector, IPTypes
+    except ImportError as exc:  # pragma: no cover - depends on the deployment
+        raise LookupError(
+            "the Cloud SQL Python Connector is not installed (pip install cloud-sql-python-connector[pymysql]),"
+            f" or set host/port for {ref.role} to connect through the Cloud SQL Auth Proxy"
+        ) from exc
+    connector = Connector(ip_type=IPTypes.PRIVATE if ref.private_ip else IPTypes.PUBLIC)
+    conn = connector.connect(
+        ref.instance,
+        "pymysql",
+        user=kwargs["user"],
+        password=kwargs["password"],
+        db=kwargs["database"],
+        autocommit=True,
+    )
+    conn._sqlsync_connector = connector  # closed with the connection's owner; keeps it alive meanwhile
+    return conn
+
+
+def query(conn: Any, sql: str, args: Any = None) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return list(cur.fetchall())
+
+
+# ---- schema ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Schema:
+    """What the checks and the remapping need to know about one database's tables."""
+
+    columns: dict[str, list[str]] = field(default_factory=dict)
+    primary_keys: dict[str, list[str]] = field(default_factory=dict)
+    unique_indexes: dict[str, dict[str, list[tuple[str, int | None]]]] = field(default_factory=dict)
+    foreign_keys: list[tuple[str, str, str, str]] = field(default_factory=list)  # child, column, parent, column
+    integer_columns: set[tuple[str, str]] = field(default_factory=set)
+
+
+def read_schema(conn: Any, database: str) -> Schema:
+    schema = Schema()
+    for table, column, data_type in query(
+        conn,
+        "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s"
+        " ORDER BY TABLE_NAME, ORDINAL_POSITION",
+        (database,),
+    ):
+        schema.columns.setdefault(table, []).append(column)
+        if data_type.lower() in ("tinyint", "smallint", "mediumint", "int", "bigint"):
+            schema.integer_columns.add((table, column))
+    for table, index, column, sub_part in query(
+        conn,
+        "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME, SUB_PART FROM information_schema.STATISTICS"
+        " WHERE TABLE_SCHEMA = %s AND NON_UNIQUE = 0 ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX",
+        (database,),
+    ):
+        if index == "PRIMARY":
+            schema.primary_keys.setdefault(table, []).append(column)
+        else:
+            schema.unique_indexes.setdefault(table, {}).setdefault(index, []).append((column, sub_part))
+    schema.foreign_keys = [
+        tuple(row)  # type: ignore[misc]
+        for row in query(
+            conn,
+            "SELECT TABLE_NAME, COLUMN_NAME, REFERENCED_TABLE_NAME, REFERENCED_COLUMN_NAME"
+            " FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = %s"
+            " AND REFERENCED_TABLE_NAME IS NOT NULL AND REFERENCED_TABLE_SCHEMA = %s",
+            (database, database),
+        )
+    ]
+    return schema
+
+
+def schema_problems(schema: Schema, rules: Iterable[ColumnRule], preserve: dict[str, str]) -> list[str]:
+    """Everything in the plan that the production schema contradicts, each naming table, column and what exists."""
+    problems: list[str] = []
+    for rule in rules:
+        if rule.table not in schema.columns:
+            problems.append(f"table {rule.table} has a masking rule but does not exist")
+            continue
+        if rule.column not in schema.columns[rule.table]:
+            problems.append(
+                f"column {rule.table}.{rule.column} has a masking rule but does not exist"
+                f" (columns of {rule.table}: {', '.join(schema.columns[rule.table])})"
+            )
+            continue
+        if rule.column in schema.primary_keys.get(rule.table, []):
+            problems.append(f"column {rule.table}.{rule.column} is part of the primary key and cannot be masked")
+        if rule.kind not in INJECTIVE_KINDS and rule.kind != "null":
+            for index, cols in schema.unique_indexes.get(rule.table, {}).items():
+                if rule.column in [c for c, _ in cols]:
+                    problems.append(
+                        f"column {rule.table}.{rule.column} is in unique index {index} but rule {rule.kind!r}"
+                        f" cannot keep values unique (use one of {', '.join(INJECTIVE_KINDS)})"
+                    )
+    for table in preserve:
+        if table not in schema.columns:
+            problems.append(f"table {table} has a preserve rule but does not exist")
+    return problems
+
+
+# ---- masking ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MaskReport:
+    rows_updated: int = 0
+    values_masked: int = 0
+    tables: list[str] = field(default_factory=list)
+
+
+def _distinct_values(conn_streaming: Any, table: str, column: str) -> Iterator[str]:
+    """Distinct non-null values compared byte-for-byte (a *_ci collation would fold 'A' and 'a' together and
+    leave one of them without a mapping)."""
+    with conn_streaming.cursor() as cur:
+        cur.execute(
+            f"SELECT DISTINCT CAST(CONVERT({quote(column)} USING utf8mb4) AS BINARY) FROM {quote(table)}"
+            f" WHERE {quote(column)} IS NOT NULL"
+        )
+        for (raw,) in cur:
+            yield raw.decode("utf-8", "surrogateescape")
+
+
+def mask_database(
+    conn: Any, conn_streaming: Any, schema: Schema, rules: list[ColumnRule], masker: Masker
+) -> MaskReport:
+    """Mask every ruled column of the scratch database in place: one UPDATE per table, joining per-column
+    mapping tables (original bytes -> masked value) computed in Python.
+
+    Columns of the same domain share one mapping computed over the union of their values, so they stay
+    joinable and the uniqueness resolution sees every value. Unique indexes on masked columns are dropped
+    for the UPDATE (a row's new value may equal another row's old one until both are rewritten) and added back
+    afterwards, which makes the database itself re-check uniqueness.
+    """
+    report = MaskReport()
+    query(conn, "SET SESSION foreign_key_checks = 0")
+    by_domain: dict[str, list[ColumnRule]] = {}
+    for rule in rules:
+        if rule.kind in SET_KINDS:
+            by_domain.setdefault(f"{rule.kind}:{rule.domain}", []).append(rule)
+    # Each column's distinct values are read once; set kinds then get one mapping per domain over the union.
+    column_values = {
+        (rule.table, rule.column): list(_distinct_values(conn_streaming, rule.table, rule.column))
+        for rule in rules
+        if rule.kind not in ("null", "fixed")
+    }
+    domain_maps: dict[str, dict[str, str]] = {}
+    for key, domain_rules in by_domain.items():
+        union: set[str] = set()
+        for rule in domain_rules:
+            union.update(column_values[(rule.table, rule.column)])
+        domain_maps[key] = masker.mapping(domain_rules[0], union)
+
+    by_table: dict[str, list[ColumnRule]] = {}
+    for rule in rules:
+        by_table.setdefault(rule.table, []).append(rule)
+    for table, table_rules in sorted(by_table.items()):
+        joins, assignments, args = [], [], []
+        for n, rule in enumerate(table_rules):
+            col = f"t.{quote(rule.column)}"
+            if rule.kind == "null":
+                assignments.append(f"{col} = NULL")
+                continue
+            if rule.kind == "fixed":
+                assignments.append(f"{col} = IF({col} IS NULL, NULL, %s)")
+                args.append(rule.value)
+                continue
+            values = column_values.pop((table, rule.column))
+            if rule.kind in SET_KINDS:
+                mapping = domain_maps[f"{rule.kind}:{rule.domain}"]
+                pairs: Iterable[tuple[str, str]] = ((v, mapping[v]) for v in values)
+            else:
+                pairs = ((v, masker.mask_value(rule, v)) for v in values)  # type: ignore[misc]
+            map_table = f"_sqlsync_map_{n}"
+            query(conn, f"DROP TEMPORARY TABLE IF EXISTS {map_table}")
+            query(
+                conn,
+                f"CREATE TEMPORARY TABLE {map_table} (orig VARBINARY(3072) NOT NULL PRIMARY KEY,"
+                " masked VARCHAR(3072) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL) ENGINE=InnoDB",
+            )
+            report.values_masked += _load_map(conn, map_table, pairs)
+            joins.append(f"LEFT JOIN {map_table} ON {map_table}.orig = CAST(CONVERT({col} USING utf8mb4) AS BINARY)")
+            assignments.append(f"{col} = IF({col} IS NULL, NULL, {map_table}.masked)")
+        masked_columns = {rule.column for rule in table_rules}
+        dropped = {
+            index: cols
+            for index, cols in schema.unique_indexes.get(table, {}).items()
+            if masked_columns & {c for c, _ in cols}
+        }
+        for index in dropped:
+            query(conn, f"ALTER TABLE {quote(table)} DROP INDEX {quote(index)}")
+        with conn.cursor() as cur:
+            cur.execute(f"UPDATE {quote(table)} AS t {' '.join(joins)} SET {', '.join(assignments)}", args or None)
+            report.rows_updated += cur.rowcount
+        for index, cols in dropped.items():
+            parts = ", ".join(quote(c) + (f"({sub})" if sub else "") for c, sub in cols)
+            query(conn, f"ALTER TABLE {quote(table)} ADD UNIQUE INDEX {quote(index)} ({parts})")
+        for n in range(len(table_rules)):
+            query(conn, f"DROP TEMPORARY TABLE IF EXISTS _sqlsync_map_{n}")
+        report.tables.append(table)
+    query(conn, "SET SESSION foreign_key_checks = 1")
+    return report
+
+
+def _load_map(conn: Any, map_table: str, pairs: Iterable[tuple[str, str]]) -> int:
+    count = 0
+    batch: list[tuple[bytes, str]] = []
+    with conn.cursor() as cur:
+        for original, masked in pairs:
+            batch.append((original.encode("utf-8", "surrogateescape"), masked))
+            if len(batch) >= MAP_BATCH:
+                cur.executemany(f"INSERT INTO {map_table} (orig, masked) VALUES (%s, %s)", batch)
+                count += len(batch)
+                batch.clear()
+        if batch:
+            cur.executemany(f"INSERT INTO {map_table} (orig, masked) VALUES (%s, %s)", batch)
+            count += len(batch)
+    return count
+
+
+# ---- preserved staging rows ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreserveReport:
+    rows: dict[str, int] = field(default_factory=dict)
+    remapped: dict[str, dict[Any, Any]] = field(default_factory=dict)
+
+
+def preserve_order(tables: Iterable[str], schema: Schema) -> list[str]:
+    """Preserved tables with parents before children (by foreign keys among them), so inserts satisfy FKs."""
+    pending = sorted(set(tables))
+    parents = {t: {p for c, _, p, _ in schema.foreign_keys if c == t and p != t and p in pending} for t in pending}
+    ordered: list[str] = []
+    while pending:
+        ready = [t for t in pending if parents[t] <= set(ordered)]
+        if not ready:
+            raise ValueError(f"preserve: foreign keys form a cycle among {', '.join(pending)}")
+        ordered.extend(ready)
+        pending = [t for t in pending if t not in ready]
+    return ordered
+
+
+def copy_preserved_rows(staging: Any, scratch: Any, schema: Schema, preserve: dict[str, str]) -> PreserveReport:
+    """Read staging's preserved rows (each table's WHERE) and insert them into the masked scratch database.
+
+    A row whose single-column integer primary key is already used by a production row gets the next free id
+    (above both sets); foreign keys of preserved rows that point at a remapped parent are rewritten. Inserts
+    run with foreign-key checks on, so a preserved row that points at a parent that exists nowhere fails the
+    step instead of landing broken.
+    """
+    report = PreserveReport()
+    staged: dict[str, tuple[list[str], list[list[Any]]]] = {}
+    for table in preserve_order(preserve, schema):
+        staging_cols = {row[0] for row in query(staging, f"SHOW COLUMNS FROM {quote(table)}")}
+        columns = [c for c in schema.columns[table] if c in staging_cols]
+        rows = [
+            list(row)
+            for row in query(
+                staging, f"SELECT {', '.join(quote(c) for c in columns)} FROM {quote(table)} WHERE {preserve[table]}"
+            )
+        ]
+        staged[table] = (columns, rows)
+
+    for table, (columns, rows) in staged.items():
+        for child, column, parent, parent_column in schema.foreign_keys:
+            if child != table or parent not in report.remapped or column not in columns:
+                continue
+            if schema.primary_keys.get(parent) != [parent_column]:
+                continue
+            idx = columns.index(column)
+            for row in rows:
+                if row[idx] in report.remapped[parent]:
+                    row[idx] = report.remapped[parent][row[idx]]
+        pk = schema.primary_keys.get(table, [])
+        remap: dict[Any, Any] = {}
+        if rows and len(pk) == 1 and pk[0] in columns:
+            idx = columns.index(pk[0])
+            ids = [row[idx] for row in rows]
+            taken = set()
+            for chunk_start in range(0, len(ids), 1000):
+                chunk = ids[chunk_start : chunk_start + 1000]
+                marks = ", ".join(["%s"] * len(chunk))
+                taken.update(
+                    r[0]
+                    for r in query(
+                        scratch, f"SELECT {quote(pk[0])} FROM {quote(table)} WHERE {quote(pk[0])} IN ({marks})", chunk
+                    )
+                )
+            if taken:
+                if (table, pk[0]) not in schema.integer_columns:
+                    raise ValueError(
+                        f"preserve: {len(taken)} row(s) of {table} collide with production on primary key {pk[0]},"
+                        " which is not an integer and cannot be given new ids"
+                    )
+                (max_id,) = query(scratch, f"SELECT COALESCE(MAX({quote(pk[0])}), 0) FROM {quote(table)}")[0]
+                next_id = max(int(max_id), max(int(i) for i in ids)) + 1
+                for row in sorted(rows, key=lambda r: r[idx]):
+                    if row[idx] in taken:
+                        remap[row[idx]] = next_id
+                        row[idx] = next_id
+                        next_id += 1
+                # A self-referencing foreign key (parent_id in the same table) follows its parent's new id.
+                for child, column, parent, parent_column in schema.foreign_keys:
+                    if child == table == parent and parent_column == pk[0] and column in columns:
+                        cidx = columns.index(column)
+                        for row in rows:
+                            if row[cidx] in remap:
+                                row[cidx] = remap[row[cidx]]
+        report.remapped[table] = remap
+        if rows:
+            marks = ", ".join(["%s"] * len(columns))
+            with scratch.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) VALUES ({marks})", rows
+                )
+        report.rows[table] = len(rows)
+    return report
+
+
+# ---- verification ----------------------------------------------------------------------------------------------
+
+
+def find_leaks(
+    production: Any, staging: Any, schema: Schema, rules: list[ColumnRule], masker: Masker, sample: int
+) -> list[str]:
+    """Sample production rows and look for their original personal values in staging.
+
+    Emails are searched for anywhere in every email column of staging (masked emails live on a reserved domain,
+    so a hit is a real leak). Other kinds are compared row by row through the primary key: a staging row that
+    still holds its production value (where masking would have changed it) is a leak. Value-wide search would
+    raise false alarms for them (a masked name or phone can equal another person's original).
+    """
+    leaks: list[str] = []
+    by_table: dict[str, list[ColumnRule]] = {}
+    for rule in rules:
+        if rule.kind in VERIFIED_KINDS:
+            by_table.setdefault(rule.table, []).append(rule)
+    email_columns = [(r.table, r.column) for r in rules if r.kind == "email"]
+    for table, table_rules in sorted(by_table.items()):
+        pk = schema.primary_keys.get(table, [])
+        key_cols = pk if pk else []
+        select = key_cols + [r.column for r in table_rules]
+        rows = query(
+            production,
+            f"SELECT {', '.join(quote(c) for c in select)} FROM {quote(table)} ORDER BY RAND() LIMIT %s",
+            (sample,),
+        )
+        for row in rows:
+            key = row[: len(key_cols)]
+            values = dict(zip([r.column for r in table_rules], row[len(key_cols) :], strict=True))
+            for rule in table_rules:
+                original = values[rule.column]
+                if original is None or not str(original).strip():
+                    continue
+                if rule.kind == "email":
+                    for t, c in email_columns:
+                        hits = query(staging, f"SELECT COUNT(*) FROM {quote(t)} WHERE {quote(c)} = %s", (original,))
+                        if hits and hits[0][0]:
+                            leaks.append(f"{t}.{c}: an original email from {table}.{rule.column} is present")
+                    continue
+                if not key_cols or masker.mask_value(rule, str(original)) == original:
+                    continue
+                where = " AND ".join(f"{quote(c)} = %s" for c in key_cols)
+                found = query(staging, f"SELECT {quote(rule.column)} FROM {quote(table)} WHERE {where}", tuple(key))
+                if found and found[0][0] == original:
+                    leaks.append(f"{table}.{rule.column}: the row with key {list(key)} still holds its original value")
+    return leaks

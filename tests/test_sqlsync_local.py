@@ -1,0 +1,282 @@
+"""The whole sqlsync pipeline against three real MariaDB servers (production, scratch, staging), local profile."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from google.auth.credentials import AnonymousCredentials
+
+from services import sqlsync
+from services.errors import ConfigError, PermanentError
+from services.kinds import RunContext
+from services.plans import parse_plan
+from services.runtime import Runtime, Settings
+
+SECRET_ENV = "SQLSYNC_TEST_SECRET"
+PERIOD = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
+_names = itertools.count()
+
+SCHEMA = """
+CREATE TABLE accounts (
+  id INT PRIMARY KEY AUTO_INCREMENT,
+  email VARCHAR(255) NOT NULL,
+  phone VARCHAR(32) NULL,
+  name VARCHAR(100) NOT NULL,
+  notes TEXT NULL,
+  ssn VARCHAR(20) NULL,
+  country CHAR(2) NOT NULL,
+  demo TINYINT NOT NULL DEFAULT 0,
+  UNIQUE KEY uq_email (email),
+  UNIQUE KEY uq_phone (phone)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+CREATE TABLE orders (
+  id INT PRIMARY KEY AUTO_INCREMENT,
+  account_id INT NOT NULL,
+  contact_email VARCHAR(255) NULL,
+  total DECIMAL(10,2) NOT NULL,
+  CONSTRAINT fk_orders_account FOREIGN KEY (account_id) REFERENCES accounts (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+"""
+
+
+def _create(server, database: str) -> None:
+    with server.connect(database) as conn, conn.cursor() as cur:
+        for statement in filter(str.strip, SCHEMA.split(";")):
+            cur.execute(statement)
+
+
+def _production_rows(n: int = 120) -> list[tuple]:
+    # Original names are not in the masking name lists, so any equality in staging is a real leak.
+    return [
+        (
+            i,
+            f"Customer.{i}@Real-Mail.com",
+            f"+44 7700 {900000 + i:06d}",
+            f"Zebulon{i} Quixotic{i}",
+            f"call me on +44 7700 {900000 + i:06d}",
+            f"SSN-{i:05d}",
+            "FR",
+        )
+        for i in range(1, n + 1)
+    ]
+
+
+@pytest.fixture
+def sync_setup(mariadb_servers, tmp_path, monkeypatch):
+    """Fresh production/scratch/staging databases with data, and a plan pointing at them."""
+    monkeypatch.setenv(SECRET_ENV, "a-test-secret-of-enough-length")
+    suffix = next(_names)
+    production, scratch, staging = (mariadb_servers[k] for k in ("production", "scratch", "staging"))
+    prod_db = production.fresh_database(f"shop_{suffix}")
+    scratch_db = scratch.fresh_database(f"shop_scratch_{suffix}")
+    staging_db = staging.fresh_database(f"shop_{suffix}")
+    _create(production, prod_db)
+    _create(staging, staging_db)
+    with production.connect(prod_db) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO accounts (id, email, phone, name, notes, ssn, country) VALUES (%s,%s,%s,%s,%s,%s,%s)",
+            _production_rows(),
+        )
+        cur.executemany(
+            "INSERT INTO orders (account_id, contact_email, total) VALUES (%s, %s, %s)",
+            [(1 + i % 120, f"Customer.{1 + i % 120}@Real-Mail.com", 10 + i) for i in range(360)],
+        )
+    with staging.connect(staging_db) as conn, conn.cursor() as cur:
+        # Staging's own rows: two demo accounts whose ids (1, 500) partly collide with production, a demo order
+        # for each, and one stale copy of an old production row that is not demo and must go.
+        cur.executemany(
+            "INSERT INTO accounts (id, email, phone, name, country, demo) VALUES (%s,%s,%s,%s,%s,%s)",
+            [
+                (1, "demo.sales@demo.test", "+1 555 0100001", "Demo Sales", "US", 1),
+                (500, "demo.support@demo.test", None, "Demo Support", "US", 1),
+                (2, "old.copy@real-mail.com", None, "Old Copy", "US", 0),
+            ],
+        )
+        cur.executemany(
+            "INSERT INTO orders (id, account_id, contact_email, total) VALUES (%s,%s,%s,%s)",
+            [(1, 1, "demo.sales@demo.test", 99), (2, 500, None, 42)],
+        )
+
+    def ref(server, database):
+        return {"host": "127.0.0.1", "port": server.port, "database": database, "user": "root"}
+
+    raw = {
+        "kind": "sqlsync",
+        "retention": {"keep": 2},
+        "select": ref(production, prod_db),
+        "destination": {
+            "staging": ref(staging, staging_db),
+            "scratch": ref(scratch, scratch_db),
+            "dump_dir": str(tmp_path / "dumps"),
+        },
+        "options": {
+            "profile": "local",
+            "secret_env": SECRET_ENV,
+            "rules": {
+                "accounts": {
+                    "email": "email",
+                    "phone": "phone",
+                    "name": "name",
+                    "notes": "text",
+                    "ssn": "null",
+                    "country": {"kind": "fixed", "value": "XX"},
+                },
+                "orders": {"contact_email": "email"},
+            },
+            "preserve": {"accounts": "demo = 1", "orders": "account_id IN (SELECT id FROM accounts WHERE demo = 1)"},
+        },
+    }
+    rt = Runtime(Settings.from_env({}), plans={}, credentials=AnonymousCredentials())
+    return {
+        "raw": raw,
+        "plan": parse_plan("staging-refresh", raw),
+        "rt": rt,
+        "production": (production, prod_db),
+        "scratch": (scratch, scratch_db),
+        "staging": (staging, staging_db),
+        "dumps": tmp_path / "dumps",
+    }
+
+
+def _run(setup, period=PERIOD, **kwargs):
+    run = RunContext(run_id="r1", plan="staging-refresh", target_key="staging-shop", period=period)
+    outcome = sqlsync.drive(setup["plan"], run, setup["rt"], **kwargs)
+    return outcome, run
+
+
+def _rows(setup, side, sql):
+    server, database = setup[side]
+    return server.execute(sql, database=database)
+
+
+def test_full_sync_leaves_no_original_personal_value_in_staging(sync_setup):
+    outcome, run = _run(sync_setup)
+
+    originals = _production_rows()
+    staged = _rows(
+        sync_setup, "staging", "SELECT id, email, phone, name, notes, ssn, country FROM accounts WHERE demo = 0"
+    )
+    contacts = {r[0] for r in _rows(sync_setup, "staging", "SELECT contact_email FROM orders")}
+    assert outcome.stats["step_reached"] == "cleanup-scratch"
+    assert len(staged) == 120
+    for column in (1, 2, 3, 4, 5):
+        assert not {str(r[column]).lower() for r in staged} & {str(o[column]).lower() for o in originals}
+    assert not contacts & {o[1] for o in originals}
+    assert all(r[1].endswith("@example.com") and r[5] is None and r[6] == "XX" for r in staged)
+    assert all(r[2].startswith("+44 ") and len(r[2]) == len(originals[0][2]) for r in staged)
+    assert all(len(r[4]) == len(o[4]) for r, o in zip(sorted(staged), originals, strict=True))
+    assert [line for line in run.log_lines if line.startswith("step ") and " done in " in line][-1].startswith(
+        "step cleanup-scratch: done in"
+    )
+    assert _rows(sync_setup, "scratch", "SHOW TABLES") == []
+    assert not (sync_setup["dumps"] / "staging-refresh" / "20261123T020000Z" / "production.sql").exists()
+    assert (sync_setup["dumps"] / "staging-refresh" / "20261123T020000Z" / "staging-before.sql").stat().st_size > 0
+
+
+def test_same_input_masks_alike_across_tables_and_runs(sync_setup):
+    _run(sync_setup)
+    first = _rows(sync_setup, "staging", "SELECT id, email, phone, name FROM accounts WHERE demo = 0 ORDER BY id")
+
+    _run(sync_setup, period=PERIOD + timedelta(days=1))
+    second = _rows(sync_setup, "staging", "SELECT id, email, phone, name FROM accounts WHERE demo = 0 ORDER BY id")
+
+    joined = _rows(
+        sync_setup,
+        "staging",
+        "SELECT COUNT(*), SUM(o.contact_email = a.email) FROM orders o JOIN accounts a ON a.id = o.account_id"
+        " WHERE a.demo = 0",
+    )
+    assert first == second
+    assert joined[0][0] == 360 and joined[0][1] == 360  # orders.contact_email masked exactly like accounts.email
+
+
+def test_preserved_rows_survive_with_new_ids_and_foreign_keys_intact(sync_setup):
+    outcome, _ = _run(sync_setup)
+
+    demo = dict(_rows(sync_setup, "staging", "SELECT email, id FROM accounts WHERE demo = 1"))
+    demo_orders = _rows(
+        sync_setup,
+        "staging",
+        "SELECT a.email, o.total FROM orders o JOIN accounts a ON a.id = o.account_id"
+        " WHERE a.demo = 1 ORDER BY o.total",
+    )
+    stale = _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts WHERE email = 'old.copy@real-mail.com'")
+    assert set(demo) == {"demo.sales@demo.test", "demo.support@demo.test"}
+    assert demo["demo.sales@demo.test"] > 120  # id 1 collided with production and got a new one
+    assert demo["demo.support@demo.test"] == 500  # no collision: id kept
+    assert demo_orders == [("demo.support@demo.test", 42), ("demo.sales@demo.test", 99)]
+    assert stale == [(0,)]
+    assert outcome.stats["remapped_ids"] == {"accounts": 1, "orders": 2}
+
+
+def test_unique_indexes_are_back_after_masking(sync_setup):
+    _run(sync_setup)
+
+    indexes = _rows(sync_setup, "staging", "SHOW INDEX FROM accounts WHERE Non_unique = 0")
+
+    assert {row[2] for row in indexes} == {"PRIMARY", "uq_email", "uq_phone"}
+
+
+def test_a_rule_on_a_vanished_column_is_refused_listing_the_columns(sync_setup):
+    sync_setup["raw"]["options"]["rules"]["accounts"]["phone_number"] = "phone"
+    plan = parse_plan("staging-refresh", sync_setup["raw"])
+    before = _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts")
+
+    with pytest.raises(PermanentError) as error:
+        sqlsync.drive(plan, RunContext("r", "staging-refresh", "t", PERIOD), sync_setup["rt"])
+
+    assert "step check" in str(error.value) and "schema drift" in str(error.value)
+    assert "accounts.phone_number" in str(error.value) and "id, email, phone, name" in str(error.value)
+    assert _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts") == before
+
+
+def test_staging_that_is_production_is_refused_in_the_plan_and_on_the_server(sync_setup):
+    production, prod_db = sync_setup["production"]
+    raw = sync_setup["raw"]
+    raw["destination"]["staging"] = {"host": "localhost", "port": production.port, "database": prod_db}
+
+    with pytest.raises(ConfigError, match="staging resolves to the production database"):
+        parse_plan("staging-refresh", raw)
+
+    # The same server reached another way (its socket) is only caught by asking the servers who they are.
+    raw["destination"]["staging"] = {"socket": str(production.socket_path), "database": prod_db}
+    plan = parse_plan("staging-refresh", raw)
+    with pytest.raises(PermanentError, match="step check: staging resolves to the production database"):
+        sqlsync.drive(plan, RunContext("r", "staging-refresh", "t", PERIOD), sync_setup["rt"])
+    assert production.execute("SELECT COUNT(*) FROM accounts", database=prod_db) == [(120,)]
+
+
+def test_start_at_resumes_a_run_stopped_after_masking(sync_setup):
+    stopped, _ = _run(sync_setup, stop_at="mask")
+    staging_while_stopped = _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts")
+
+    resumed, run = _run(sync_setup, start_at="preserve")
+
+    assert stopped.stats["step_reached"] == "mask"
+    assert staging_while_stopped == [(3,)]  # untouched until the import step
+    assert resumed.stats["step_reached"] == "cleanup-scratch"
+    assert run.log_lines[0] == "sqlsync staging-refresh: starting at step preserve"
+    assert _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts") == [(122,)]
+
+
+def test_verification_fails_the_run_when_an_original_value_reaches_staging(sync_setup):
+    _run(sync_setup, stop_at="import-staging")
+    server, database = sync_setup["staging"]
+    server.execute("UPDATE orders SET contact_email = 'Customer.7@Real-Mail.com' WHERE id = 5", database=database)
+    sync_setup["plan"] = parse_plan(
+        "staging-refresh", {**sync_setup["raw"], "options": {**sync_setup["raw"]["options"], "verify_sample": 120}}
+    )
+
+    with pytest.raises(PermanentError, match="step verify: personal data found in staging"):
+        _run(sync_setup, start_at="verify")
+
+
+def test_safety_dump_is_required_before_staging_is_overwritten(sync_setup):
+    before = _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts")
+
+    with pytest.raises(PermanentError, match="no safety backup of staging"):
+        _run(sync_setup, start_at="import-staging")
+
+    assert _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts") == before
