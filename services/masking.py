@@ -19,7 +19,6 @@ The secret never appears in plans.yaml: callers read it from an environment vari
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import re
@@ -36,7 +35,7 @@ SET_KINDS = ("email", "hash")
 RESERVED_EMAIL_DOMAINS = ("example.com", "example.net", "example.org")
 RESERVED_EMAIL_SUFFIXES = (".test", ".example", ".invalid")
 
-DEFAULT_EMAIL_BITS = 80  # 16 base32 characters: ~4e-13 chance of any collision among 1M addresses
+DEFAULT_EMAIL_BITS = 80  # 20 hex characters: ~4e-13 chance of any collision among 1M addresses
 MAX_RESOLUTION_TRIES = 10_000
 
 FIRST_NAMES = [
@@ -298,7 +297,6 @@ LAST_NAMES = [
     "Zhang",
 ]
 
-_BASE32 = str.maketrans("", "", "=")
 _DIGIT = re.compile(r"\d")
 # E.164 country calling codes are prefix-free: 1 and 7 are one digit, these two-digit codes are assigned,
 # every other code is three digits. That is enough to keep the country code of any "+..." number.
@@ -411,7 +409,7 @@ class Masker:
         mac = self.digest("email", normalised, counter)
         first = FIRST_NAMES[int.from_bytes(mac[-4:-2], "big") % len(FIRST_NAMES)].lower()
         last = LAST_NAMES[int.from_bytes(mac[-2:], "big") % len(LAST_NAMES)].lower()
-        tag = base64.b32encode(mac[: self.email_bits // 8]).decode().translate(_BASE32).lower()
+        tag = mac[: self.email_bits // 8].hex()
         return f"{first}.{last}.{tag}@{email_domain}"
 
     # ---- phone -------------------------------------------------------------------------------------------------

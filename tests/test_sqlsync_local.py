@@ -280,3 +280,23 @@ def test_safety_dump_is_required_before_staging_is_overwritten(sync_setup):
         _run(sync_setup, start_at="import-staging")
 
     assert _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts") == before
+
+
+def test_scratch_on_the_staging_server_moves_tables_with_their_foreign_keys(sync_setup):
+    import pymysql
+
+    staging, staging_db = sync_setup["staging"]
+    scratch_db = staging.fresh_database(f"{staging_db}_scratch")
+    sync_setup["raw"]["destination"]["scratch"] = {"host": "127.0.0.1", "port": staging.port, "database": scratch_db}
+    sync_setup["plan"] = parse_plan("staging-refresh", sync_setup["raw"])
+
+    outcome, run = _run(sync_setup)
+
+    assert (
+        "step export-scratch: skipped, scratch shares the staging server and its tables will be moved" in run.log_lines
+    )
+    assert _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts") == [(122,)]
+    assert staging.execute("SHOW TABLES", database=scratch_db) == []
+    with pytest.raises(pymysql.err.IntegrityError):
+        staging.execute("INSERT INTO orders (account_id, total) VALUES (99999, 1)", database=staging_db)
+    assert (sync_setup["dumps"] / "staging-refresh" / "20261123T020000Z" / "staging-before.sql").exists()
