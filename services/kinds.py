@@ -26,6 +26,7 @@ from services.errors import ConfigError
 
 KIND_MODULES: dict[str, str] = {
     "datastore": "services.datastore",
+    "disks": "services.disks",
     "sqlsync": "services.sqlsync",
 }
 

@@ -32,6 +32,7 @@ class Settings:
     tasks_endpoint: str | None = None  # Cloud Tasks emulator / Private Service Connect
     tasks_transport: str = "grpc"  # "grpc" | "rest"
     tasks_target: str = "appengine"  # "appengine" | "http"
+    gae_service: str = "default"  # the App Engine service tasks are routed to
     service_url: str = "http://127.0.0.1:8080"  # where HTTP targets and the local queue send tasks
     tasks_service_account: str | None = None  # OIDC identity for HTTP targets
     tasks_audience: str | None = None
@@ -90,6 +91,7 @@ class Settings:
             tasks_endpoint=env.get("BACKUP_TASKS_ENDPOINT") or None,
             tasks_transport=transport,
             tasks_target=target,
+            gae_service=env.get("GAE_SERVICE", "default"),
             service_url=env.get("BACKUP_SERVICE_URL", "http://127.0.0.1:8080").rstrip("/"),
             tasks_service_account=env.get("BACKUP_TASKS_SERVICE_ACCOUNT") or None,
             tasks_audience=env.get("BACKUP_TASKS_AUDIENCE") or None,
@@ -122,7 +124,7 @@ class Runtime:
         self._plans = plans
         self.clock = clock
         self._credentials = credentials
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a factory may ask for another client
         self._clients: dict[str, Any] = {}
 
     def now(self) -> datetime:
@@ -142,6 +144,11 @@ class Runtime:
             if name not in self._clients:
                 self._clients[name] = factory()
             return self._clients[name]
+
+    @property
+    def given_credentials(self) -> Any:
+        """The credentials this Runtime was built with, or None to let each client find its own (ADC)."""
+        return self._credentials
 
     def credentials(self) -> Any:
         """Credentials for Google APIs built with googleapiclient: the ones given (tests pass anonymous

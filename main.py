@@ -1,0 +1,55 @@
+"""The backup-scheduler web app: ``app = create_app()`` is what gunicorn serves (app.yaml)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, g, jsonify, request
+
+from services import logs
+from services.catalog import Catalog
+from services.queue import make_queue
+from services.runtime import Runtime, Settings
+
+
+def create_app(runtime: Runtime | None = None, queue: Any = None, catalog: Catalog | None = None) -> Flask:
+    """Build the app. Plans are loaded and validated here, so a bad plans.yaml stops start-up with its error.
+    Tests pass their own ``runtime`` (emulators, clock) and may pass a ``queue`` or ``catalog``."""
+    rt = runtime or Runtime(Settings.from_env())
+    if runtime is None:
+        logs.configure(rt.settings.on_app_engine)
+    rt.plans  # noqa: B018 - load and validate now, not on the first request
+    app = Flask(__name__)
+    app.extensions["backup"] = {
+        "runtime": rt,
+        "queue": (lambda: queue)
+        if queue is not None
+        else (lambda: rt.client("queue", lambda: make_queue(rt.settings))),
+        "catalog": (lambda: catalog)
+        if catalog is not None
+        else (lambda: rt.client("catalog", lambda: Catalog(rt.datastore()))),
+    }
+
+    from handlers import admin, cron, tasks
+
+    app.register_blueprint(cron.bp)
+    app.register_blueprint(tasks.bp)
+    app.register_blueprint(admin.bp)
+
+    @app.before_request
+    def _trace() -> None:
+        g.trace_token = logs.current_trace.set(
+            logs.trace_from_header(request.headers.get("X-Cloud-Trace-Context"), rt.settings.project)
+        )
+
+    @app.get("/healthz")
+    def healthz():  # type: ignore[no-untyped-def]
+        return jsonify({"ok": True, "plans": len(rt.plans)})
+
+    from cli import backup
+
+    app.cli.add_command(backup)
+    return app
+
+
+app = create_app()

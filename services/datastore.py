@@ -1,0 +1,408 @@
+"""Datastore managed exports: one export per kind (or kinds grouped into few requests) to a GCS bucket.
+
+Before exporting, the bucket is checked for the two mistakes users hit most: a location Datastore cannot export
+to, and a cold storage class. Exports run as long operations polled by follow-up tasks; the run records the
+output URL and the entity/byte counts. ``restore`` starts an import, after a safety export of what it overwrites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.api_core import exceptions as core
+
+from services.catalog import NAMESPACE as CATALOG_NAMESPACE
+from services.errors import PermanentError, TargetGone, TransientError
+from services.fanout import period_stamp
+from services.fields import Fields
+from services.gcp_errors import classify
+from services.kinds import Done, Outcome, Pending, RunContext, Target, TargetPage
+from services.runtime import Runtime
+
+KIND = "datastore"
+DEFAULT_QUEUE = "datastore-exports"
+MAX_COMBINATIONS = 100  # kind x namespace pairs Datastore accepts in one export request
+COLD_CLASSES = ("NEARLINE", "COLDLINE", "ARCHIVE")
+POLL_SECONDS = 60.0
+# Multi-region buckets and the Datastore locations they contain (region prefixes and multi-region ids).
+_MULTI_REGIONS = {"US": ("us-", "nam"), "EU": ("europe-", "eur"), "ASIA": ("asia-",)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    project: str | None  # None: the service's own project
+    location: str  # where the Datastore database lives, e.g. us-central1 or nam5
+    bucket: str
+    prefix: str
+    kinds: tuple[str, ...] | None  # None: every kind found
+    namespaces: tuple[str, ...] | None  # None: every namespace found ("" is the default namespace)
+    grouped: bool
+
+
+def parse_settings(fields: Fields) -> Settings:
+    select = fields.section("select")
+    destination = fields.section("destination", required=True)
+    options = fields.section("options")
+    kinds = select.str_list("kinds", None)
+    namespaces = select.any("namespaces", "all")
+    if namespaces == "all":
+        namespaces = None
+    elif not isinstance(namespaces, list) or not all(isinstance(n, str) for n in namespaces):
+        raise select.error("namespaces", "expected 'all' or a list of namespace names ('' is the default)", namespaces)
+    bucket = destination.str("bucket")
+    if bucket.startswith("gs://") or "/" in bucket:
+        raise destination.error("bucket", "expected a bucket name without gs:// or a path", bucket)
+    settings = Settings(
+        project=options.str("project", None),
+        location=options.str("location"),
+        bucket=bucket,
+        prefix=destination.str("prefix", "datastore").strip("/"),
+        kinds=tuple(kinds) if kinds else None,
+        namespaces=tuple(namespaces) if namespaces is not None else None,
+        grouped=options.str("grouping", "per-kind", choices=("per-kind", "grouped")) == "grouped",
+    )
+    for section in (select, destination, options):
+        section.done()
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------------- discovery
+
+
+def list_namespaces(client: Any) -> list[str]:
+    query = client.query(kind="__namespace__")
+    query.keys_only()
+    names = []
+    for entity in query.fetch():
+        name = entity.key.name
+        names.append(name if isinstance(name, str) else "")  # the default namespace has a numeric id
+    return sorted(n for n in names if n != CATALOG_NAMESPACE)
+
+
+def list_kinds(client: Any, namespace: str) -> list[str]:
+    query = client.query(kind="__kind__", namespace=namespace or None)
+    query.keys_only()
+    return sorted(e.key.name for e in query.fetch() if not e.key.name.startswith("__"))
+
+
+def _project(plan: Any, rt: Runtime) -> str:
+    return plan.settings.project or rt.settings.project
+
+
+def _client(plan: Any, rt: Runtime) -> Any:
+    project = _project(plan, rt)
+    if project == rt.settings.project:
+        return rt.datastore()
+    from google.cloud import datastore
+
+    return rt.client(f"datastore:{project}", lambda: datastore.Client(project=project))
+
+
+def enumerate_targets(plan: Any, page_token: str | None, rt: Runtime) -> TargetPage:
+    """Every (namespace, kind) to export, as one target each or packed into groups. Kind lists are small
+    (metadata queries), so everything fits in one page."""
+    settings: Settings = plan.settings
+    client = _client(plan, rt)
+    try:
+        namespaces = list(settings.namespaces) if settings.namespaces is not None else list_namespaces(client)
+        pairs = [
+            (ns, kind)
+            for ns in namespaces
+            for kind in (list(settings.kinds) if settings.kinds else list_kinds(client, ns))
+        ]
+    except core.GoogleAPICallError as exc:
+        raise classify(exc, "listing Datastore kinds") from exc
+    project = _project(plan, rt)
+    groups = group_pairs(pairs) if settings.grouped else [([ns], [kind]) for ns, kind in pairs]
+    return TargetPage([_target(project, namespaces_, kinds) for namespaces_, kinds in groups])
+
+
+def group_pairs(pairs: list[tuple[str, str]]) -> list[tuple[list[str], list[str]]]:
+    """Pack (namespace, kind) pairs into as few export requests as possible. A request exports every kind of its
+    list in every namespace of its list, at most ``MAX_COMBINATIONS`` combinations. Namespaces that hold the same
+    kinds (usual for multi-tenant apps) share requests."""
+    by_namespace: dict[str, list[str]] = {}
+    for ns, kind in pairs:
+        by_namespace.setdefault(ns, []).append(kind)
+    by_kinds: dict[tuple[str, ...], list[str]] = {}
+    for ns, kinds in sorted(by_namespace.items()):
+        for start in range(0, len(kinds), MAX_COMBINATIONS):
+            by_kinds.setdefault(tuple(sorted(kinds)[start : start + MAX_COMBINATIONS]), []).append(ns)
+    groups = []
+    for kinds, namespaces in sorted(by_kinds.items()):
+        per_request = max(1, MAX_COMBINATIONS // len(kinds))
+        for start in range(0, len(namespaces), per_request):
+            groups.append((namespaces[start : start + per_request], list(kinds)))
+    return groups
+
+
+def _target(project: str, namespaces: list[str], kinds: list[str]) -> Target:
+    if len(namespaces) == 1 and len(kinds) == 1:
+        key = f"{namespaces[0]}/{kinds[0]}" if namespaces[0] else kinds[0]
+    else:
+        listed = ",".join(kinds)
+        digest = hashlib.sha256(f"{namespaces}{kinds}".encode()).hexdigest()[:8]
+        key = f"{len(namespaces)} namespaces x {len(kinds)} kinds ({listed[:60]}) {digest}"
+    return Target(key, {"project": project, "namespaces": namespaces, "kinds": kinds})
+
+
+# ----------------------------------------------------------------------------------------------------- pre-flight
+
+
+def location_compatible(bucket_location: str, datastore_location: str) -> bool:
+    bucket_location, datastore_location = bucket_location.upper(), datastore_location.lower()
+    if bucket_location.lower() == datastore_location:
+        return True
+    return datastore_location.startswith(_MULTI_REGIONS.get(bucket_location, ()))
+
+
+def check_bucket(rt: Runtime, bucket_name: str, datastore_location: str) -> None:
+    """Refuse a bucket Datastore cannot export to, saying what to change. Raises PermanentError."""
+    try:
+        bucket = rt.storage().get_bucket(bucket_name)
+    except core.NotFound:
+        raise PermanentError(
+            f"bucket gs://{bucket_name} does not exist: create it in {datastore_location} (the Datastore location)"
+            f" with storage class STANDARD, or point destination.bucket at an existing one"
+        ) from None
+    except core.GoogleAPICallError as exc:
+        raise classify(exc, f"reading bucket gs://{bucket_name}") from exc
+    location = (bucket.location or "").upper()
+    if not location_compatible(location, datastore_location):
+        raise PermanentError(
+            f"bucket gs://{bucket_name} is in {location or 'an unknown location'}, but the Datastore database is in"
+            f" {datastore_location}: exports need a bucket in {datastore_location} (or a multi-region containing"
+            f" it). Create a bucket there and set destination.bucket, or fix options.location if it is wrong"
+        )
+    storage_class = (bucket.storage_class or "STANDARD").upper()
+    if storage_class in COLD_CLASSES:
+        raise PermanentError(
+            f"bucket gs://{bucket_name} has default storage class {storage_class}, which Datastore exports do not"
+            f" support: use a STANDARD bucket (`gcloud storage buckets update gs://{bucket_name}"
+            f" --default-storage-class=STANDARD`), and move old exports to colder classes with a lifecycle rule"
+        )
+
+
+# ------------------------------------------------------------------------------------------------- export / poll
+
+
+def admin_client(rt: Runtime) -> Any:
+    """The Datastore Admin client. ``BACKUP_DATASTORE_ADMIN_ENDPOINT=http://host:port`` points it at the emulator."""
+
+    def make() -> Any:
+        from google.api_core.client_options import ClientOptions
+        from google.cloud import datastore_admin_v1
+
+        endpoint = rt.settings.datastore_admin_endpoint
+        if endpoint and endpoint.startswith("http://"):
+            from google.auth.credentials import AnonymousCredentials
+
+            return datastore_admin_v1.DatastoreAdminClient(
+                transport="rest",
+                client_options=ClientOptions(api_endpoint=endpoint),
+                credentials=AnonymousCredentials(),
+            )
+        options = ClientOptions(api_endpoint=endpoint) if endpoint else None
+        transport = "rest" if endpoint and endpoint.startswith("https://") else None
+        return datastore_admin_v1.DatastoreAdminClient(
+            client_options=options, transport=transport, credentials=rt.given_credentials
+        )
+
+    return rt.client("datastore-admin", make)
+
+
+def _slug(target: Target) -> str:
+    text = re.sub(r"[^A-Za-z0-9_.-]+", "-", target.key).strip("-")[:80]
+    return text or hashlib.sha256(target.key.encode()).hexdigest()[:12]
+
+
+def describe(plan: Any, target: Target, rt: Runtime) -> str:
+    settings: Settings = plan.settings
+    return (
+        f"would export {target.key} (namespaces {target.params['namespaces']}, kinds {target.params['kinds']})"
+        f" to gs://{settings.bucket}/{settings.prefix}/<UTC timestamp>/{_slug(target)}"
+    )
+
+
+def start(plan: Any, target: Target, run: RunContext, rt: Runtime) -> Outcome:
+    settings: Settings = plan.settings
+    check_bucket(rt, settings.bucket, settings.location)
+    kinds, namespaces = list(target.params["kinds"]), list(target.params["namespaces"])
+    _refuse_vanished(plan, rt, namespaces, kinds)
+    relative = f"{settings.prefix}/{period_stamp(run.period)}z/{_slug(target)}"
+    prefix = f"gs://{settings.bucket}/{relative}"
+    local_root = rt.settings.export_local_root
+    if local_root is not None:
+        # The emulator writes exports to its own disk; they are mirrored into the bucket when done.
+        prefix = str(Path(local_root) / settings.bucket / relative)
+    request = {
+        "project_id": target.params["project"],
+        "output_url_prefix": prefix,
+        "entity_filter": {"kinds": kinds, "namespace_ids": namespaces},
+        "labels": {"managed-by": "backup-scheduler", "plan": plan.name},
+    }
+    run.log(f"exporting {len(kinds)} kind(s) in {len(namespaces)} namespace(s) to {prefix}")
+    try:
+        operation = admin_client(rt).export_entities(request=request).operation
+    except core.GoogleAPICallError as exc:
+        raise classify(exc, f"starting the export of {target.key}") from exc
+    state = {"operation": operation.name, "prefix": prefix, "relative": relative}
+    if operation.done:
+        return _finished(plan, rt, operation, state, run)
+    run.log(f"export operation {operation.name} started")
+    return Pending(state, delay_seconds=POLL_SECONDS)
+
+
+def _refuse_vanished(plan: Any, rt: Runtime, namespaces: list[str], kinds: list[str]) -> None:
+    """A kind deleted since enumeration would export nothing and look like success: call it skipped instead."""
+    if len(namespaces) * len(kinds) != 1:
+        return
+    client = _client(plan, rt)
+    query = client.query(kind=kinds[0], namespace=namespaces[0] or None)
+    query.keys_only()
+    try:
+        if not list(query.fetch(limit=1)):
+            raise TargetGone(f"kind {kinds[0]!r} has no entities any more (namespace {namespaces[0]!r})")
+    except core.GoogleAPICallError as exc:
+        raise classify(exc, f"checking kind {kinds[0]}") from exc
+
+
+def poll(plan: Any, target: Target, state: dict[str, Any], run: RunContext, rt: Runtime) -> Outcome:
+    from google.longrunning import operations_pb2
+
+    try:
+        operation = admin_client(rt).get_operation(operations_pb2.GetOperationRequest(name=state["operation"]))
+    except core.NotFound as exc:
+        raise PermanentError(f"export operation {state['operation']} is gone: {exc.message}") from exc
+    except core.GoogleAPICallError as exc:
+        raise classify(exc, f"polling export {state['operation']}") from exc
+    if not operation.done:
+        return Pending(state, delay_seconds=POLL_SECONDS)
+    return _finished(plan, rt, operation, state, run)
+
+
+def _finished(plan: Any, rt: Runtime, operation: Any, state: dict[str, Any], run: RunContext) -> Outcome:
+    from google.cloud import datastore_admin_v1
+
+    if operation.HasField("error") and operation.error.code:
+        raise PermanentError(f"export failed (code {operation.error.code}): {operation.error.message}")
+    response = datastore_admin_v1.ExportEntitiesResponse.deserialize(operation.response.value)
+    metadata = datastore_admin_v1.ExportEntitiesMetadata.deserialize(operation.metadata.value)
+    stats = {
+        "entities": int(metadata.progress_entities.work_completed),
+        "bytes": int(metadata.progress_bytes.work_completed),
+    }
+    output = response.output_url
+    if rt.settings.export_local_root is not None:
+        output = _mirror_local_export(rt, plan.settings.bucket, state, output)
+        # The emulator reports no progress counts: count what it wrote instead.
+        files = [p for p in Path(state["prefix"]).rglob("*") if p.is_file()]
+        stats = {"entities": None, "bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+    counted = f"{stats['entities']} entities, " if stats["entities"] is not None else ""
+    run.log(f"export done: {counted}{stats['bytes']} bytes -> {output}")
+    return Done(output=output, stats=stats)
+
+
+def _mirror_local_export(rt: Runtime, bucket_name: str, state: dict[str, Any], local_metadata: str) -> str:
+    """Copy an emulator export from local disk into the (emulated) bucket; return the gs:// metadata URL.
+    (The emulator answers with the prefix itself as output URL; Datastore answers with the metadata file.)"""
+    root = Path(state["prefix"])
+    bucket = rt.storage().bucket(bucket_name)
+    metadata = None
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = f"{state['relative']}/{path.relative_to(root).as_posix()}"
+        bucket.blob(name).upload_from_filename(str(path))
+        if name.endswith(".overall_export_metadata"):
+            metadata = name
+    if metadata is None:
+        raise PermanentError(f"the emulator export at {local_metadata} has no .overall_export_metadata file")
+    return f"gs://{bucket_name}/{metadata}"
+
+
+# ------------------------------------------------------------------------------------------------------- restore
+
+
+@dataclass
+class RestoreResult:
+    safety_export: str | None
+    imported_from: str
+    entities: int
+
+
+def metadata_url(rt: Runtime, export_url: str) -> str:
+    """The ``.overall_export_metadata`` file of an export, given it or the export's folder."""
+    if export_url.endswith(".overall_export_metadata"):
+        return export_url
+    match = re.match(r"^gs://([^/]+)/(.*)$", export_url)
+    if not match:
+        raise PermanentError(f"{export_url!r} is not a gs:// URL of an export")
+    bucket, prefix = match.group(1), match.group(2).rstrip("/") + "/"
+    found = [
+        b.name for b in rt.storage().list_blobs(bucket, prefix=prefix) if b.name.endswith(".overall_export_metadata")
+    ]
+    if len(found) != 1:
+        raise PermanentError(f"expected one .overall_export_metadata under {export_url}, found {len(found)}")
+    return f"gs://{bucket}/{found[0]}"
+
+
+def _wait(rt: Runtime, operation: Any, what: str, timeout: float, interval: float = 5.0) -> Any:
+    from google.longrunning import operations_pb2
+
+    deadline = time.monotonic() + timeout
+    while not operation.done:
+        if time.monotonic() > deadline:
+            raise TransientError(f"{what}: operation {operation.name} still running after {timeout:.0f}s")
+        time.sleep(interval)  # the CLI waits; request handlers never do
+        operation = admin_client(rt).get_operation(operations_pb2.GetOperationRequest(name=operation.name))
+    if operation.HasField("error") and operation.error.code:
+        raise PermanentError(f"{what} failed (code {operation.error.code}): {operation.error.message}")
+    return operation
+
+
+def restore(
+    rt: Runtime,
+    export_url: str,
+    project: str | None = None,
+    kinds: list[str] | None = None,
+    namespaces: list[str] | None = None,
+    safety_url_prefix: str | None = None,
+    timeout: float = 6 * 3600,
+) -> RestoreResult:
+    """Import an export. Import overwrites entities with the same keys, so the kinds being restored are first
+    exported to ``safety_url_prefix`` (default: a ``safety/`` folder beside the export) and that must succeed."""
+    from google.cloud import datastore_admin_v1
+
+    project = project or rt.settings.project
+    source = metadata_url(rt, export_url)
+    entity_filter = {"kinds": kinds or [], "namespace_ids": namespaces or []}
+    if safety_url_prefix is None:
+        bucket = re.match(r"^gs://([^/]+)/", source)
+        stamp = time.strftime("%Y%m%dt%H%M%Sz", time.gmtime())
+        safety_url_prefix = f"gs://{bucket.group(1) if bucket else 'unknown'}/safety/{stamp}"
+    admin = admin_client(rt)
+    safety = admin.export_entities(
+        request={
+            "project_id": project,
+            "output_url_prefix": safety_url_prefix,
+            "entity_filter": entity_filter,
+            "labels": {"managed-by": "backup-scheduler", "purpose": "safety-before-restore"},
+        }
+    ).operation
+    safety = _wait(rt, safety, "safety export before restore", timeout)
+    safety_output = datastore_admin_v1.ExportEntitiesResponse.deserialize(safety.response.value).output_url
+    imported = admin.import_entities(
+        request={
+            "project_id": project,
+            "input_url": source,
+            "entity_filter": entity_filter,
+            "labels": {"managed-by": "backup-scheduler"},
+        }
+    ).operation
+    imported = _wait(rt, imported, "import", timeout)
+    metadata = datastore_admin_v1.ImportEntitiesMetadata.deserialize(imported.metadata.value)
+    return RestoreResult(safety_output, source, int(metadata.progress_entities.work_completed))

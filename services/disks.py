@@ -1,0 +1,718 @@
+"""Persistent disk snapshots, selected by a label whose value is how many snapshots to keep.
+
+An SRE labels a disk ``backup-generations=7``; every run of a ``disks`` plan snapshots it and then keeps its 7
+newest READY snapshots made by this service. The flow for one disk:
+
+1. ``enumerate_targets``: ``disks.aggregatedList`` with a label-presence filter, page by page, project by project.
+2. ``start``: check the label value, then ``createSnapshot`` with a name fixed by (plan, disk, period), so a
+   retried task or a second cron fire finds "already exists" instead of making a second snapshot.
+3. ``poll``: follow the zone/region operation, then the snapshot, until the snapshot is READY or failed.
+4. Only once it is READY: list the snapshots carrying our labels for this plan and disk, newest first, and delete
+   those beyond the label's count (never below the plan's floor, never one without our labels).
+
+Compute has no emulator; tests run the real googleapiclient against a stateful fake at the HTTP edge
+(tests/fakes_compute.py), and the API endpoint can be overridden per plan or by ``BACKUP_COMPUTE_ENDPOINT``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from googleapiclient import discovery
+from googleapiclient.errors import HttpError
+
+from services.errors import PermanentError, TargetGone, TransientError
+from services.fields import Fields
+from services.kinds import Done, Outcome, Pending, RunContext, Target, TargetPage
+from services.plans import Plan
+from services.requests_http import RequestsHttp
+from services.runtime import Runtime
+
+KIND = "disks"
+DEFAULT_QUEUE = "backups"
+
+DEFAULT_LABEL_KEY = "backup-generations"
+DEFAULT_SNAPSHOT_PREFIX = "bk"
+KEEP_MIN, KEEP_MAX = 1, 1000
+
+# Labels this service puts on every snapshot it creates. Pruning only ever considers snapshots carrying all three.
+MANAGED_BY_KEY = "managed-by"
+MANAGED_BY_VALUE = "backup-scheduler"
+PLAN_KEY = "plan"
+SOURCE_DISK_ID_KEY = "source-disk-id"
+
+API_MAX_RESULTS = 500  # Compute refuses a larger maxResults
+OPERATION_POLL_SECONDS = 20.0
+SNAPSHOT_POLL_SECONDS = 30.0
+RESTORE_POLL_SECONDS = 2.0  # the CLI waits in-process (not in a request), so a short sleep is fine
+
+GCE_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+PROJECT_ID = re.compile(r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+SNAPSHOT_PREFIX = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
+STORAGE_LOCATION = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
+RATE_LIMIT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded"}
+PERMISSION = re.compile(r"'((?:compute|iam|resourcemanager)\.[A-Za-z0-9_.]+)'")
+
+log = logging.getLogger(__name__)
+
+
+# --- plan settings -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskSettings:
+    """The ``disks`` part of a plan: which projects to look in, which label selects a disk, snapshot options."""
+
+    projects: tuple[str, ...]
+    label_key: str = DEFAULT_LABEL_KEY
+    storage_locations: tuple[str, ...] = ()
+    guest_flush: bool = False
+    endpoint: str | None = None
+    snapshot_prefix: str = DEFAULT_SNAPSHOT_PREFIX
+
+
+def parse_settings(fields: Fields) -> DiskSettings:
+    select = fields.section("select", required=True)
+    projects = select.str_list("projects")
+    if not projects:
+        raise select.error("projects", "expected at least one project id", projects)
+    for project in projects:
+        if not PROJECT_ID.match(project):
+            raise select.error("projects", "expected Google Cloud project ids (e.g. my-project-123)", project)
+    if len(set(projects)) != len(projects):
+        raise select.error("projects", "expected each project once", projects)
+    label_key = select.str("label", DEFAULT_LABEL_KEY)
+    if not LABEL_KEY.match(label_key):
+        raise select.error("label", "expected a label key (lowercase letter, then letters, digits, - or _)", label_key)
+    select.done()
+
+    options = fields.section("options")
+    locations = options.str_list("storage_locations", [])
+    for location in locations:
+        if not STORAGE_LOCATION.match(location):
+            raise options.error("storage_locations", "expected region or multi-region names such as us or eu", location)
+    guest_flush = options.bool("guest_flush", False)
+    endpoint = options.str("endpoint", None)
+    if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
+        raise options.error("endpoint", "expected an http(s) URL such as https://compute.googleapis.com", endpoint)
+    prefix = options.str("snapshot_prefix", DEFAULT_SNAPSHOT_PREFIX)
+    if not SNAPSHOT_PREFIX.match(prefix):
+        raise options.error(
+            "snapshot_prefix", "expected 1-12 lowercase letters, digits or '-', starting with a letter", prefix
+        )
+    options.done()
+    return DiskSettings(
+        projects=tuple(projects),
+        label_key=label_key,
+        storage_locations=tuple(locations),
+        guest_flush=guest_flush,
+        endpoint=endpoint,
+        snapshot_prefix=prefix,
+    )
+
+
+# --- the disk a task is about ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskRef:
+    """One labelled disk as enumerated: enough to snapshot it without looking it up again."""
+
+    project: str
+    name: str
+    disk_id: str
+    label_value: str
+    zone: str | None = None
+    region: str | None = None
+
+    @property
+    def scope(self) -> str:
+        return f"zones/{self.zone}" if self.zone else f"regions/{self.region}"
+
+    @property
+    def key(self) -> str:
+        return f"projects/{self.project}/{self.scope}/disks/{self.name}"
+
+    def to_target(self) -> Target:
+        params: dict[str, Any] = {
+            "project": self.project,
+            "name": self.name,
+            "disk_id": self.disk_id,
+            "label_value": self.label_value,
+        }
+        if self.zone:
+            params["zone"] = self.zone
+        else:
+            params["region"] = self.region
+        return Target(key=self.key, params=params)
+
+    @classmethod
+    def from_target(cls, target: Target) -> DiskRef:
+        params = target.params
+        try:
+            disk = cls(
+                project=_required_str(params, "project"),
+                name=_required_str(params, "name"),
+                disk_id=_required_str(params, "disk_id"),
+                label_value=str(params.get("label_value", "")),
+                zone=params.get("zone") or None,
+                region=params.get("region") or None,
+            )
+        except ValueError as exc:
+            raise PermanentError(f"task for {target.key}: {exc}") from None
+        if (disk.zone is None) == (disk.region is None):
+            raise PermanentError(f"task for {target.key}: expected exactly one of params.zone or params.region")
+        return disk
+
+
+def _required_str(params: dict[str, Any], key: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"params.{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def snapshots_to_keep(disk: DiskRef, label_key: str) -> int:
+    """The label's value as a count of snapshots to keep; anything but a whole number 1..1000 is refused."""
+    value = disk.label_value.strip()
+    if value.isdigit() and KEEP_MIN <= int(value) <= KEEP_MAX:
+        return int(value)
+    raise PermanentError(
+        f"disk {disk.key}: label {label_key}={disk.label_value!r} is not a number of snapshots to keep"
+        f" (expected a whole number from {KEEP_MIN} to {KEEP_MAX}); no snapshot taken, nothing deleted"
+    )
+
+
+def snapshot_name(plan_name: str, prefix: str, disk: DiskRef, period: datetime) -> str:
+    """The one snapshot name for this plan, disk and schedule period: ``bk-<disk>-<yyyymmdd-hhmm>-<hash>``.
+
+    Snapshot names are global to a project, so disks with the same name in two zones, and long names cut to
+    fit 63 characters, must still differ: the hash covers the plan and the full disk path."""
+    stamp = _as_utc(period).strftime("%Y%m%d-%H%M")
+    digest = hashlib.sha256(f"{plan_name}\n{disk.key}".encode()).hexdigest()[:10]
+    room = 63 - len(prefix) - len(stamp) - len(digest) - 3
+    base = disk.name[:room].rstrip("-") or "disk"
+    return f"{prefix}-{base}-{stamp}-{digest}"
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+# --- the Compute client and its errors ---------------------------------------------------------------------
+
+
+def compute_endpoint(plan_endpoint: str | None, rt: Runtime) -> str | None:
+    """The API base URL: the plan's ``options.endpoint``, else ``BACKUP_COMPUTE_ENDPOINT``, else Google's.
+    A bare host (``https://compute-psc.p.googleapis.com``) gets Compute's ``/compute/v1/`` path added."""
+    endpoint = plan_endpoint or rt.settings.endpoint("compute")
+    if not endpoint:
+        return None
+    if urlsplit(endpoint).path in ("", "/"):
+        endpoint = endpoint.rstrip("/") + "/compute/v1/"
+    return endpoint if endpoint.endswith("/") else endpoint + "/"
+
+
+def compute_client(rt: Runtime, endpoint: str | None) -> Any:
+    """The googleapiclient Compute v1 client for ``endpoint``, built once per Runtime (from the bundled
+    discovery document, so no network call is made to build it)."""
+
+    def build() -> Any:
+        return discovery.build(
+            "compute",
+            "v1",
+            http=RequestsHttp(rt.credentials()),
+            static_discovery=True,
+            cache_discovery=False,
+            client_options={"api_endpoint": endpoint} if endpoint else None,
+        )
+
+    return rt.client(f"compute-v1:{endpoint or 'default'}", build)
+
+
+def _compute(plan: Plan, rt: Runtime) -> Any:
+    return compute_client(rt, compute_endpoint(plan.settings.endpoint, rt))
+
+
+@dataclass(frozen=True)
+class ApiProblem:
+    status: int
+    reason: str
+    message: str
+
+
+def api_problem(exc: HttpError) -> ApiProblem:
+    """Status, first error reason and message of a Compute API error, whatever shape its body has."""
+    status = int(exc.resp.status)
+    reason, message = "", ""
+    try:
+        error = json.loads(exc.content).get("error", {})
+        message = str(error.get("message", ""))
+        details = error.get("errors") or []
+        if details and isinstance(details[0], dict):
+            reason = str(details[0].get("reason", ""))
+    except (ValueError, AttributeError):
+        message = exc.content.decode("utf-8", "replace")[:300] if isinstance(exc.content, bytes) else str(exc)
+    return ApiProblem(status, reason, message or f"HTTP {status}")
+
+
+def api_error(exc: HttpError, project: str, doing: str) -> Exception:
+    """The one mapping from a Compute API error to retry (TransientError) or stop (Permanent/TargetGone)."""
+    problem = api_problem(exc)
+    status, reason, message = problem.status, problem.reason, problem.message
+    if status == 429 or (status == 403 and reason in RATE_LIMIT_REASONS):
+        retry_after = exc.resp.get("retry-after")
+        seconds = float(retry_after) if retry_after and retry_after.isdigit() else None
+        return TransientError(
+            f"{doing}: rate limited in project {project}: {message}", rate_limited=True, retry_after=seconds
+        )
+    if status >= 500 or status == 408:
+        return TransientError(f"{doing}: Compute API answered {status}: {message}")
+    if status == 400 and reason == "resourceNotReady":
+        return TransientError(f"{doing}: resource busy, will retry: {message}")
+    if status == 409 and reason != "alreadyExists":
+        return TransientError(f"{doing}: conflicting operation in progress: {message}")
+    if status == 404:
+        return TargetGone(f"{doing}: not found in project {project}: {message}")
+    if status in (401, 403):
+        if reason in ("forbidden", "insufficientPermissions") or "permission" in message.lower():
+            found = PERMISSION.search(message)
+            missing = found.group(1) if found else "(the API did not name it)"
+            return PermanentError(
+                f"{doing}: permission denied in project {project}: missing {missing}."
+                f" Grant the service account a role with it on {project}. API said: {message}"
+            )
+        return PermanentError(f"{doing}: refused in project {project} ({status} {reason}): {message}")
+    return PermanentError(f"{doing}: Compute API answered {status} {reason}: {message}")
+
+
+def _execute(request: Any, project: str, doing: str, passthrough: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Run one API request. Errors become service errors, except statuses in ``passthrough``, which the caller
+    handles itself (raised as the original HttpError)."""
+    try:
+        return request.execute(num_retries=0)
+    except HttpError as exc:
+        if int(exc.resp.status) in passthrough:
+            raise
+        raise api_error(exc, project, doing) from exc
+    except requests.RequestException as exc:
+        raise TransientError(f"{doing}: cannot reach the Compute API: {exc}") from exc
+
+
+def _last_segment(url_or_name: str) -> str:
+    return url_or_name.rstrip("/").rsplit("/", 1)[-1]
+
+
+# --- enumeration -------------------------------------------------------------------------------------------
+
+
+def _encode_page_token(project: str, api_token: str) -> str:
+    raw = json.dumps({"project": project, "api_token": api_token}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_page_token(token: str, projects: tuple[str, ...]) -> tuple[int, str]:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token.encode()))
+        project, api_token = raw["project"], raw["api_token"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise PermanentError(f"disks page token {token[:40]!r} is not one this service issued") from None
+    if project not in projects:
+        raise PermanentError(f"disks page token names project {project!r}, which the plan no longer lists")
+    return projects.index(project), str(api_token)
+
+
+def enumerate_targets(plan: Plan, page_token: str | None, rt: Runtime) -> TargetPage:
+    """One page of labelled disks: one ``aggregatedList`` call (zonal and regional disks together). The page
+    token carries (project, API page token), so the fan-out continues across projects page by page."""
+    settings: DiskSettings = plan.settings
+    index, api_token = _decode_page_token(page_token, settings.projects) if page_token else (0, "")
+    project = settings.projects[index]
+    compute = _compute(plan, rt)
+    request = compute.disks().aggregatedList(
+        project=project,
+        filter=f"labels.{settings.label_key}:*",
+        maxResults=min(plan.fanout_page_size, API_MAX_RESULTS),
+        pageToken=api_token or None,
+    )
+    try:
+        response = _execute(request, project, f"listing disks labelled {settings.label_key}")
+    except TargetGone as exc:
+        # A missing project is a plan mistake, not a vanished target: fail the fan-out loudly.
+        raise PermanentError(f"plan {plan.name}: project {project} not found or not visible: {exc}") from exc
+    targets = []
+    for scope_key in sorted(response.get("items", {})):
+        for disk in response["items"][scope_key].get("disks", []):
+            ref = _disk_ref(project, disk, settings.label_key)
+            if ref is not None:
+                targets.append(ref.to_target())
+    if response.get("unreachables"):
+        # Disks in an unreachable zone are missing from this run; say so rather than pretend the list is whole.
+        log.warning("plan %s: project %s: zones unreachable: %s", plan.name, project, response["unreachables"])
+    if response.get("nextPageToken"):
+        next_token: str | None = _encode_page_token(project, response["nextPageToken"])
+    elif index + 1 < len(settings.projects):
+        next_token = _encode_page_token(settings.projects[index + 1], "")
+    else:
+        next_token = None
+    return TargetPage(targets=targets, next_page_token=next_token)
+
+
+def _disk_ref(project: str, disk: dict[str, Any], label_key: str) -> DiskRef | None:
+    labels = disk.get("labels") or {}
+    if label_key not in labels:
+        return None  # the API filter should have dropped it; never act on a disk without the label
+    return DiskRef(
+        project=project,
+        name=disk["name"],
+        disk_id=str(disk["id"]),
+        label_value=str(labels[label_key]),
+        zone=_last_segment(disk["zone"]) if disk.get("zone") else None,
+        region=_last_segment(disk["region"]) if disk.get("region") and not disk.get("zone") else None,
+    )
+
+
+# --- snapshot, poll, prune ---------------------------------------------------------------------------------
+
+
+def _our_labels(plan_name: str, disk: DiskRef) -> dict[str, str]:
+    return {MANAGED_BY_KEY: MANAGED_BY_VALUE, PLAN_KEY: plan_name, SOURCE_DISK_ID_KEY: disk.disk_id}
+
+
+def is_ours(snapshot: dict[str, Any], plan_name: str, disk: DiskRef) -> bool:
+    """True only for a snapshot this plan made of this very disk (labels, and the API's own sourceDiskId)."""
+    labels = snapshot.get("labels") or {}
+    if any(labels.get(key) != value for key, value in _our_labels(plan_name, disk).items()):
+        return False
+    source_id = snapshot.get("sourceDiskId")
+    return source_id is None or str(source_id) == disk.disk_id
+
+
+def start(plan: Plan, target: Target, run: RunContext, rt: Runtime) -> Outcome:
+    """Create this period's snapshot of the disk (or find it already created by an earlier delivery)."""
+    settings: DiskSettings = plan.settings
+    disk = DiskRef.from_target(target)
+    keep = snapshots_to_keep(disk, settings.label_key)
+    name = snapshot_name(plan.name, settings.snapshot_prefix, disk, run.period)
+    compute = _compute(plan, rt)
+    body: dict[str, Any] = {
+        "name": name,
+        "labels": _our_labels(plan.name, disk),
+        "description": f"backup-scheduler plan {plan.name}, disk {disk.key}, keep {keep}",
+    }
+    if settings.storage_locations:
+        body["storageLocations"] = list(settings.storage_locations)
+    # The same requestId on a retried call lets Compute answer with the first call's operation.
+    request_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{disk.key}/snapshots/{name}"))
+    if disk.zone:
+        extra = {"guestFlush": True} if settings.guest_flush else {}
+        request = compute.disks().createSnapshot(
+            project=disk.project, zone=disk.zone, disk=disk.name, body=body, requestId=request_id, **extra
+        )
+    else:
+        if settings.guest_flush:
+            body["guestFlush"] = True  # regionDisks.createSnapshot takes it in the body only
+        request = compute.regionDisks().createSnapshot(
+            project=disk.project, region=disk.region, disk=disk.name, body=body, requestId=request_id
+        )
+    doing = f"creating snapshot {name} of {disk.key}"
+    try:
+        operation = _execute(request, disk.project, doing, passthrough=(409,))
+    except HttpError as exc:
+        problem = api_problem(exc)
+        if problem.reason != "alreadyExists" and "already exists" not in problem.message:
+            raise api_error(exc, disk.project, doing) from exc
+        run.log(f"snapshot {name} already exists (an earlier delivery created it); checking it")
+        return _check_snapshot(plan, disk, keep, {"snapshot": name, "operation": None}, run, compute)
+    run.log(f"creating snapshot {name} of {disk.key} (keep {keep}); operation {operation.get('name')}")
+    state = {"snapshot": name, "operation": operation.get("name")}
+    return _after_operation(plan, disk, keep, state, operation, run, compute)
+
+
+def poll(plan: Plan, target: Target, state: dict[str, Any], run: RunContext, rt: Runtime) -> Outcome:
+    """Follow the snapshot's operation, then the snapshot itself, until it is READY (prune, Done) or failed."""
+    settings: DiskSettings = plan.settings
+    disk = DiskRef.from_target(target)
+    keep = snapshots_to_keep(disk, settings.label_key)
+    if not isinstance(state.get("snapshot"), str):
+        raise PermanentError(f"poll for {disk.key}: state has no snapshot name: {state!r}")
+    compute = _compute(plan, rt)
+    operation_name = state.get("operation")
+    if not operation_name:
+        return _check_snapshot(plan, disk, keep, state, run, compute)
+    if disk.zone:
+        request = compute.zoneOperations().get(project=disk.project, zone=disk.zone, operation=operation_name)
+    else:
+        request = compute.regionOperations().get(project=disk.project, region=disk.region, operation=operation_name)
+    try:
+        operation = _execute(request, disk.project, f"checking operation {operation_name}", passthrough=(404,))
+    except HttpError:
+        # Operations are only kept for a while; the snapshot itself still tells us how it went.
+        return _check_snapshot(plan, disk, keep, {**state, "operation": None}, run, compute)
+    return _after_operation(plan, disk, keep, state, operation, run, compute)
+
+
+def _after_operation(
+    plan: Plan,
+    disk: DiskRef,
+    keep: int,
+    state: dict[str, Any],
+    operation: dict[str, Any],
+    run: RunContext,
+    compute: Any,
+) -> Outcome:
+    if operation.get("status") != "DONE":
+        return Pending(state=state, delay_seconds=OPERATION_POLL_SECONDS)
+    errors = (operation.get("error") or {}).get("errors") or []
+    if errors:
+        detail = "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}" for e in errors)
+        raise PermanentError(f"snapshot {state['snapshot']} of {disk.key} failed: {detail}; nothing pruned")
+    return _check_snapshot(plan, disk, keep, {**state, "operation": None}, run, compute)
+
+
+def _check_snapshot(
+    plan: Plan, disk: DiskRef, keep: int, state: dict[str, Any], run: RunContext, compute: Any
+) -> Outcome:
+    name = state["snapshot"]
+    request = compute.snapshots().get(project=disk.project, snapshot=name)
+    try:
+        snapshot = _execute(request, disk.project, f"checking snapshot {name}", passthrough=(404,))
+    except HttpError:
+        raise PermanentError(f"snapshot {name} of {disk.key} no longer exists; nothing pruned") from None
+    if not is_ours(snapshot, plan.name, disk):
+        raise PermanentError(
+            f"a snapshot named {name} exists in {disk.project} but was not made by plan {plan.name} from {disk.key}"
+            f" (labels {snapshot.get('labels')}); left alone, nothing pruned"
+        )
+    status = snapshot.get("status")
+    if status in ("CREATING", "UPLOADING"):
+        return Pending(state=state, delay_seconds=SNAPSHOT_POLL_SECONDS)
+    if status != "READY":
+        raise PermanentError(f"snapshot {name} of {disk.key} ended {status}; nothing pruned")
+    result = prune_snapshots(compute, plan, disk, keep, newest=snapshot, run=run)
+    message = f"snapshot {name} READY; kept {result.kept}, deleted {len(result.deleted)}"
+    if result.errors:
+        message += f"; could not delete {len(result.errors)}: {'; '.join(result.errors)}"
+    return Done(
+        output=snapshot.get("selfLink", name),
+        stats={
+            "snapshot": name,
+            "keep": result.keep,
+            "kept": result.kept,
+            "pruned": result.deleted,
+            "prune_errors": result.errors,
+        },
+        message=message,
+    )
+
+
+@dataclass
+class PruneResult:
+    keep: int
+    kept: int = 0
+    deleted: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def list_our_snapshots(compute: Any, plan_name: str, disk: DiskRef) -> list[dict[str, Any]]:
+    """This plan's snapshots of this disk, newest first. The API filter narrows the listing; ``is_ours``
+    decides, so a filter that matched too much can never lead to deleting someone else's snapshot."""
+    terms = " ".join(f'(labels.{key} = "{value}")' for key, value in _our_labels(plan_name, disk).items())
+    collection = compute.snapshots()
+    request = collection.list(project=disk.project, filter=terms, maxResults=API_MAX_RESULTS)
+    found: list[dict[str, Any]] = []
+    while request is not None:
+        response = _execute(request, disk.project, f"listing snapshots of {disk.key}")
+        found.extend(s for s in response.get("items", []) if is_ours(s, plan_name, disk))
+        request = collection.list_next(request, response)
+    found.sort(key=lambda s: (_created(s), s.get("name", "")), reverse=True)
+    return found
+
+
+def _created(snapshot: dict[str, Any]) -> datetime:
+    """creationTimestamp as a moment. Compute writes it in Pacific time with an offset that changes with
+    daylight saving, so comparing the strings would misorder snapshots around a DST change."""
+    try:
+        return datetime.fromisoformat(snapshot["creationTimestamp"])
+    except (KeyError, TypeError, ValueError):
+        return datetime.max.replace(tzinfo=UTC)  # unknown age: counted as newest, so it is kept, not pruned
+
+
+def split_by_retention(
+    snapshots: list[dict[str, Any]], newest: dict[str, Any] | None, keep: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, to delete) among the READY snapshots, newest first. Others (CREATING, FAILED) are in neither list
+    and never deleted here: one may be another run's snapshot still in flight."""
+    ready = [s for s in snapshots if s.get("status") == "READY"]
+    if newest is not None:
+        # Count the snapshot we just confirmed even if the listing does not show it yet.
+        ready = [newest] + [s for s in ready if s.get("name") != newest.get("name")]
+    return ready[:keep], ready[keep:]
+
+
+def prune_snapshots(
+    compute: Any, plan: Plan, disk: DiskRef, keep: int, newest: dict[str, Any], run: RunContext
+) -> PruneResult:
+    """Delete this plan's READY snapshots of ``disk`` beyond the newest ``keep`` (at least the plan's floor).
+    Called only after ``newest`` is confirmed READY."""
+    keep = max(keep, plan.retention.min_keep)
+    kept, doomed = split_by_retention(list_our_snapshots(compute, plan.name, disk), newest, keep)
+    result = PruneResult(keep=keep, kept=len(kept))
+    for snapshot in doomed:
+        name = snapshot["name"]
+        request = compute.snapshots().delete(project=disk.project, snapshot=name)
+        try:
+            _execute(request, disk.project, f"deleting old snapshot {name} of {disk.key}", passthrough=(404,))
+        except HttpError:
+            pass  # already gone: a retried prune, or someone deleted it by hand; either way it is done
+        except PermanentError as exc:
+            # The new backup is good; an old snapshot we cannot delete (in use by an image, say) is reported with
+            # the run rather than failing it, and is tried again by the next run.
+            result.errors.append(str(exc))
+            continue
+        result.deleted.append(name)
+        run.log(f"deleted {name} (beyond keep {keep})")
+    return result
+
+
+# --- dry run -----------------------------------------------------------------------------------------------
+
+
+def describe(plan: Plan, target: Target, rt: Runtime) -> str:
+    """What a run would do for this disk, read-only: the snapshot it would create and the ones it would delete
+    once that snapshot is READY."""
+    settings: DiskSettings = plan.settings
+    disk = DiskRef.from_target(target)
+    try:
+        keep = snapshots_to_keep(disk, settings.label_key)
+    except PermanentError as exc:
+        return f"{disk.key}: would FAIL and change nothing: {exc}"
+    keep = max(keep, plan.retention.min_keep)
+    name = snapshot_name(plan.name, settings.snapshot_prefix, disk, rt.now())
+    existing = list_our_snapshots(_compute(plan, rt), plan.name, disk)
+    # The new snapshot will take one of the ``keep`` places.
+    _kept, doomed = split_by_retention(existing, None, keep - 1)
+    deletes = ", ".join(s["name"] for s in doomed) if doomed else "nothing"
+    return (
+        f"{disk.key}: would create snapshot {name} (keep {keep}, {len(existing)} existing);"
+        f" once it is READY would delete {deletes}"
+    )
+
+
+# --- restore -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RestoredDisk:
+    project: str
+    zone: str
+    name: str
+    self_link: str
+    status: str
+    size_gb: str
+
+
+def restore_disk(
+    rt: Runtime,
+    *,
+    project: str,
+    zone: str,
+    snapshot: str,
+    name: str,
+    disk_type: str | None = None,
+    endpoint: str | None = None,
+    timeout_seconds: float = 1800.0,
+    sleep: Callable[[float], None] = time.sleep,
+    on_progress: Callable[[str], None] | None = None,
+) -> RestoredDisk:
+    """Create the new disk ``name`` from ``snapshot`` and wait until it is READY. Never replaces an existing
+    disk: a name already taken is an error, so a restore cannot destroy anything."""
+    if not GCE_NAME.match(name):
+        raise PermanentError(f"--name {name!r}: expected a disk name (1-63 lowercase letters, digits, '-')")
+    say = on_progress or (lambda _msg: None)
+    compute = compute_client(rt, compute_endpoint(endpoint, rt))
+    try:
+        source = _execute(
+            compute.snapshots().get(project=project, snapshot=snapshot),
+            project,
+            f"reading snapshot {snapshot}",
+            passthrough=(404,),
+        )
+    except HttpError:
+        raise PermanentError(f"snapshot {snapshot} not found in project {project}") from None
+    if source.get("status") != "READY":
+        raise PermanentError(f"snapshot {snapshot} is {source.get('status')}, not READY; cannot restore from it")
+    try:
+        _execute(
+            compute.disks().get(project=project, zone=zone, disk=name),
+            project,
+            f"checking disk {name}",
+            passthrough=(404,),
+        )
+    except HttpError:
+        pass  # the name is free, which is what we want
+    else:
+        raise PermanentError(
+            f"disk {name} already exists in projects/{project}/zones/{zone}; restore never overwrites a disk,"
+            " choose a new --name"
+        )
+    body: dict[str, Any] = {
+        "name": name,
+        "sourceSnapshot": source.get("selfLink") or f"projects/{project}/global/snapshots/{snapshot}",
+        "labels": {"restored-from": snapshot[:63]},
+    }
+    if disk_type:
+        body["type"] = f"projects/{project}/zones/{zone}/diskTypes/{disk_type}"
+    request_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"projects/{project}/zones/{zone}/disks/{name}<-{snapshot}"))
+    doing = f"creating disk {name} from snapshot {snapshot}"
+    try:
+        operation = _execute(
+            compute.disks().insert(project=project, zone=zone, body=body, requestId=request_id),
+            project,
+            doing,
+            passthrough=(409,),
+        )
+    except HttpError:
+        raise PermanentError(f"disk {name} already exists in zone {zone}; restore never overwrites a disk") from None
+    say(f"creating disk {name} in {zone} from {snapshot} (operation {operation.get('name')})")
+    deadline = time.monotonic() + timeout_seconds
+    while operation.get("status") != "DONE":
+        if time.monotonic() > deadline:
+            raise TransientError(f"{doing}: still running after {timeout_seconds:.0f}s (operation {operation['name']})")
+        sleep(RESTORE_POLL_SECONDS)
+        operation = _execute(
+            compute.zoneOperations().get(project=project, zone=zone, operation=operation["name"]), project, doing
+        )
+    errors = (operation.get("error") or {}).get("errors") or []
+    if errors:
+        raise PermanentError(f"{doing} failed: " + "; ".join(str(e.get("message", e)) for e in errors))
+    disk = _execute(compute.disks().get(project=project, zone=zone, disk=name), project, f"reading disk {name}")
+    while disk.get("status") not in ("READY", "FAILED"):
+        if time.monotonic() > deadline:
+            raise TransientError(f"{doing}: disk is {disk.get('status')} after {timeout_seconds:.0f}s")
+        sleep(RESTORE_POLL_SECONDS)
+        disk = _execute(compute.disks().get(project=project, zone=zone, disk=name), project, f"reading disk {name}")
+    if disk.get("status") != "READY":
+        raise PermanentError(f"{doing}: disk ended {disk.get('status')}")
+    return RestoredDisk(
+        project=project,
+        zone=zone,
+        name=name,
+        self_link=disk.get("selfLink", ""),
+        status=disk["status"],
+        size_gb=str(disk.get("sizeGb", "")),
+    )

@@ -1,0 +1,323 @@
+"""One task, one target: start or poll its backup, record the outcome, and decide what the queue hears.
+
+The answer's status code is the contract with the queue (DESIGN.md): 2xx when the task is done, whether it
+succeeded or failed for good (recorded, notified); 429/5xx when a retry may help. This module is the one place
+that maps ``TransientError`` / ``PermanentError`` / ``TargetGone`` to those answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from services import notify
+from services.catalog import FAILED, PENDING, RUNNING, SKIPPED, SUCCEEDED, Catalog, RunRecord
+from services.errors import ConfigError, PermanentError, TargetGone, TransientError
+from services.fanout import POLL_QUEUE, fan_out
+from services.kinds import Done, Outcome, Pending, RunContext, Skipped, Target, kind_module
+from services.plans import Plan
+from services.queue import QueueConfig, TaskQueue, TaskSpec, load_queue_configs
+from services.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the queue said about this delivery (X-AppEngine-* / X-CloudTasks-* headers)."""
+
+    queue: str = ""
+    task_name: str = ""
+    retry_count: int = 0
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+def _queue_config(rt: Runtime, name: str) -> QueueConfig:
+    configs = rt.client("queue-configs", lambda: load_queue_configs(rt.settings.queue_yaml))
+    return configs.get(name, QueueConfig(name))
+
+
+def _log_delivery(rt: Runtime, plan: str, delivery: Delivery, what: str) -> None:
+    if delivery.retry_count >= rt.settings.retry_error_threshold:
+        log.error(
+            "%s for plan %s is on retry %d (task %s): look at its last error",
+            what,
+            plan,
+            delivery.retry_count,
+            delivery.task_name,
+            extra={"plan": plan},
+        )
+    elif delivery.retry_count:
+        log.warning("%s for plan %s: retry %d", what, plan, delivery.retry_count, extra={"plan": plan})
+
+
+def record_bad_task(rt: Runtime, catalog: Catalog, plan_name: str, payload: Any, problem: str) -> Answer:
+    """A task that can never succeed (malformed body, unknown plan): recorded as failed, answered 2xx."""
+    raw = json.dumps(payload, sort_keys=True, default=str) if not isinstance(payload, bytes) else repr(payload)
+    identifier = "invalid-" + hashlib.sha256(f"{plan_name}\n{raw}".encode()).hexdigest()[:16]
+    now = rt.now()
+    record = RunRecord(
+        run_id=identifier,
+        plan=plan_name,
+        target="(invalid task)",
+        kind="",
+        period=now,
+        status=FAILED,
+        created=now,
+        started=now,
+        ended=now,
+        attempts=1,
+        error=problem,
+        log=[f"task body: {raw[:500]}"],
+    )
+    catalog.save(record)
+    log.error("plan %s: rejected a task: %s", plan_name, problem, extra={"plan": plan_name, "run_id": identifier})
+    return Answer(200, {"status": FAILED, "run_id": identifier, "error": problem})
+
+
+def _plan(rt: Runtime, name: str) -> Plan | None:
+    return rt.plans.get(name)
+
+
+def run_backup_task(
+    rt: Runtime, catalog: Catalog, queue: TaskQueue, plan_name: str, payload: Any, delivery: Delivery
+) -> Answer:
+    plan = _plan(rt, plan_name)
+    if plan is None:
+        return record_bad_task(rt, catalog, plan_name, payload, f"plan {plan_name!r} is not in plans.yaml")
+    try:
+        identifier, period, target = _parse_backup_payload(payload)
+    except ValueError as exc:
+        return record_bad_task(rt, catalog, plan_name, payload, f"malformed task body: {exc}")
+    _log_delivery(rt, plan_name, delivery, f"backup of {target.key}")
+    now = rt.now()
+    record, _created = catalog.begin(
+        RunRecord(
+            run_id=identifier,
+            plan=plan.name,
+            target=target.key,
+            kind=plan.kind,
+            period=period,
+            params=target.params,
+            created=now,
+            started=now,
+        )
+    )
+    if record.final:
+        return Answer(200, {"status": record.status, "run_id": identifier, "duplicate": True})
+    if record.status == PENDING and record.state is not None:
+        # Started by an earlier delivery: starting again would make a second backup. Make sure it is polled.
+        _enqueue_poll(rt, queue, plan, record, delay=0)
+        return Answer(200, {"status": PENDING, "run_id": identifier, "duplicate": True})
+    module = kind_module(plan.kind)
+    run = _run_context(record, delivery)
+    record.attempts += 1
+    return _settle(rt, catalog, queue, plan, record, run, delivery, lambda: module.start(plan, target, run, rt))
+
+
+def run_poll_task(
+    rt: Runtime, catalog: Catalog, queue: TaskQueue, plan_name: str, payload: Any, delivery: Delivery
+) -> Answer:
+    plan = _plan(rt, plan_name)
+    if plan is None:
+        return record_bad_task(rt, catalog, plan_name, payload, f"plan {plan_name!r} is not in plans.yaml")
+    if not isinstance(payload, dict) or not isinstance(payload.get("run_id"), str):
+        return record_bad_task(rt, catalog, plan_name, payload, "malformed poll task: expected {'run_id': ...}")
+    record = catalog.get(payload["run_id"])
+    if record is None:
+        return record_bad_task(rt, catalog, plan_name, payload, f"poll for unknown run {payload['run_id']!r}")
+    if record.final or record.state is None:
+        return Answer(200, {"status": record.status, "run_id": record.run_id, "duplicate": True})
+    _log_delivery(rt, plan_name, delivery, f"poll of {record.target}")
+    module = kind_module(plan.kind)
+    target = Target(record.target, record.params)
+    run = _run_context(record, delivery)
+    state = record.state
+    return _settle(rt, catalog, queue, plan, record, run, delivery, lambda: module.poll(plan, target, state, run, rt))
+
+
+def run_fanout_task(
+    rt: Runtime, catalog: Catalog, queue: TaskQueue, plan_name: str, payload: Any, delivery: Delivery
+) -> Answer:
+    plan = _plan(rt, plan_name)
+    if plan is None:
+        return record_bad_task(rt, catalog, plan_name, payload, f"plan {plan_name!r} is not in plans.yaml")
+    try:
+        period = datetime.fromisoformat(payload["period"])
+        token = payload["page_token"]
+        page = int(payload.get("page", 1))
+        if not isinstance(token, str) or period.tzinfo is None:
+            raise ValueError("page_token must be a string and period a timezone-aware ISO time")
+    except (TypeError, KeyError, ValueError) as exc:
+        return record_bad_task(rt, catalog, plan_name, payload, f"malformed fan-out continuation: {exc}")
+    _log_delivery(rt, plan_name, delivery, f"fan-out page {page}")
+    return answer_fanout(rt, catalog, lambda: fan_out(rt, queue, plan, period, token, page), plan)
+
+
+def answer_fanout(rt: Runtime, catalog: Catalog, step: Callable[[], Any], plan: Plan) -> Answer:
+    """Run a fan-out step; a permanent failure is recorded against the plan so a stale check can see it."""
+    try:
+        return Answer(200, step().to_json())
+    except TransientError as exc:
+        log.warning("fan-out of %s will be retried: %s", plan.name, exc, extra={"plan": plan.name})
+        return Answer(429 if exc.rate_limited else 503, {"error": str(exc), "retry": True})
+    except (PermanentError, ConfigError) as exc:
+        now = rt.now()
+        identifier = "fanout-" + hashlib.sha256(f"{plan.name}\n{now.isoformat()}".encode()).hexdigest()[:16]
+        record = RunRecord(
+            identifier,
+            plan.name,
+            "(fan-out)",
+            plan.kind,
+            now,
+            status=FAILED,
+            created=now,
+            started=now,
+            ended=now,
+            attempts=1,
+            error=str(exc),
+        )
+        catalog.save(record)
+        notify.run_finished(rt, plan, record)
+        log.error("fan-out of %s failed: %s", plan.name, exc, extra={"plan": plan.name, "run_id": identifier})
+        return Answer(200, {"status": FAILED, "run_id": identifier, "error": str(exc)})
+
+
+def _parse_backup_payload(payload: Any) -> tuple[str, datetime, Target]:
+    if not isinstance(payload, dict):
+        raise ValueError("expected a JSON object")
+    identifier = payload.get("run_id")
+    if not isinstance(identifier, str) or not identifier or len(identifier) > 500:
+        raise ValueError("'run_id' must be a non-empty string")
+    try:
+        period = datetime.fromisoformat(str(payload.get("period")))
+    except ValueError:
+        raise ValueError(f"'period' must be an ISO 8601 time, got {payload.get('period')!r}") from None
+    if period.tzinfo is None:
+        raise ValueError("'period' must carry a timezone")
+    return identifier, period, Target.from_json(payload.get("target"))
+
+
+def _run_context(record: RunRecord, delivery: Delivery) -> RunContext:
+    def on_log(line: str) -> None:
+        log.info("%s: %s", record.target, line, extra={"plan": record.plan, "run_id": record.run_id})
+
+    return RunContext(
+        run_id=record.run_id,
+        plan=record.plan,
+        target_key=record.target,
+        period=record.period,
+        attempt=delivery.retry_count,
+        log_lines=record.log,
+        on_log=on_log,
+    )
+
+
+def _enqueue_poll(rt: Runtime, queue: TaskQueue, plan: Plan, record: RunRecord, delay: float) -> None:
+    polls = int((record.state or {}).get("_polls", 0))
+    queue.enqueue_many(
+        [
+            TaskSpec(
+                queue=POLL_QUEUE,
+                path=f"/tasks/{plan.name}/poll",
+                payload={"run_id": record.run_id, "poll": polls},
+                name=f"{record.run_id}-poll-{polls}",
+                schedule_time=rt.now() + timedelta(seconds=delay),
+            )
+        ]
+    )
+
+
+def _settle(
+    rt: Runtime,
+    catalog: Catalog,
+    queue: TaskQueue,
+    plan: Plan,
+    record: RunRecord,
+    run: RunContext,
+    delivery: Delivery,
+    step: Callable[[], Outcome],
+) -> Answer:
+    try:
+        outcome = step()
+    except TargetGone as exc:
+        return _finish(rt, catalog, plan, record, SKIPPED, error=str(exc))
+    except PermanentError as exc:
+        return _finish(rt, catalog, plan, record, FAILED, error=str(exc))
+    except TransientError as exc:
+        return _retry(rt, catalog, plan, record, delivery, str(exc), 429 if exc.rate_limited else 503)
+    except Exception as exc:  # a bug or an error nobody classified: retried, and visible in the record
+        log.exception("unexpected error for %s", record.target, extra={"plan": plan.name, "run_id": record.run_id})
+        return _retry(rt, catalog, plan, record, delivery, f"unexpected {type(exc).__name__}: {exc}", 500)
+    if isinstance(outcome, Done):
+        record.output = outcome.output
+        record.stats = outcome.stats
+        if outcome.message:
+            run.log(outcome.message)
+        return _finish(rt, catalog, plan, record, SUCCEEDED)
+    if isinstance(outcome, Skipped):
+        return _finish(rt, catalog, plan, record, SKIPPED, error=outcome.reason)
+    if isinstance(outcome, Pending):
+        polls = int((record.state or {}).get("_polls", -1)) + 1
+        record.state = dict(outcome.state) | {"_polls": polls}
+        record.status = PENDING
+        record.error = None
+        catalog.save(record)
+        _enqueue_poll(rt, queue, plan, record, outcome.delay_seconds)
+        return Answer(200, {"status": PENDING, "run_id": record.run_id, "poll_in_seconds": outcome.delay_seconds})
+    raise TypeError(f"kind {plan.kind} returned {outcome!r}, not Done, Pending or Skipped")
+
+
+def _retry(
+    rt: Runtime, catalog: Catalog, plan: Plan, record: RunRecord, delivery: Delivery, error: str, status: int
+) -> Answer:
+    policy = _queue_config(rt, delivery.queue or plan.queue).retry
+    if policy.task_retry_limit is not None and delivery.retry_count >= policy.task_retry_limit:
+        # The queue will not deliver this task again: record the failure now rather than leave it "running".
+        return _finish(
+            rt, catalog, plan, record, FAILED, error=f"gave up after {delivery.retry_count + 1} attempts: {error}"
+        )
+    record.error = error
+    record.log.append(f"attempt {delivery.retry_count + 1} failed, will be retried: {error}")
+    if record.status != PENDING:
+        record.status = RUNNING
+    catalog.save(record)
+    return Answer(status, {"status": record.status, "run_id": record.run_id, "error": error, "retry": True})
+
+
+def _finish(
+    rt: Runtime, catalog: Catalog, plan: Plan, record: RunRecord, status: str, error: str | None = None
+) -> Answer:
+    record.status = status
+    record.error = error
+    record.ended = rt.now()
+    record.state = None
+    if error:
+        record.log.append(f"{status}: {error}")
+    catalog.save(record)
+    level = logging.ERROR if status == FAILED else logging.INFO
+    log.log(
+        level,
+        "%s %s: %s",
+        record.target,
+        status,
+        error or record.output or "",
+        extra={"plan": plan.name, "run_id": record.run_id},
+    )
+    notify.run_finished(rt, plan, record)
+    body = {"status": status, "run_id": record.run_id}
+    if error:
+        body["error"] = error
+    if record.output:
+        body["output"] = record.output
+    return Answer(200, body)

@@ -1,0 +1,75 @@
+"""app.yaml, cron.yaml and queue.yaml read by the Cloud SDK's own parsers (what `gcloud app deploy` uses), every
+cron schedule parsed by App Engine's groc parser, and every cron URL naming a plan that exists."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from services.plans import load_plans
+from services.runtime import ROOT
+from services.schedule import load_cron
+from tests.fixtures.emulators import sdk_root
+
+# Runs in a child process: the SDK's lib/third_party carries its own copies of packages (google, yaml ...) that
+# must not shadow this project's in the test process.
+_SDK_CHECK = r"""
+import json, sys
+root = sys.argv[1]
+sys.path[:0] = [root + "/lib", root + "/lib/third_party"]
+from googlecloudsdk.appengine.api import appinfo, croninfo, queueinfo
+from googlecloudsdk.appengine.googlecron import groctimespecification
+import pytz
+groctimespecification.pytz = pytz  # the module leaves it unset
+app = appinfo.LoadSingleAppInfo(open("app.yaml"))
+cron = croninfo.LoadSingleCron(open("cron.yaml").read())
+queues = queueinfo.LoadSingleQueue(open("queue.yaml").read())
+schedules = []
+for job in cron.cron:
+    spec = groctimespecification.GrocTimeSpecification(job.schedule, timezone=job.timezone)
+    schedules.append({"url": job.url, "schedule": job.schedule, "type": type(spec).__name__})
+print(json.dumps({
+    "runtime": app.runtime, "entrypoint": app.entrypoint,
+    "cron": schedules,
+    "queues": {q.name: {"rate": q.rate, "retry": bool(q.retry_parameters)} for q in queues.queue},
+}))
+"""
+
+
+def sdk_view() -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", _SDK_CHECK, str(sdk_root())], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_sdk_parsers_accept_app_cron_and_queue_yaml():
+    view = sdk_view()
+
+    assert view["runtime"].startswith("python3")
+    assert "main:app" in view["entrypoint"] and "gunicorn" in view["entrypoint"]
+    assert view["cron"], "cron.yaml has no jobs"
+    assert all(job["type"] for job in view["cron"])
+    assert {"fanout", "polls", "backups", "datastore-exports"} <= set(view["queues"])
+    assert all(q["retry"] for q in view["queues"].values()), "every queue states its retry policy"
+    assert view["queues"]["datastore-exports"]["rate"] == "15/m"  # under Datastore's 20 exports+imports a minute
+
+
+def test_every_cron_plan_url_names_an_existing_plan():
+    plans = load_plans(ROOT / "plans.yaml")
+    jobs = load_cron(ROOT / "cron.yaml")
+
+    named = [job.plan for job in jobs if job.url.startswith("/cron/")]
+
+    assert named and None not in named, [job.url for job in jobs]
+    assert set(named) <= set(plans)
+
+
+def test_every_plan_queue_exists_in_queue_yaml():
+    from services.queue import load_queue_configs
+
+    queues = load_queue_configs(ROOT / "queue.yaml")
+
+    assert {plan.queue for plan in load_plans(ROOT / "plans.yaml").values()} <= set(queues)
