@@ -19,6 +19,7 @@ overwritten, and after the import a sample of production's personal values is lo
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -302,6 +303,7 @@ def poll(plan: Any, target: Target, state: dict[str, Any], run: RunContext, rt: 
 def run_step(plan: Any, state: dict[str, Any], run: RunContext, rt: Runtime) -> Done | Pending:
     """Do (or check) the step named in ``state`` and return what comes next."""
     settings: SyncSettings = plan.settings
+    state = copy.deepcopy(state)  # the caller's (the task body's) state is never changed under it
     step = state["step"]
     began = time.monotonic()
     try:
@@ -677,6 +679,12 @@ def step_verify(plan: Any, state: dict[str, Any], run: RunContext, rt: Runtime) 
 def step_cleanup_scratch(plan: Any, state: dict[str, Any], run: RunContext, rt: Runtime) -> None:
     settings: SyncSettings = plan.settings
     dropped = empty_database(settings.scratch)
+    if settings.profile == "cloudsql":
+        from services import sqlsync_cloud
+
+        deleted = sqlsync_cloud.delete_dumps(plan, run, rt)
+        run.log(f"step cleanup-scratch: dropped {dropped} tables, deleted {deleted} dump objects")
+        return
     directory = run_dir(plan, run)
     # The production dump holds unmasked personal data: it must not outlive the run.
     for name in ("production.sql", "masked.sql"):
