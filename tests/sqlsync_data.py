@@ -3,6 +3,16 @@ production, and staging's own rows (demo accounts with colliding ids, their orde
 
 from __future__ import annotations
 
+import itertools
+
+from google.auth.credentials import AnonymousCredentials
+
+from services.plans import parse_plan
+from services.runtime import Runtime, Settings
+
+SECRET_ENV = "SQLSYNC_TEST_SECRET"
+_names = itertools.count()
+
 SCHEMA = """
 CREATE TABLE accounts (
   id INT PRIMARY KEY AUTO_INCREMENT,
@@ -75,3 +85,54 @@ def load_shop(production, prod_db: str, staging, staging_db: str) -> None:
             "INSERT INTO orders (id, account_id, contact_email, total) VALUES (%s,%s,%s,%s)",
             [(1, 1, "demo.sales@demo.test", 99), (2, 500, None, 42)],
         )
+
+
+def make_sync_setup(mariadb_servers, tmp_path, monkeypatch) -> dict:
+    """Fresh production/scratch/staging databases with data, and a plan pointing at them."""
+    monkeypatch.setenv(SECRET_ENV, "a-test-secret-of-enough-length")
+    suffix = next(_names)
+    production, scratch, staging = (mariadb_servers[k] for k in ("production", "scratch", "staging"))
+    prod_db = production.fresh_database(f"shop_{suffix}")
+    scratch_db = scratch.fresh_database(f"shop_scratch_{suffix}")
+    staging_db = staging.fresh_database(f"shop_{suffix}")
+    load_shop(production, prod_db, staging, staging_db)
+
+    def ref(server, database):
+        return {"host": "127.0.0.1", "port": server.port, "database": database, "user": "root"}
+
+    raw = {
+        "kind": "sqlsync",
+        "retention": {"keep": 2},
+        "select": ref(production, prod_db),
+        "destination": {
+            "staging": ref(staging, staging_db),
+            "scratch": ref(scratch, scratch_db),
+            "dump_dir": str(tmp_path / "dumps"),
+        },
+        "options": {
+            "profile": "local",
+            "secret_env": SECRET_ENV,
+            "rules": {
+                "accounts": {
+                    "email": "email",
+                    "phone": "phone",
+                    "name": "name",
+                    "notes": "text",
+                    "ssn": "null",
+                    "country": {"kind": "fixed", "value": "XX"},
+                },
+                "orders": {"contact_email": "email"},
+            },
+            "preserve": {"accounts": "demo = 1", "orders": "account_id IN (SELECT id FROM accounts WHERE demo = 1)"},
+        },
+    }
+    rt = Runtime(Settings.from_env({}), plans={}, credentials=AnonymousCredentials())
+    return {
+        "raw": raw,
+        "plan": parse_plan("staging-refresh", raw),
+        "rt": rt,
+        "production": (production, prod_db),
+        "scratch": (scratch, scratch_db),
+        "staging": (staging, staging_db),
+        "dumps": tmp_path / "dumps",
+    }

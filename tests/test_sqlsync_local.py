@@ -2,74 +2,23 @@
 
 from __future__ import annotations
 
-import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from google.auth.credentials import AnonymousCredentials
 
 from services import sqlsync
 from services.errors import ConfigError, PermanentError
 from services.kinds import RunContext
 from services.plans import parse_plan
-from services.runtime import Runtime, Settings
-from tests.sqlsync_data import load_shop, production_rows
+from tests.sqlsync_data import make_sync_setup, production_rows
 
-SECRET_ENV = "SQLSYNC_TEST_SECRET"
 PERIOD = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
-_names = itertools.count()
 
 
 @pytest.fixture
 def sync_setup(mariadb_servers, tmp_path, monkeypatch):
-    """Fresh production/scratch/staging databases with data, and a plan pointing at them."""
-    monkeypatch.setenv(SECRET_ENV, "a-test-secret-of-enough-length")
-    suffix = next(_names)
-    production, scratch, staging = (mariadb_servers[k] for k in ("production", "scratch", "staging"))
-    prod_db = production.fresh_database(f"shop_{suffix}")
-    scratch_db = scratch.fresh_database(f"shop_scratch_{suffix}")
-    staging_db = staging.fresh_database(f"shop_{suffix}")
-    load_shop(production, prod_db, staging, staging_db)
-
-    def ref(server, database):
-        return {"host": "127.0.0.1", "port": server.port, "database": database, "user": "root"}
-
-    raw = {
-        "kind": "sqlsync",
-        "retention": {"keep": 2},
-        "select": ref(production, prod_db),
-        "destination": {
-            "staging": ref(staging, staging_db),
-            "scratch": ref(scratch, scratch_db),
-            "dump_dir": str(tmp_path / "dumps"),
-        },
-        "options": {
-            "profile": "local",
-            "secret_env": SECRET_ENV,
-            "rules": {
-                "accounts": {
-                    "email": "email",
-                    "phone": "phone",
-                    "name": "name",
-                    "notes": "text",
-                    "ssn": "null",
-                    "country": {"kind": "fixed", "value": "XX"},
-                },
-                "orders": {"contact_email": "email"},
-            },
-            "preserve": {"accounts": "demo = 1", "orders": "account_id IN (SELECT id FROM accounts WHERE demo = 1)"},
-        },
-    }
-    rt = Runtime(Settings.from_env({}), plans={}, credentials=AnonymousCredentials())
-    return {
-        "raw": raw,
-        "plan": parse_plan("staging-refresh", raw),
-        "rt": rt,
-        "production": (production, prod_db),
-        "scratch": (scratch, scratch_db),
-        "staging": (staging, staging_db),
-        "dumps": tmp_path / "dumps",
-    }
+    """Fresh production/scratch/staging databases with data, and a local-profile plan pointing at them."""
+    return make_sync_setup(mariadb_servers, tmp_path, monkeypatch)
 
 
 def _run(setup, period=PERIOD, **kwargs):
