@@ -23,8 +23,9 @@ import hashlib
 import hmac
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 KINDS = ("email", "phone", "name", "first_name", "last_name", "text", "null", "fixed", "hash")
 # Kinds whose output is unique whenever the inputs are (per domain): safe on a UNIQUE column.
@@ -505,12 +506,12 @@ class Masker:
             return self.text(value)
         raise ValueError(f"unknown masking kind {rule.kind!r}")
 
-    def mapping(self, rule: ColumnRule, values: Iterable[str]) -> dict[str, str]:
+    def mapping(self, rule: ColumnRule, values: Iterable[str], map_fn: Callable = map) -> dict[str, str]:
         """Original -> masked for every distinct non-null value of ``rule``'s domain.
 
         For ``email`` and ``hash`` the result is injective over the normalised inputs: candidates come from a
         truncated HMAC, and inputs whose candidates collide are resolved deterministically, independent of
-        the order of ``values``.
+        the order of ``values``. ``map_fn`` (like ``map``) may spread the per-value work over processes.
         """
         distinct = set(values)
         distinct.discard(None)  # type: ignore[arg-type]
@@ -519,8 +520,12 @@ class Masker:
             for value in distinct:
                 if value.strip():
                     by_norm.setdefault(normalise_email(value), []).append(value)
+            norms = list(by_norm)
+            first = dict(
+                zip(norms, map_fn(partial(_email_first_candidate, self, rule.email_domain), norms), strict=True)
+            )
             resolved = self._resolve_unique(
-                by_norm, lambda norm, counter: self.email_candidate(norm, counter, rule.email_domain), "email"
+                first, lambda norm, counter: self.email_candidate(norm, counter, rule.email_domain), "email"
             )
             out = {value: value for value in distinct if not value.strip()}
             for norm, originals in by_norm.items():
@@ -528,21 +533,20 @@ class Masker:
                     out[original] = resolved[norm]
             return out
         if rule.kind == "hash":
-            resolved = self._resolve_unique(
-                {value: [value] for value in distinct},
-                lambda value, counter: self.hash_candidate(value, counter, rule.length),
-                "hash",
+            inputs = list(distinct)
+            first = dict(zip(inputs, map_fn(partial(_hash_first_candidate, self, rule.length), inputs), strict=True))
+            return self._resolve_unique(
+                first, lambda value, counter: self.hash_candidate(value, counter, rule.length), "hash"
             )
-            return resolved
-        return {value: self.mask_value(rule, value) for value in distinct}  # type: ignore[misc]
+        inputs = list(distinct)
+        return dict(zip(inputs, map_fn(partial(_mask_one, self, rule), inputs), strict=True))
 
-    def _resolve_unique(self, inputs: Iterable[str], derive, purpose: str) -> dict[str, str]:
-        """Assign each input its candidate (counter 0); where several inputs share a candidate, the one with the
-        smallest full HMAC keeps it and the others re-derive with counters 1, 2 ... skipping every output
-        already taken. Groups are visited in candidate order and members in full-HMAC order, so the result
+    def _resolve_unique(self, candidates: dict[str, str], derive: Callable, purpose: str) -> dict[str, str]:
+        """``candidates`` holds each input's first candidate (counter 0); where several inputs share one, the
+        input with the smallest full HMAC keeps it and the others re-derive with counters 1, 2 ... skipping
+        every output already taken. Groups are visited in candidate order and members in full-HMAC order, so the result
         depends only on the set of inputs. Terminates because each retry draws a fresh pseudo-random
         candidate from a space much larger than the set (or raises rather than loop)."""
-        candidates = {value: derive(value, 0) for value in inputs}
         counts = Counter(candidates.values())
         out: dict[str, str] = {}
         groups: dict[str, list[str]] = {}
@@ -570,6 +574,19 @@ class Masker:
                         "(the output space is too small for this many values)"
                     )
         return out
+
+
+# Module-level so that they pickle: a process pool runs them for big columns.
+def _email_first_candidate(masker: Masker, email_domain: str, normalised: str) -> str:
+    return masker.email_candidate(normalised, 0, email_domain)
+
+
+def _hash_first_candidate(masker: Masker, length: int | None, value: str) -> str:
+    return masker.hash_candidate(value, 0, length)
+
+
+def _mask_one(masker: Masker, rule: ColumnRule, value: str) -> str | None:
+    return masker.mask_value(rule, value)
 
 
 def _kept_phone_digits(value: str, digits: str) -> int:

@@ -75,6 +75,7 @@ class SyncSettings:
     poll_seconds: float = 20.0
     email_bits: int = 80
     move_tables: str = "auto"  # "auto": RENAME scratch tables into staging when they share a server; "never"
+    mask_workers: int = 1  # processes computing masked values (big tables on a multi-core worker)
 
     @property
     def moves_tables(self) -> bool:
@@ -211,6 +212,7 @@ def parse_settings(fields: Fields) -> SyncSettings:
         poll_seconds=options.float("poll_seconds", 20.0, minimum=0.0),
         email_bits=options.int("email_bits", 80, minimum=40, maximum=160),
         move_tables=options.str("move_tables", "auto", choices=("auto", "never")),
+        mask_workers=options.int("mask_workers", 1, minimum=1, maximum=64),
     )
     options.done()
     select.done()
@@ -477,8 +479,11 @@ def _client_args(ref: db.DatabaseRef, option_file: Path) -> list[str]:
     return args
 
 
-def dump_database(ref: db.DatabaseRef, path: Path) -> int:
-    """``mariadb-dump`` of one database to ``path`` (written aside, then renamed: a half dump never counts)."""
+def dump_database(
+    ref: db.DatabaseRef, path: Path, ignore_tables: tuple[str, ...] = (), tables: tuple[str, ...] = ()
+) -> int:
+    """``mariadb-dump`` of one database (or of ``tables`` in it) to ``path``; written aside then renamed, so a half
+    dump never counts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     with tempfile.TemporaryDirectory() as tmp, open(partial, "wb") as out:
@@ -493,7 +498,9 @@ def dump_database(ref: db.DatabaseRef, path: Path) -> int:
                 "--no-tablespaces",
                 "--default-character-set=utf8mb4",
                 "--skip-dump-date",
+                *[f"--ignore-table={ref.database}.{table}" for table in ignore_tables],
                 ref.database,
+                *tables,
             ],
             stdout=out,
             stderr=subprocess.PIPE,
@@ -569,8 +576,12 @@ def step_mask(plan: Any, state: dict[str, Any], run: RunContext, rt: Runtime) ->
         problems = db.schema_problems(schema, settings.rules, {})
         if problems:
             raise ValueError("schema drift in scratch: " + "; ".join(problems))
+        if not db.begin_in_place_step(conn, "mask"):
+            run.log("step mask: scratch was already masked by an earlier attempt of this step; skipped")
+            return
         began = time.monotonic()
-        report = db.mask_database(conn, stream, schema, list(settings.rules), masker)
+        report = db.mask_database(conn, stream, schema, list(settings.rules), masker, workers=settings.mask_workers)
+        db.mark_progress(conn, "mask", "done")
     seconds = time.monotonic() - began
     state.setdefault("stats", {}).update(masked_rows=report.rows_updated, masked_values=report.values_masked)
     rate = report.rows_updated / seconds if seconds else 0.0
@@ -586,8 +597,12 @@ def step_preserve(plan: Any, state: dict[str, Any], run: RunContext, rt: Runtime
         run.log("step preserve: no preserve rules")
         return
     with _connection(settings.scratch) as scratch, _connection(settings.staging) as staging:
+        if not db.begin_in_place_step(scratch, "preserve"):
+            run.log("step preserve: rows were already re-inserted by an earlier attempt of this step; skipped")
+            return
         schema = db.read_schema(scratch, settings.scratch.database)
         report = db.copy_preserved_rows(staging, scratch, schema, settings.preserve)
+        db.mark_progress(scratch, "preserve", "done")
     remapped = {table: len(ids) for table, ids in report.remapped.items() if ids}
     state.setdefault("stats", {}).update(preserved_rows=report.rows, remapped_ids=remapped)
     run.log(f"step preserve: re-inserted {report.rows}; new ids for {remapped or 'none'}")
@@ -597,7 +612,7 @@ def step_export_scratch(plan: Any, state: dict[str, Any], run: RunContext, rt: R
     if plan.settings.moves_tables:
         run.log("step export-scratch: skipped, scratch shares the staging server and its tables will be moved")
         return
-    size = dump_database(plan.settings.scratch, run_dir(plan, run) / "masked.sql")
+    size = dump_database(plan.settings.scratch, run_dir(plan, run) / "masked.sql", (db.PROGRESS_TABLE,))
     run.log(f"step export-scratch: {size} bytes")
 
 
@@ -631,11 +646,10 @@ def move_tables(scratch: db.DatabaseRef, staging: db.DatabaseRef) -> int:
     with _connection(scratch) as conn:
         tables = [
             name
-            for (name, kind) in db.query(
-                conn,
-                "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
-                (scratch.database,),
+            for (name,) in db.query(
+                conn, "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s", (scratch.database,)
             )
+            if name != db.PROGRESS_TABLE
         ]
         views = db.query(
             conn, "SELECT COUNT(*) FROM information_schema.VIEWS WHERE TABLE_SCHEMA = %s", (scratch.database,)

@@ -58,7 +58,19 @@ def backup_description(plan: Any, run: RunContext) -> str:
     return f"sqlsync:{plan.name}:{run.period.strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def _request(plan: Any, step: str, run: RunContext) -> tuple[str, str, dict[str, Any]]:
+def scratch_tables(plan: Any) -> list[str]:
+    from services import sqlsync
+    from services.sqlsync_db import PROGRESS_TABLE, query
+
+    scratch = plan.settings.scratch
+    with sqlsync.db.connect(scratch) as conn:
+        rows = query(
+            conn, "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s", (scratch.database,)
+        )
+    return sorted(name for (name,) in rows if name != PROGRESS_TABLE)
+
+
+def _request(plan: Any, step: str, run: RunContext, with_tables: bool = False) -> tuple[str, str, dict[str, Any]]:
     """(role, API method, body) of the operation a step starts."""
     settings = plan.settings
     if step == "export-production":
@@ -78,6 +90,8 @@ def _request(plan: Any, step: str, run: RunContext) -> tuple[str, str, dict[str,
                 "uri": dump_uri(plan, run, "masked"),
                 "databases": [settings.scratch.database],
                 "offload": True,
+                # Every table but the progress marker (listed when the step starts).
+                "sqlExportOptions": {"tables": scratch_tables(plan) if with_tables else []},
             }
         }
         return "scratch", "export", body
@@ -111,7 +125,7 @@ def operation_step(plan: Any, step: str, state: dict[str, Any], run: RunContext,
     from services import sqlsync
 
     client = admin_client(plan, rt)
-    role, method, body = _request(plan, step, run)
+    role, method, body = _request(plan, step, run, with_tables="operation" not in state)
     ref = getattr(plan.settings, role)
     project, instance = split_instance(ref.instance)
     current = state.get("operation")

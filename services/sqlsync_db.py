@@ -13,6 +13,8 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,8 @@ from services.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,63}$")
 MAP_BATCH = 5000
+PARALLEL_MIN = 50_000  # below this, starting worker processes costs more than it saves
+UPDATE_CHUNK = 50_000
 # Kinds whose original values are personal data worth checking for after the import.
 VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash")
 
@@ -108,6 +112,49 @@ def query(conn: Any, sql: str, args: Any = None) -> list[tuple]:
     with conn.cursor() as cur:
         cur.execute(sql, args)
         return list(cur.fetchall())
+
+
+# ---- progress markers -----------------------------------------------------------------------------------------
+
+# A small table in the scratch database records which in-place steps (mask, preserve) finished, so that a task
+# delivered twice does not mask masked data or insert preserved rows twice. It is left out of the scratch export
+# and of the table move, and dropped with the rest of scratch.
+PROGRESS_TABLE = "_sqlsync_progress"
+
+
+def read_progress(conn: Any) -> dict[str, str]:
+    exists = query(
+        conn,
+        "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+        (PROGRESS_TABLE,),
+    )[0][0]
+    if not exists:
+        return {}
+    return dict(query(conn, f"SELECT step, state FROM {quote(PROGRESS_TABLE)}"))  # type: ignore[arg-type]
+
+
+def mark_progress(conn: Any, step: str, state: str) -> None:
+    query(
+        conn,
+        f"CREATE TABLE IF NOT EXISTS {quote(PROGRESS_TABLE)} (step VARCHAR(32) PRIMARY KEY, state VARCHAR(16) NOT NULL,"
+        " at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+    )
+    query(conn, f"REPLACE INTO {quote(PROGRESS_TABLE)} (step, state) VALUES (%s, %s)", (step, state))
+
+
+def begin_in_place_step(conn: Any, step: str) -> bool:
+    """False when ``step`` already finished on this scratch database (skip it); raises when an earlier attempt
+    stopped half-way, because running it again over half-changed data would be wrong."""
+    state = read_progress(conn).get(step)
+    if state == "done":
+        return False
+    if state == "started":
+        raise ValueError(
+            f"an earlier attempt of step {step} stopped half-way and scratch is partly changed:"
+            " run again from import-scratch (backup sqlsync PLAN --start-at import-scratch --period ...)"
+        )
+    mark_progress(conn, step, "started")
+    return True
 
 
 # ---- schema ----------------------------------------------------------------------------------------------------
@@ -225,7 +272,7 @@ def _column_values(conn_streaming: Any, table: str, columns: list[str]) -> dict[
 
 
 def mask_database(
-    conn: Any, conn_streaming: Any, schema: Schema, rules: list[ColumnRule], masker: Masker
+    conn: Any, conn_streaming: Any, schema: Schema, rules: list[ColumnRule], masker: Masker, workers: int = 1
 ) -> MaskReport:
     """Mask every ruled column of the scratch database in place: one UPDATE per table, joining per-column
     mapping tables (original bytes -> masked value) computed in Python.
@@ -236,6 +283,27 @@ def mask_database(
     afterwards, which makes the database itself re-check uniqueness.
     """
     report = MaskReport()
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
+
+        def parallel(func: Any, items: list[Any]) -> Any:
+            # Per-value masking is pure CPU in Python: big columns are spread over the machine's cores.
+            if pool is None or len(items) < PARALLEL_MIN:
+                return map(func, items)
+            return pool.map(func, items, chunksize=max(1000, len(items) // (4 * workers)))
+
+        _mask_tables(conn, conn_streaming, schema, rules, masker, report, parallel)
+    return report
+
+
+def _mask_tables(
+    conn: Any,
+    conn_streaming: Any,
+    schema: Schema,
+    rules: list[ColumnRule],
+    masker: Masker,
+    report: MaskReport,
+    parallel: Any,
+) -> None:
     query(conn, "SET SESSION foreign_key_checks = 0")
     by_domain: dict[str, list[ColumnRule]] = {}
     for rule in rules:
@@ -257,7 +325,7 @@ def mask_database(
         union: set[str] = set()
         for rule in domain_rules:
             union.update(column_values[(rule.table, rule.column)])
-        domain_maps[key] = masker.mapping(domain_rules[0], union)
+        domain_maps[key] = masker.mapping(domain_rules[0], union, map_fn=parallel)
     clock = report.add("compute", clock)
 
     by_table: dict[str, list[ColumnRule]] = {}
@@ -279,7 +347,8 @@ def mask_database(
                 mapping = domain_maps[f"{rule.kind}:{rule.domain}"]
                 pairs = [(v, mapping[v]) for v in values]
             else:
-                pairs = [(v, masker.mask_value(rule, v)) for v in values]  # type: ignore[misc]
+                mapping = masker.mapping(rule, values, map_fn=parallel)
+                pairs = list(mapping.items())
             clock = report.add("compute", clock)
             map_table = f"_sqlsync_map_{n}"
             query(conn, f"DROP TEMPORARY TABLE IF EXISTS {map_table}")
@@ -301,9 +370,9 @@ def mask_database(
         for index in dropped:
             query(conn, f"ALTER TABLE {quote(table)} DROP INDEX {quote(index)}")
         clock = report.add("indexes", clock)
-        with conn.cursor() as cur:
-            cur.execute(f"UPDATE {quote(table)} AS t {' '.join(joins)} SET {', '.join(assignments)}", args or None)
-            report.rows_updated += cur.rowcount
+        report.rows_updated += _update_in_chunks(
+            conn, schema, table, f"UPDATE {quote(table)} AS t {' '.join(joins)} SET {', '.join(assignments)}", args
+        )
         clock = report.add("update", clock)
         for index, cols in dropped.items():
             parts = ", ".join(quote(c) + (f"({sub})" if sub else "") for c, sub in cols)
@@ -313,7 +382,25 @@ def mask_database(
             query(conn, f"DROP TEMPORARY TABLE IF EXISTS _sqlsync_map_{n}")
         report.tables.append(table)
     query(conn, "SET SESSION foreign_key_checks = 1")
-    return report
+
+
+def _update_in_chunks(conn: Any, schema: Schema, table: str, update: str, args: list[Any]) -> int:
+    """Run the masking UPDATE in primary-key ranges when the key is one integer column: many small transactions
+    keep InnoDB's undo log short (one transaction over millions of rows is markedly slower)."""
+    pk = schema.primary_keys.get(table, [])
+    if len(pk) != 1 or (table, pk[0]) not in schema.integer_columns:
+        with conn.cursor() as cur:
+            cur.execute(update, args or None)
+            return cur.rowcount
+    low, high = query(conn, f"SELECT MIN({quote(pk[0])}), MAX({quote(pk[0])}) FROM {quote(table)}")[0]
+    if low is None:
+        return 0
+    rows = 0
+    with conn.cursor() as cur:
+        for start in range(int(low), int(high) + 1, UPDATE_CHUNK):
+            cur.execute(f"{update} WHERE t.{quote(pk[0])} BETWEEN %s AND %s", [*args, start, start + UPDATE_CHUNK - 1])
+            rows += cur.rowcount
+    return rows
 
 
 def _load_map(conn: Any, map_table: str, pairs: list[tuple[str, str]]) -> int:
@@ -330,11 +417,10 @@ def _load_map(conn: Any, map_table: str, pairs: list[tuple[str, str]]) -> int:
 
 
 def _load_map_infile(conn: Any, map_table: str, pairs: list[tuple[str, str]]) -> int:
+    # Sorted by key, the rows append to the primary key's B-tree instead of landing at random pages.
+    rows = sorted((original.encode("utf-8", "surrogateescape"), masked) for original, masked in pairs)
     with tempfile.NamedTemporaryFile("w", suffix=".tsv", encoding="ascii") as fh:
-        fh.writelines(
-            f"{original.encode('utf-8', 'surrogateescape').hex()}\t{masked.encode().hex()}\n"
-            for original, masked in pairs
-        )
+        fh.writelines(f"{original.hex()}\t{masked.encode().hex()}\n" for original, masked in rows)
         fh.flush()
         with conn.cursor() as cur:
             cur.execute(

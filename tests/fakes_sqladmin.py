@@ -174,7 +174,8 @@ class SqlAdminFake:
             ref = DatabaseRef("fake", ctx["databases"][0], host=backend.host, port=backend.port)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "dump.sql"
-                sqlsync.dump_database(ref, path)
+                tables = tuple(ctx.get("sqlExportOptions", {}).get("tables", []))
+                sqlsync.dump_database(ref, path, tables=tables)
                 self._blob(ctx["uri"]).upload_from_string(gzip.compress(path.read_bytes()))
         elif op["operationType"] == "IMPORT" and "importContext" in op:
             ctx = op["importContext"]

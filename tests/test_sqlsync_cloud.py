@@ -107,6 +107,7 @@ def test_the_cloud_chain_exports_imports_backs_up_and_cleans_up(cloud):
         ("staging", "IMPORT"),
     ]
     assert all(op["exportContext"]["offload"] is True for op in exports)
+    assert exports[1]["exportContext"]["sqlExportOptions"]["tables"] == ["accounts", "orders"]
     assert (
         exports[0]["exportContext"]["uri"]
         == f"gs://{BUCKET}/exports/sqlsync/staging-refresh/20261123T020000Z/production.sql.gz"
@@ -114,6 +115,7 @@ def test_the_cloud_chain_exports_imports_backs_up_and_cleans_up(cloud):
     assert len(emails) == 120 and not emails & {row[1] for row in production_rows()}
     assert [r["description"] for r in fake.backup_runs["staging"]] == ["sqlsync:staging-refresh:20261123T020000Z"]
     assert list(cloud["gcs"].list_blobs(BUCKET)) == []  # the unmasked production export is gone
+    assert {row[0] for row in staging.execute("SHOW TABLES", database=staging_db)} == {"accounts", "orders"}
     assert outcome.stats["step_reached"] == "cleanup-scratch"
     assert any(line.startswith("step import-staging: done in") for line in run.log_lines)
 

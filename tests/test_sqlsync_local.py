@@ -181,3 +181,34 @@ def test_scratch_on_the_staging_server_moves_tables_with_their_foreign_keys(sync
     with pytest.raises(pymysql.err.IntegrityError):
         staging.execute("INSERT INTO orders (account_id, total) VALUES (99999, 1)", database=staging_db)
     assert (sync_setup["dumps"] / "staging-refresh" / "20261123T020000Z" / "staging-before.sql").exists()
+
+
+def test_a_mask_task_delivered_twice_does_not_mask_twice(sync_setup):
+    _run(sync_setup, stop_at="mask")
+    scratch, scratch_db = sync_setup["scratch"]
+    after_first = scratch.execute("SELECT email, phone, name FROM accounts ORDER BY id", database=scratch_db)
+
+    again, run = _run(sync_setup, start_at="mask", stop_at="mask")
+
+    assert "step mask: scratch was already masked by an earlier attempt of this step; skipped" in run.log_lines
+    assert scratch.execute("SELECT email, phone, name FROM accounts ORDER BY id", database=scratch_db) == after_first
+
+
+def test_a_mask_that_stopped_half_way_is_not_run_over_half_masked_data(sync_setup):
+    _run(sync_setup, stop_at="import-scratch")
+    scratch, scratch_db = sync_setup["scratch"]
+    scratch.execute(
+        "CREATE TABLE _sqlsync_progress (step VARCHAR(32) PRIMARY KEY, state VARCHAR(16) NOT NULL)", database=scratch_db
+    )
+    scratch.execute("INSERT INTO _sqlsync_progress VALUES ('mask', 'started')", database=scratch_db)
+
+    with pytest.raises(PermanentError, match="step mask: an earlier attempt of step mask stopped half-way"):
+        _run(sync_setup, start_at="mask")
+
+
+def test_the_progress_marker_never_reaches_staging(sync_setup):
+    _run(sync_setup)
+
+    tables = {row[0] for row in _rows(sync_setup, "staging", "SHOW TABLES")}
+
+    assert tables == {"accounts", "orders"}
