@@ -142,16 +142,36 @@ def test_start_at_resumes_a_run_stopped_after_masking(sync_setup):
     assert _rows(sync_setup, "staging", "SELECT COUNT(*) FROM accounts") == [(122,)]
 
 
-def test_verification_fails_the_run_when_an_original_value_reaches_staging(sync_setup):
+@pytest.mark.parametrize(
+    ("leak", "found"),
+    [
+        (
+            "UPDATE orders SET contact_email = 'Customer.7@Real-Mail.com' WHERE id = 5",
+            "orders.contact_email: an original email from accounts.email is present",
+        ),
+        (
+            "UPDATE accounts SET phone = '+44 7700 900007' WHERE id = 7",
+            "accounts.phone: the row with key [7] still holds its original value",
+        ),
+        (
+            "UPDATE accounts SET name = 'Zebulon9 Quixotic9' WHERE id = 9",
+            "accounts.name: the row with key [9] still holds its original value",
+        ),
+    ],
+)
+def test_verification_fails_the_run_when_an_original_value_reaches_staging(sync_setup, leak, found):
     _run(sync_setup, stop_at="import-staging")
     server, database = sync_setup["staging"]
-    server.execute("UPDATE orders SET contact_email = 'Customer.7@Real-Mail.com' WHERE id = 5", database=database)
+    server.execute(leak, database=database)
     sync_setup["plan"] = parse_plan(
         "staging-refresh", {**sync_setup["raw"], "options": {**sync_setup["raw"]["options"], "verify_sample": 120}}
     )
 
-    with pytest.raises(PermanentError, match="step verify: personal data found in staging"):
+    with pytest.raises(PermanentError) as error:
         _run(sync_setup, start_at="verify")
+
+    assert str(error.value).startswith("step verify: personal data found in staging after the import: ")
+    assert found in str(error.value)
 
 
 def test_safety_dump_is_required_before_staging_is_overwritten(sync_setup):
