@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -86,8 +87,13 @@ def connect(ref: DatabaseRef, database: str | None = None, *, streaming: bool = 
     return pymysql.connect(host=ref.host or "127.0.0.1", port=ref.port, **kwargs)
 
 
+_CONNECTORS: dict[bool, Any] = {}
+_CONNECTORS_LOCK = threading.Lock()
+
+
 def _connect_cloud_sql(ref: DatabaseRef, kwargs: dict[str, Any]) -> Any:
-    """Through the Cloud SQL Python Connector (IAM-authorised TLS, private IP when asked)."""
+    """Through the Cloud SQL Python Connector (IAM-authorised TLS, private IP when asked). One Connector per
+    process and IP type: it keeps certificates fresh in a background thread, so it is shared, not rebuilt."""
     try:
         from google.cloud.sql.connector import Connector, IPTypes
     except ImportError as exc:  # pragma: no cover - depends on the deployment
@@ -95,17 +101,14 @@ def _connect_cloud_sql(ref: DatabaseRef, kwargs: dict[str, Any]) -> Any:
             "the Cloud SQL Python Connector is not installed (pip install cloud-sql-python-connector[pymysql]),"
             f" or set host/port for {ref.role} to connect through the Cloud SQL Auth Proxy"
         ) from exc
-    connector = Connector(ip_type=IPTypes.PRIVATE if ref.private_ip else IPTypes.PUBLIC)
-    conn = connector.connect(
-        ref.instance,
-        "pymysql",
-        user=kwargs["user"],
-        password=kwargs["password"],
-        db=kwargs["database"],
-        autocommit=True,
+    with _CONNECTORS_LOCK:
+        if ref.private_ip not in _CONNECTORS:
+            _CONNECTORS[ref.private_ip] = Connector(ip_type=IPTypes.PRIVATE if ref.private_ip else IPTypes.PUBLIC)
+        connector = _CONNECTORS[ref.private_ip]
+    passed_on = {k: v for k, v in kwargs.items() if k not in ("user", "password", "database")}
+    return connector.connect(
+        ref.instance, "pymysql", user=kwargs["user"], password=kwargs["password"], db=kwargs["database"], **passed_on
     )
-    conn._sqlsync_connector = connector  # closed with the connection's owner; keeps it alive meanwhile
-    return conn
 
 
 def query(conn: Any, sql: str, args: Any = None) -> list[tuple]:
