@@ -280,9 +280,13 @@ def _step_summary(settings: SyncSettings, step: str) -> str:
         "mask": f"mask {', '.join(ruled)}",
         "preserve": "re-insert staging rows "
         + (", ".join(f"{t} WHERE {w}" for t, w in settings.preserve.items()) or "(none)"),
-        "export-scratch": f"dump the masked {settings.scratch.label()}",
+        "export-scratch": "skipped: scratch shares the staging server, its tables are moved"
+        if settings.moves_tables
+        else f"dump the masked {settings.scratch.label()}",
         "backup-staging": f"safety backup of {settings.staging.label()}",
-        "import-staging": f"load the masked dump into {settings.staging.label()}",
+        "import-staging": f"move the masked tables into {settings.staging.label()} (RENAME TABLE)"
+        if settings.moves_tables
+        else f"load the masked dump into {settings.staging.label()}",
         "verify": f"look for {settings.verify_sample} sampled production values per table in staging",
         "cleanup-scratch": f"drop every table of {settings.scratch.label()} and delete the unmasked dump",
     }[step]
@@ -319,11 +323,11 @@ def run_step(plan: Any, state: dict[str, Any], run: RunContext, rt: Runtime) -> 
         else:
             _STEP_FUNCTIONS[step](plan, state, run, rt)
     except (PermanentError, TransientError) as exc:
-        run.log(f"step {step}: failed: {exc}")
+        run.log(f"failed: {exc}")
         raise
     except Exception as exc:
         error = classify(step, exc)
-        run.log(f"step {step}: failed: {error}")
+        run.log(f"failed: {error}")
         raise error from exc
     seconds = time.monotonic() - began + state.pop("waited_seconds", 0.0)
     state["timings"][step] = round(seconds, 3)

@@ -232,3 +232,15 @@ def test_the_progress_marker_never_reaches_staging(sync_setup):
     tables = {row[0] for row in _rows(sync_setup, "staging", "SHOW TABLES")}
 
     assert tables == {"accounts", "orders"}
+
+
+def test_masking_works_where_the_server_refuses_load_data_local(sync_setup):
+    scratch, scratch_db = sync_setup["scratch"]
+    scratch.execute("SET GLOBAL local_infile = 0")  # as Cloud SQL's default flags have it
+    try:
+        _run(sync_setup, stop_at="mask")
+    finally:
+        scratch.execute("SET GLOBAL local_infile = 1")
+
+    masked = scratch.execute("SELECT email FROM accounts", database=scratch_db)
+    assert len(masked) == 120 and all(row[0].endswith("@example.com") for row in masked)
