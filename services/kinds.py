@@ -30,6 +30,7 @@ KIND_MODULES: dict[str, str] = {
     "directory": "services.directory",
     "disks": "services.disks",
     "filestore": "services.filestore",
+    "sqlsync": "services.sqlsync",
 }
 
 

@@ -1,0 +1,593 @@
+"""The SQL half of the sqlsync kind: connections, schema checks, masking a scratch database in place, re-inserting
+preserved staging rows with key remapping, and the post-import PII verification.
+
+Everything here talks DB-API (PyMySQL) to MySQL or MariaDB, so the local profile and Cloud SQL share it; only
+how a connection is opened differs (``connect``): TCP/socket for local servers and the Cloud SQL Auth Proxy, the
+Cloud SQL Python Connector for Cloud SQL instances.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,63}$")
+MAP_BATCH = 5000
+PARALLEL_MIN = 50_000  # below this, starting worker processes costs more than it saves
+UPDATE_CHUNK = 50_000
+# Kinds whose original values are personal data worth checking for after the import.
+VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash")
+
+
+@dataclass(frozen=True)
+class DatabaseRef:
+    """One side of the sync. Local profile: ``host``/``port`` or ``socket``. Cloud SQL: ``instance`` as
+    ``project:region:name`` (SQL goes through the Python Connector, or over TCP to ``host`` when set, e.g. a
+    Cloud SQL Auth Proxy)."""
+
+    role: str
+    database: str
+    instance: str | None = None
+    host: str | None = None
+    port: int = 3306
+    socket: str | None = None
+    user: str = "root"
+    password_env: str | None = None
+    private_ip: bool = False
+
+    def password(self) -> str:
+        if not self.password_env:
+            return ""
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise LookupError(f"{self.role}: environment variable {self.password_env} (password) is not set")
+        return value
+
+    def label(self) -> str:
+        where = self.instance or (self.socket if self.socket else f"{self.host}:{self.port}")
+        return f"{where}/{self.database}"
+
+
+def quote(name: str) -> str:
+    """Backtick-quote an identifier (plan names are validated against IDENTIFIER; names read from the server
+    may hold anything, so backticks are doubled)."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def connect(ref: DatabaseRef, database: str | None = None, *, streaming: bool = False) -> Any:
+    """A PyMySQL connection to ``ref`` (autocommit on). ``streaming`` returns unbuffered cursors for big reads."""
+    import pymysql
+    import pymysql.cursors
+
+    kwargs: dict[str, Any] = {
+        "user": ref.user,
+        "password": ref.password(),
+        "database": database if database is not None else ref.database,
+        "autocommit": True,
+        "charset": "utf8mb4",
+        "local_infile": True,
+        "max_allowed_packet": 64 * 1024 * 1024,
+    }
+    if streaming:
+        kwargs["cursorclass"] = pymysql.cursors.SSCursor
+    if ref.instance and not ref.host and not ref.socket:
+        return _connect_cloud_sql(ref, kwargs)
+    if ref.socket:
+        return pymysql.connect(unix_socket=ref.socket, **kwargs)
+    return pymysql.connect(host=ref.host or "127.0.0.1", port=ref.port, **kwargs)
+
+
+_CONNECTORS: dict[bool, Any] = {}
+_CONNECTORS_LOCK = threading.Lock()
+
+
+def _connect_cloud_sql(ref: DatabaseRef, kwargs: dict[str, Any]) -> Any:
+    """Through the Cloud SQL Python Connector (IAM-authorised TLS, private IP when asked). One Connector per
+    process and IP type: it keeps certificates fresh in a background thread, so it is shared, not rebuilt."""
+    try:
+        from google.cloud.sql.connector import Connector, IPTypes
+    except ImportError as exc:  # pragma: no cover - depends on the deployment
+        raise LookupError(
+            "the Cloud SQL Python Connector is not installed (pip install cloud-sql-python-connector[pymysql]),"
+            f" or set host/port for {ref.role} to connect through the Cloud SQL Auth Proxy"
+        ) from exc
+    with _CONNECTORS_LOCK:
+        if ref.private_ip not in _CONNECTORS:
+            _CONNECTORS[ref.private_ip] = Connector(ip_type=IPTypes.PRIVATE if ref.private_ip else IPTypes.PUBLIC)
+        connector = _CONNECTORS[ref.private_ip]
+    passed_on = {k: v for k, v in kwargs.items() if k not in ("user", "password", "database")}
+    return connector.connect(
+        ref.instance, "pymysql", user=kwargs["user"], password=kwargs["password"], db=kwargs["database"], **passed_on
+    )
+
+
+def query(conn: Any, sql: str, args: Any = None) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return list(cur.fetchall())
+
+
+# ---- progress markers -----------------------------------------------------------------------------------------
+
+# A small table in the scratch database records which in-place steps (mask, preserve) finished, so that a task
+# delivered twice does not mask masked data or insert preserved rows twice. It is left out of the scratch export
+# and of the table move, and dropped with the rest of scratch.
+PROGRESS_TABLE = "_sqlsync_progress"
+
+
+def read_progress(conn: Any) -> dict[str, str]:
+    exists = query(
+        conn,
+        "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+        (PROGRESS_TABLE,),
+    )[0][0]
+    if not exists:
+        return {}
+    return dict(query(conn, f"SELECT step, state FROM {quote(PROGRESS_TABLE)}"))  # type: ignore[arg-type]
+
+
+def mark_progress(conn: Any, step: str, state: str) -> None:
+    query(
+        conn,
+        f"CREATE TABLE IF NOT EXISTS {quote(PROGRESS_TABLE)} (step VARCHAR(32) PRIMARY KEY, state VARCHAR(16) NOT NULL,"
+        " at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+    )
+    query(conn, f"REPLACE INTO {quote(PROGRESS_TABLE)} (step, state) VALUES (%s, %s)", (step, state))
+
+
+def begin_in_place_step(conn: Any, step: str) -> bool:
+    """False when ``step`` already finished on this scratch database (skip it); raises when an earlier attempt
+    stopped half-way, because running it again over half-changed data would be wrong."""
+    state = read_progress(conn).get(step)
+    if state == "done":
+        return False
+    if state == "started":
+        raise ValueError(
+            f"an earlier attempt of step {step} stopped half-way and scratch is partly changed:"
+            " run again from import-scratch (backup sqlsync PLAN --start-at import-scratch --period ...)"
+        )
+    mark_progress(conn, step, "started")
+    return True
+
+
+# ---- schema ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Schema:
+    """What the checks and the remapping need to know about one database's tables."""
+
+    columns: dict[str, list[str]] = field(default_factory=dict)
+    primary_keys: dict[str, list[str]] = field(default_factory=dict)
+    unique_indexes: dict[str, dict[str, list[tuple[str, int | None]]]] = field(default_factory=dict)
+    foreign_keys: list[tuple[str, str, str, str]] = field(default_factory=list)  # child, column, parent, column
+    integer_columns: set[tuple[str, str]] = field(default_factory=set)
+
+
+def read_schema(conn: Any, database: str) -> Schema:
+    schema = Schema()
+    for table, column, data_type in query(
+        conn,
+        "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s"
+        " ORDER BY TABLE_NAME, ORDINAL_POSITION",
+        (database,),
+    ):
+        schema.columns.setdefault(table, []).append(column)
+        if data_type.lower() in ("tinyint", "smallint", "mediumint", "int", "bigint"):
+            schema.integer_columns.add((table, column))
+    for table, index, column, sub_part in query(
+        conn,
+        "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME, SUB_PART FROM information_schema.STATISTICS"
+        " WHERE TABLE_SCHEMA = %s AND NON_UNIQUE = 0 ORDER BY TABLE_NAME, INDEX_NAME, SEQ_IN_INDEX",
+        (database,),
+    ):
+        if index == "PRIMARY":
+            schema.primary_keys.setdefault(table, []).append(column)
+        else:
+            schema.unique_indexes.setdefault(table, {}).setdefault(index, []).append((column, sub_part))
+    schema.foreign_keys = [
+        tuple(row)  # type: ignore[misc]
+        for row in query(
+            conn,
+            "SELECT TABLE_NAME, COLUMN_NAME, REFERENCED_TABLE_NAME, REFERENCED_COLUMN_NAME"
+            " FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = %s"
+            " AND REFERENCED_TABLE_NAME IS NOT NULL AND REFERENCED_TABLE_SCHEMA = %s",
+            (database, database),
+        )
+    ]
+    return schema
+
+
+def schema_problems(schema: Schema, rules: Iterable[ColumnRule], preserve: dict[str, str]) -> list[str]:
+    """Everything in the plan that the production schema contradicts, each naming table, column and what exists."""
+    problems: list[str] = []
+    for rule in rules:
+        if rule.table not in schema.columns:
+            problems.append(f"table {rule.table} has a masking rule but does not exist")
+            continue
+        if rule.column not in schema.columns[rule.table]:
+            problems.append(
+                f"column {rule.table}.{rule.column} has a masking rule but does not exist"
+                f" (columns of {rule.table}: {', '.join(schema.columns[rule.table])})"
+            )
+            continue
+        if rule.column in schema.primary_keys.get(rule.table, []):
+            problems.append(f"column {rule.table}.{rule.column} is part of the primary key and cannot be masked")
+        if rule.kind not in INJECTIVE_KINDS and rule.kind != "null":
+            for index, cols in schema.unique_indexes.get(rule.table, {}).items():
+                if rule.column in [c for c, _ in cols]:
+                    problems.append(
+                        f"column {rule.table}.{rule.column} is in unique index {index} but rule {rule.kind!r}"
+                        f" cannot keep values unique (use one of {', '.join(INJECTIVE_KINDS)})"
+                    )
+    for table in preserve:
+        if table not in schema.columns:
+            problems.append(f"table {table} has a preserve rule but does not exist")
+    return problems
+
+
+# ---- masking ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MaskReport:
+    rows_updated: int = 0
+    values_masked: int = 0
+    tables: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # read, compute, load, update, indexes
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - since, 3)
+        return now
+
+
+def _column_values(conn_streaming: Any, table: str, columns: list[str]) -> dict[str, set[str]]:
+    """Distinct non-null values of several columns in one streaming scan of the table, compared byte for byte
+    (a *_ci collation would fold 'A' and 'a' together and leave one of them without a mapping)."""
+    values: dict[str, set[str]] = {column: set() for column in columns}
+    sets = [values[column] for column in columns]
+    select = ", ".join(f"CAST(CONVERT({quote(c)} USING utf8mb4) AS BINARY)" for c in columns)
+    with conn_streaming.cursor() as cur:
+        cur.execute(f"SELECT {select} FROM {quote(table)}")
+        while True:
+            rows = cur.fetchmany(10000)
+            if not rows:
+                break
+            for target, column_values in zip(sets, zip(*rows, strict=True), strict=True):
+                target.update(column_values)
+    for target in sets:
+        target.discard(None)  # type: ignore[arg-type]
+    return {
+        column: {raw.decode("utf-8", "surrogateescape") for raw in raw_values}  # type: ignore[attr-defined]
+        for column, raw_values in values.items()
+    }
+
+
+def mask_database(
+    conn: Any, conn_streaming: Any, schema: Schema, rules: list[ColumnRule], masker: Masker, workers: int = 1
+) -> MaskReport:
+    """Mask every ruled column of the scratch database in place: one UPDATE per table, joining per-column
+    mapping tables (original bytes -> masked value) computed in Python.
+
+    Columns of the same domain share one mapping computed over the union of their values, so they stay
+    joinable and the uniqueness resolution sees every value. Unique indexes on masked columns are dropped
+    for the UPDATE (a row's new value may equal another row's old one until both are rewritten) and added back
+    afterwards, which makes the database itself re-check uniqueness.
+    """
+    report = MaskReport()
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
+
+        def parallel(func: Any, items: list[Any]) -> Any:
+            # Per-value masking is pure CPU in Python: big columns are spread over the machine's cores.
+            if pool is None or len(items) < PARALLEL_MIN:
+                return map(func, items)
+            return pool.map(func, items, chunksize=max(1000, len(items) // (4 * workers)))
+
+        _mask_tables(conn, conn_streaming, schema, rules, masker, report, parallel)
+    return report
+
+
+def _mask_tables(
+    conn: Any,
+    conn_streaming: Any,
+    schema: Schema,
+    rules: list[ColumnRule],
+    masker: Masker,
+    report: MaskReport,
+    parallel: Any,
+) -> None:
+    query(conn, "SET SESSION foreign_key_checks = 0")
+    by_domain: dict[str, list[ColumnRule]] = {}
+    for rule in rules:
+        if rule.kind in SET_KINDS:
+            by_domain.setdefault(f"{rule.kind}:{rule.domain}", []).append(rule)
+    clock = time.perf_counter()
+    # Each column's distinct values are read once; set kinds then get one mapping per domain over the union.
+    read_columns: dict[str, list[str]] = {}
+    for rule in rules:
+        if rule.kind not in ("null", "fixed"):
+            read_columns.setdefault(rule.table, []).append(rule.column)
+    column_values: dict[tuple[str, str], set[str]] = {}
+    for table, columns in read_columns.items():
+        for column, found in _column_values(conn_streaming, table, columns).items():
+            column_values[(table, column)] = found
+    clock = report.add("read", clock)
+    domain_maps: dict[str, dict[str, str]] = {}
+    for key, domain_rules in by_domain.items():
+        union: set[str] = set()
+        for rule in domain_rules:
+            union.update(column_values[(rule.table, rule.column)])
+        domain_maps[key] = masker.mapping(domain_rules[0], union, map_fn=parallel)
+    clock = report.add("compute", clock)
+
+    by_table: dict[str, list[ColumnRule]] = {}
+    for rule in rules:
+        by_table.setdefault(rule.table, []).append(rule)
+    for table, table_rules in sorted(by_table.items()):
+        joins, assignments, args = [], [], []
+        for n, rule in enumerate(table_rules):
+            col = f"t.{quote(rule.column)}"
+            if rule.kind == "null":
+                assignments.append(f"{col} = NULL")
+                continue
+            if rule.kind == "fixed":
+                assignments.append(f"{col} = IF({col} IS NULL, NULL, %s)")
+                args.append(rule.value)
+                continue
+            values = column_values.pop((table, rule.column))
+            if rule.kind in SET_KINDS:
+                mapping = domain_maps[f"{rule.kind}:{rule.domain}"]
+                pairs = [(v, mapping[v]) for v in values]
+            else:
+                mapping = masker.mapping(rule, values, map_fn=parallel)
+                pairs = list(mapping.items())
+            clock = report.add("compute", clock)
+            map_table = f"_sqlsync_map_{n}"
+            query(conn, f"DROP TEMPORARY TABLE IF EXISTS {map_table}")
+            query(
+                conn,
+                f"CREATE TEMPORARY TABLE {map_table} (orig VARBINARY(3072) NOT NULL PRIMARY KEY,"
+                " masked VARCHAR(3072) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL) ENGINE=InnoDB",
+            )
+            report.values_masked += _load_map(conn, map_table, pairs)
+            clock = report.add("load", clock)
+            joins.append(f"LEFT JOIN {map_table} ON {map_table}.orig = CAST(CONVERT({col} USING utf8mb4) AS BINARY)")
+            assignments.append(f"{col} = IF({col} IS NULL, NULL, {map_table}.masked)")
+        masked_columns = {rule.column for rule in table_rules}
+        dropped = {
+            index: cols
+            for index, cols in schema.unique_indexes.get(table, {}).items()
+            if masked_columns & {c for c, _ in cols}
+        }
+        for index in dropped:
+            query(conn, f"ALTER TABLE {quote(table)} DROP INDEX {quote(index)}")
+        clock = report.add("indexes", clock)
+        report.rows_updated += _update_in_chunks(
+            conn, schema, table, f"UPDATE {quote(table)} AS t {' '.join(joins)} SET {', '.join(assignments)}", args
+        )
+        clock = report.add("update", clock)
+        for index, cols in dropped.items():
+            parts = ", ".join(quote(c) + (f"({sub})" if sub else "") for c, sub in cols)
+            query(conn, f"ALTER TABLE {quote(table)} ADD UNIQUE INDEX {quote(index)} ({parts})")
+        clock = report.add("indexes", clock)
+        for n in range(len(table_rules)):
+            query(conn, f"DROP TEMPORARY TABLE IF EXISTS _sqlsync_map_{n}")
+        report.tables.append(table)
+    query(conn, "SET SESSION foreign_key_checks = 1")
+
+
+def _update_in_chunks(conn: Any, schema: Schema, table: str, update: str, args: list[Any]) -> int:
+    """Run the masking UPDATE in primary-key ranges when the key is one integer column: many small transactions
+    keep InnoDB's undo log short (one transaction over millions of rows is markedly slower)."""
+    pk = schema.primary_keys.get(table, [])
+    if len(pk) != 1 or (table, pk[0]) not in schema.integer_columns:
+        with conn.cursor() as cur:
+            cur.execute(update, args or None)
+            return cur.rowcount
+    low, high = query(conn, f"SELECT MIN({quote(pk[0])}), MAX({quote(pk[0])}) FROM {quote(table)}")[0]
+    if low is None:
+        return 0
+    rows = 0
+    with conn.cursor() as cur:
+        for start in range(int(low), int(high) + 1, UPDATE_CHUNK):
+            cur.execute(f"{update} WHERE t.{quote(pk[0])} BETWEEN %s AND %s", [*args, start, start + UPDATE_CHUNK - 1])
+            rows += cur.rowcount
+    return rows
+
+
+def _load_map(conn: Any, map_table: str, pairs: list[tuple[str, str]]) -> int:
+    """Fill a mapping table. LOAD DATA LOCAL INFILE of a hex-encoded file is several times faster than
+    INSERTs; servers that refuse local infile (Cloud SQL's default flags) get batched INSERTs instead."""
+    try:
+        return _load_map_infile(conn, map_table, pairs)
+    except Exception as exc:
+        import pymysql
+
+        if not isinstance(exc, pymysql.err.MySQLError) or exc.args[0] not in (1148, 3948, 4166, 2068):
+            raise
+    return _load_map_inserts(conn, map_table, pairs)
+
+
+def _load_map_infile(conn: Any, map_table: str, pairs: list[tuple[str, str]]) -> int:
+    # Sorted by key, the rows append to the primary key's B-tree instead of landing at random pages.
+    rows = sorted((original.encode("utf-8", "surrogateescape"), masked) for original, masked in pairs)
+    with tempfile.NamedTemporaryFile("w", suffix=".tsv", encoding="ascii") as fh:
+        fh.writelines(f"{original.hex()}\t{masked.encode().hex()}\n" for original, masked in rows)
+        fh.flush()
+        with conn.cursor() as cur:
+            cur.execute(
+                f"LOAD DATA LOCAL INFILE %s INTO TABLE {map_table} FIELDS TERMINATED BY '\\t'"
+                " LINES TERMINATED BY '\\n' (@orig, @masked)"
+                " SET orig = UNHEX(@orig), masked = CONVERT(UNHEX(@masked) USING utf8mb4)",
+                (fh.name,),
+            )
+            return cur.rowcount
+
+
+def _load_map_inserts(conn: Any, map_table: str, pairs: list[tuple[str, str]]) -> int:
+    with conn.cursor() as cur:
+        for start in range(0, len(pairs), MAP_BATCH):
+            batch = [(o.encode("utf-8", "surrogateescape"), m) for o, m in pairs[start : start + MAP_BATCH]]
+            cur.executemany(f"INSERT INTO {map_table} (orig, masked) VALUES (%s, %s)", batch)
+    return len(pairs)
+
+
+# ---- preserved staging rows ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreserveReport:
+    rows: dict[str, int] = field(default_factory=dict)
+    remapped: dict[str, dict[Any, Any]] = field(default_factory=dict)
+
+
+def preserve_order(tables: Iterable[str], schema: Schema) -> list[str]:
+    """Preserved tables with parents before children (by foreign keys among them), so inserts satisfy FKs."""
+    pending = sorted(set(tables))
+    parents = {t: {p for c, _, p, _ in schema.foreign_keys if c == t and p != t and p in pending} for t in pending}
+    ordered: list[str] = []
+    while pending:
+        ready = [t for t in pending if parents[t] <= set(ordered)]
+        if not ready:
+            raise ValueError(f"preserve: foreign keys form a cycle among {', '.join(pending)}")
+        ordered.extend(ready)
+        pending = [t for t in pending if t not in ready]
+    return ordered
+
+
+def copy_preserved_rows(staging: Any, scratch: Any, schema: Schema, preserve: dict[str, str]) -> PreserveReport:
+    """Read staging's preserved rows (each table's WHERE) and insert them into the masked scratch database.
+
+    A row whose single-column integer primary key is already used by a production row gets the next free id
+    (above both sets); foreign keys of preserved rows that point at a remapped parent are rewritten. Inserts
+    run with foreign-key checks on, so a preserved row that points at a parent that exists nowhere fails the
+    step instead of landing broken.
+    """
+    report = PreserveReport()
+    staged: dict[str, tuple[list[str], list[list[Any]]]] = {}
+    for table in preserve_order(preserve, schema):
+        staging_cols = {row[0] for row in query(staging, f"SHOW COLUMNS FROM {quote(table)}")}
+        columns = [c for c in schema.columns[table] if c in staging_cols]
+        rows = [
+            list(row)
+            for row in query(
+                staging, f"SELECT {', '.join(quote(c) for c in columns)} FROM {quote(table)} WHERE {preserve[table]}"
+            )
+        ]
+        staged[table] = (columns, rows)
+
+    for table, (columns, rows) in staged.items():
+        for child, column, parent, parent_column in schema.foreign_keys:
+            if child != table or parent not in report.remapped or column not in columns:
+                continue
+            if schema.primary_keys.get(parent) != [parent_column]:
+                continue
+            idx = columns.index(column)
+            for row in rows:
+                if row[idx] in report.remapped[parent]:
+                    row[idx] = report.remapped[parent][row[idx]]
+        pk = schema.primary_keys.get(table, [])
+        remap: dict[Any, Any] = {}
+        if rows and len(pk) == 1 and pk[0] in columns:
+            idx = columns.index(pk[0])
+            ids = [row[idx] for row in rows]
+            taken = set()
+            for chunk_start in range(0, len(ids), 1000):
+                chunk = ids[chunk_start : chunk_start + 1000]
+                marks = ", ".join(["%s"] * len(chunk))
+                taken.update(
+                    r[0]
+                    for r in query(
+                        scratch, f"SELECT {quote(pk[0])} FROM {quote(table)} WHERE {quote(pk[0])} IN ({marks})", chunk
+                    )
+                )
+            if taken:
+                if (table, pk[0]) not in schema.integer_columns:
+                    raise ValueError(
+                        f"preserve: {len(taken)} row(s) of {table} collide with production on primary key {pk[0]},"
+                        " which is not an integer and cannot be given new ids"
+                    )
+                (max_id,) = query(scratch, f"SELECT COALESCE(MAX({quote(pk[0])}), 0) FROM {quote(table)}")[0]
+                next_id = max(int(max_id), max(int(i) for i in ids)) + 1
+                for row in sorted(rows, key=lambda r: r[idx]):
+                    if row[idx] in taken:
+                        remap[row[idx]] = next_id
+                        row[idx] = next_id
+                        next_id += 1
+                # A self-referencing foreign key (parent_id in the same table) follows its parent's new id.
+                for child, column, parent, parent_column in schema.foreign_keys:
+                    if child == table == parent and parent_column == pk[0] and column in columns:
+                        cidx = columns.index(column)
+                        for row in rows:
+                            if row[cidx] in remap:
+                                row[cidx] = remap[row[cidx]]
+        report.remapped[table] = remap
+        if rows:
+            marks = ", ".join(["%s"] * len(columns))
+            with scratch.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) VALUES ({marks})", rows
+                )
+        report.rows[table] = len(rows)
+    return report
+
+
+# ---- verification ----------------------------------------------------------------------------------------------
+
+
+def find_leaks(
+    production: Any, staging: Any, schema: Schema, rules: list[ColumnRule], masker: Masker, sample: int
+) -> list[str]:
+    """Sample production rows and look for their original personal values in staging.
+
+    Emails are searched for anywhere in every email column of staging (masked emails live on a reserved domain,
+    so a hit is a real leak). Other kinds are compared row by row through the primary key: a staging row that
+    still holds its production value (where masking would have changed it) is a leak. Value-wide search would
+    raise false alarms for them (a masked name or phone can equal another person's original).
+    """
+    leaks: list[str] = []
+    by_table: dict[str, list[ColumnRule]] = {}
+    for rule in rules:
+        if rule.kind in VERIFIED_KINDS:
+            by_table.setdefault(rule.table, []).append(rule)
+    email_columns = [(r.table, r.column) for r in rules if r.kind == "email"]
+    for table, table_rules in sorted(by_table.items()):
+        pk = schema.primary_keys.get(table, [])
+        key_cols = pk if pk else []
+        select = key_cols + [r.column for r in table_rules]
+        rows = query(
+            production,
+            f"SELECT {', '.join(quote(c) for c in select)} FROM {quote(table)} ORDER BY RAND() LIMIT %s",
+            (sample,),
+        )
+        for row in rows:
+            key = row[: len(key_cols)]
+            values = dict(zip([r.column for r in table_rules], row[len(key_cols) :], strict=True))
+            for rule in table_rules:
+                original = values[rule.column]
+                if original is None or not str(original).strip():
+                    continue
+                if rule.kind == "email":
+                    for t, c in email_columns:
+                        hits = query(staging, f"SELECT COUNT(*) FROM {quote(t)} WHERE {quote(c)} = %s", (original,))
+                        if hits and hits[0][0]:
+                            leaks.append(f"{t}.{c}: an original email from {table}.{rule.column} is present")
+                    continue
+                if not key_cols or masker.mask_value(rule, str(original)) == original:
+                    continue
+                where = " AND ".join(f"{quote(c)} = %s" for c in key_cols)
+                found = query(staging, f"SELECT {quote(rule.column)} FROM {quote(table)} WHERE {where}", tuple(key))
+                if found and found[0][0] == original:
+                    leaks.append(f"{table}.{rule.column}: the row with key {list(key)} still holds its original value")
+    return leaks

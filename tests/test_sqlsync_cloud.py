@@ -1,0 +1,219 @@
+"""The cloudsql profile: the real googleapiclient (sqladmin v1beta4) answered by a stateful fake through
+``responses``; the fake moves real data between MariaDB servers and the GCS emulator, and SQL on the databases
+goes over TCP (as through the Cloud SQL Auth Proxy)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import responses
+from google.auth.credentials import AnonymousCredentials
+
+from services import sqlsync
+from services.errors import PermanentError, TransientError
+from services.kinds import Pending, RunContext, Target
+from services.plans import parse_plan
+from services.runtime import Runtime, Settings
+from tests.fakes_sqladmin import Backend, SqlAdminFake
+from tests.sqlsync_data import load_shop, production_rows
+
+ENDPOINT = "https://sqladmin.fake.test/"
+PROJECT = "shop-prod"
+BUCKET = "sqlsync-dumps"
+PERIOD = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
+_names = itertools.count()
+
+
+@pytest.fixture
+def cloud(mariadb_servers, gcs, monkeypatch):
+    monkeypatch.setenv("SQLSYNC_TEST_SECRET", "a-test-secret-of-enough-length")
+    gcs.create_bucket(BUCKET)
+    n = next(_names)
+    production, scratch, staging = (mariadb_servers[k] for k in ("production", "scratch", "staging"))
+    prod_db = production.fresh_database(f"cloud_{n}")
+    scratch_db = scratch.fresh_database(f"cloud_scratch_{n}")
+    staging_db = staging.fresh_database(f"cloud_{n}")
+    load_shop(production, prod_db, staging, staging_db)
+    fake = SqlAdminFake(
+        project=PROJECT,
+        backends={name: Backend("127.0.0.1", server.port) for name, server in mariadb_servers.items()},
+        storage=gcs,
+    )
+
+    def ref(name, server, database):
+        # SQL goes over TCP to the server playing the instance, as it would through the Cloud SQL Auth Proxy.
+        return {
+            "instance": f"{PROJECT}:europe-west1:{name}",
+            "host": "127.0.0.1",
+            "port": server.port,
+            "database": database,
+        }
+
+    raw = {
+        "kind": "sqlsync",
+        "retention": {"keep": 2},
+        "select": ref("production", production, prod_db),
+        "destination": {
+            "staging": ref("staging", staging, staging_db),
+            "scratch": ref("scratch", scratch, scratch_db),
+            "bucket": f"gs://{BUCKET}/exports",
+        },
+        "options": {
+            "profile": "cloudsql",
+            "endpoint": ENDPOINT,
+            "secret_env": "SQLSYNC_TEST_SECRET",
+            "poll_seconds": 0,
+            "rules": {
+                "accounts": {"email": "email", "phone": "phone", "name": "name"},
+                "orders": {"contact_email": "email"},
+            },
+            "preserve": {"accounts": "demo = 1", "orders": "account_id IN (SELECT id FROM accounts WHERE demo = 1)"},
+        },
+    }
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        for method in ("GET", "POST", "DELETE"):
+            mock.add_callback(method, re.compile(re.escape(ENDPOINT) + ".*"), callback=fake.callback)
+        mock.add_passthru(re.compile(r"http://127\.0\.0\.1:\d+/.*"))  # the GCS emulator
+        yield {
+            "fake": fake,
+            "raw": raw,
+            "plan": parse_plan("staging-refresh", raw),
+            "rt": Runtime(Settings.from_env({}), plans={}, credentials=AnonymousCredentials()),
+            "staging": (staging, staging_db),
+            "gcs": gcs,
+        }
+
+
+def _run(cloud, period=PERIOD, **kwargs):
+    run = RunContext(run_id="r1", plan="staging-refresh", target_key="staging", period=period)
+    return sqlsync.drive(cloud["plan"], run, cloud["rt"], sleep=lambda _: None, **kwargs), run
+
+
+def test_the_cloud_chain_exports_imports_backs_up_and_cleans_up(cloud):
+    outcome, run = _run(cloud)
+
+    staging, staging_db = cloud["staging"]
+    emails = {r[0] for r in staging.execute("SELECT email FROM accounts WHERE demo = 0", database=staging_db)}
+    fake = cloud["fake"]
+    exports = [op for op in fake.operations.values() if op["operationType"] == "EXPORT"]
+    assert fake.started == [
+        ("production", "EXPORT"),
+        ("scratch", "IMPORT"),
+        ("scratch", "EXPORT"),
+        ("staging", "BACKUP_VOLUME"),
+        ("staging", "IMPORT"),
+    ]
+    assert all(op["exportContext"]["offload"] is True for op in exports)
+    assert exports[1]["exportContext"]["sqlExportOptions"]["tables"] == ["accounts", "orders"]
+    assert (
+        exports[0]["exportContext"]["uri"]
+        == f"gs://{BUCKET}/exports/sqlsync/staging-refresh/20261123T020000Z/production.sql.gz"
+    )
+    assert len(emails) == 120 and not emails & {row[1] for row in production_rows()}
+    assert [r["description"] for r in fake.backup_runs["staging"]] == ["sqlsync:staging-refresh:20261123T020000Z"]
+    assert list(cloud["gcs"].list_blobs(BUCKET)) == []  # the unmasked production export is gone
+    assert {row[0] for row in staging.execute("SHOW TABLES", database=staging_db)} == {"accounts", "orders"}
+    assert outcome.stats["step_reached"] == "cleanup-scratch"
+    assert any(line.startswith("step import-staging: done in") for line in run.log_lines)
+
+
+def test_a_busy_instance_makes_the_step_wait_instead_of_starting_a_second_operation(cloud):
+    fake = cloud["fake"]
+    foreign = fake.start_foreign_operation("staging", "EXPORT")
+    plan, rt = cloud["plan"], cloud["rt"]
+    run = RunContext("r1", "staging-refresh", "staging", PERIOD)
+    state = {"step": "backup-staging", "timings": {}}
+
+    waiting = sqlsync.poll(plan, Target("staging"), state, run, rt)
+    fake.advance(foreign)
+    fake.advance(foreign)  # the other operation finishes
+    started = sqlsync.poll(plan, Target("staging"), waiting.state, run, rt)
+
+    assert isinstance(waiting, Pending) and "operation" not in waiting.state
+    assert f"busy with EXPORT operation {foreign}" in run.log_lines[0]
+    assert isinstance(started, Pending) and started.state["operation"]["instance"] == "staging"
+    assert fake.conflicts == 0 and fake.started == [("staging", "BACKUP_VOLUME")]
+
+
+def test_a_duplicated_task_adopts_the_operation_it_already_started(cloud):
+    fake = cloud["fake"]
+    plan, rt = cloud["plan"], cloud["rt"]
+    run = RunContext("r1", "staging-refresh", "staging", PERIOD)
+    state = {"step": "export-production", "timings": {}}
+
+    first = sqlsync.poll(plan, Target("staging"), dict(state, timings={}), run, rt)
+    again = sqlsync.poll(plan, Target("staging"), dict(state, timings={}), run, rt)
+
+    assert first.state["operation"]["name"] == again.state["operation"]["name"]
+    assert fake.started == [("production", "EXPORT")]
+
+
+def test_a_failed_operation_stops_the_run_naming_the_step_and_leaves_staging_alone(cloud):
+    cloud["fake"].fail_next("scratch", "IMPORT", "ERROR 1064 (42000) at line 12: syntax error")
+    staging, staging_db = cloud["staging"]
+
+    with pytest.raises(PermanentError, match=r"step import-scratch: operation failed: op-\d+ on scratch: .*line 12"):
+        _run(cloud)
+
+    assert staging.execute("SELECT COUNT(*) FROM accounts", database=staging_db) == [(3,)]
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "words"),
+    [
+        (403, PermanentError, "step export-production: auth: "),
+        (404, PermanentError, "step export-production: not found: "),
+        (429, TransientError, "step export-production: quota: "),
+        (503, TransientError, "step export-production: server error 503: "),
+    ],
+)
+def test_api_errors_are_classified_with_the_step_named(cloud, status, error, words):
+    cloud["fake"].http_fault("POST", "/instances/production/export", status, "the fake says no")
+
+    with pytest.raises(error) as raised:
+        _run(cloud)
+
+    assert str(raised.value) == words + "the fake says no"
+    assert getattr(raised.value, "rate_limited", False) == (status == 429)
+
+
+def test_safety_backups_are_pruned_to_retention_and_others_are_kept(cloud):
+    fake = cloud["fake"]
+    fake.backup_runs["staging"] = [
+        {
+            "id": "900",
+            "description": "nightly automated",
+            "status": "SUCCESSFUL",
+            "type": "AUTOMATED",
+            "instance": "staging",
+            "_operation": "none",
+        }
+    ]
+
+    for day in range(3):
+        _run(cloud, period=PERIOD + timedelta(days=day))
+
+    kept = [r["description"] for r in fake.backup_runs["staging"]]
+    assert kept == [
+        "nightly automated",
+        "sqlsync:staging-refresh:20261124T020000Z",
+        "sqlsync:staging-refresh:20261125T020000Z",
+    ]
+
+
+def test_the_endpoint_can_come_from_the_environment(cloud):
+    raw = dict(cloud["raw"], options={k: v for k, v in cloud["raw"]["options"].items() if k != "endpoint"})
+    cloud["plan"] = parse_plan("staging-refresh", raw)
+    cloud["rt"] = Runtime(
+        Settings.from_env({"BACKUP_SQLADMIN_ENDPOINT": ENDPOINT.rstrip("/")}),
+        plans={},
+        credentials=AnonymousCredentials(),
+    )
+
+    outcome, _ = _run(cloud, stop_at="import-scratch")
+
+    assert outcome.stats["step_reached"] == "import-scratch"
+    assert cloud["fake"].started == [("production", "EXPORT"), ("scratch", "IMPORT")]
