@@ -273,7 +273,7 @@ def backup_database(
         hashing = _HashingWriter(raw)
         # mtime=0 keeps the output a pure function of the documents (same input, same bytes).
         with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
-            batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)
+            batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)  # type: ignore[arg-type]
             for chunk in _prefetched(_doc_chunks(server, db, since, opts, with_history=previous is not None)):
                 for doc in chunk.docs:
                     batches.add(encode_doc(doc))
@@ -311,7 +311,7 @@ def check_data_file(store: Store, manifest: Manifest) -> None:
             return data
 
     try:
-        with store.open_read(manifest.data_name) as raw, gzip.GzipFile(fileobj=_Tee(raw), mode="rb") as gz:  # type: ignore[arg-type]
+        with store.open_read(manifest.data_name) as raw, gzip.GzipFile(fileobj=_Tee(raw), mode="rb") as gz:  # type: ignore[call-overload]
             for _ in iter_lines(gz):  # type: ignore[arg-type]
                 lines += 1
     except (OSError, EOFError) as exc:

@@ -12,6 +12,7 @@ mode, counts, the sequence to continue from (incremental backups), ``_security``
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -69,11 +70,11 @@ class Manifest:
     def manifest_name(self) -> str:
         return self.name + MANIFEST_SUFFIX
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self) -> builtins.bytes:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_bytes(cls, raw: bytes, where: str) -> Manifest:
+    def from_bytes(cls, raw: builtins.bytes, where: str) -> Manifest:
         try:
             data = json.loads(raw)
         except ValueError as exc:

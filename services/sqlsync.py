@@ -157,12 +157,13 @@ def _parse_rules(section: Fields) -> tuple[ColumnRule, ...]:
         columns.done()
     section.done()
     domains: dict[tuple[str, str], str] = {}
-    for rule in rules:
-        seen = domains.setdefault((rule.kind, rule.domain), rule.email_domain)
-        if seen != rule.email_domain:
+    for column_rule in rules:
+        seen = domains.setdefault((column_rule.kind, column_rule.domain), column_rule.email_domain)
+        if seen != column_rule.email_domain:
             raise ConfigError(
-                f"{section.where}, field '{section.prefix}{rule.table}.{rule.column}.email_domain': columns of"
-                f" domain {rule.domain!r} must share one email_domain (so they stay joinable)"
+                f"{section.where}, field '{section.prefix}{column_rule.table}.{column_rule.column}.email_domain':"
+                " columns of"
+                f" domain {column_rule.domain!r} must share one email_domain (so they stay joinable)"
             )
     return tuple(rules)
 
@@ -424,7 +425,7 @@ def masker_for(settings: SyncSettings, rt: Runtime) -> Masker:
 
 def _secret_manager_value(name: str, rt: Runtime) -> bytes:
     try:
-        from google.cloud import secretmanager
+        from google.cloud import secretmanager  # type: ignore[attr-defined]
     except ImportError as exc:  # pragma: no cover - depends on the deployment
         raise LookupError("google-cloud-secret-manager is not installed; use secret_env instead") from exc
     client = rt.client("secretmanager", lambda: secretmanager.SecretManagerServiceClient())

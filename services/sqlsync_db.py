@@ -502,7 +502,7 @@ def copy_preserved_rows(staging: Any, scratch: Any, schema: Schema, preserve: di
         if rows and len(pk) == 1 and pk[0] in columns:
             idx = columns.index(pk[0])
             ids = [row[idx] for row in rows]
-            taken = set()
+            taken: set[Any] = set()
             for chunk_start in range(0, len(ids), 1000):
                 chunk = ids[chunk_start : chunk_start + 1000]
                 marks = ", ".join(["%s"] * len(chunk))

@@ -52,7 +52,7 @@ def test_sdk_parsers_accept_app_cron_and_queue_yaml():
     assert "main:app" in view["entrypoint"] and "gunicorn" in view["entrypoint"]
     assert view["cron"], "cron.yaml has no jobs"
     assert all(job["type"] for job in view["cron"])
-    assert {"fanout", "polls", "backups", "datastore-exports"} <= set(view["queues"])
+    assert {"fanout", "polls", "backups", "datastore-exports", "filestore", "directory"} <= set(view["queues"])
     assert all(q["retry"] for q in view["queues"].values()), "every queue states its retry policy"
     assert view["queues"]["datastore-exports"]["rate"] == "15/m"  # under Datastore's 20 exports+imports a minute
 
