@@ -31,14 +31,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fields import Fields
 from services.kinds import Done, Outcome, Pending, RunContext, Target, TargetPage
 from services.plans import Plan
-from services.requests_http import RequestsHttp
+from services.requests_http import discovery_client
 from services.runtime import Runtime
 
 KIND = "disks"
@@ -231,17 +230,7 @@ def compute_client(rt: Runtime, endpoint: str | None) -> Any:
     """The googleapiclient Compute v1 client for ``endpoint``, built once per Runtime (from the bundled
     discovery document, so no network call is made to build it)."""
 
-    def build() -> Any:
-        return discovery.build(
-            "compute",
-            "v1",
-            http=RequestsHttp(rt.credentials()),
-            static_discovery=True,
-            cache_discovery=False,
-            client_options={"api_endpoint": endpoint} if endpoint else None,
-        )
-
-    return rt.client(f"compute-v1:{endpoint or 'default'}", build)
+    return discovery_client(rt, "compute", "v1", endpoint)
 
 
 def _compute(plan: Plan, rt: Runtime) -> Any:

@@ -35,13 +35,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from googleapiclient import discovery
 from googleapiclient.errors import HttpError
 
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fields import Fields
 from services.kinds import Done, Outcome, Pending, RunContext, Target, TargetPage
-from services.requests_http import RequestsHttp
+from services.requests_http import discovery_client
 
 KIND = "filestore"
 DEFAULT_QUEUE = "filestore"
@@ -112,17 +111,7 @@ def file_client(rt: Any, endpoint: str | None) -> Any:
     """The googleapiclient ``file v1`` client for ``endpoint``, built once per Runtime from the bundled
     discovery document (no network call to build it)."""
 
-    def build() -> Any:
-        return discovery.build(
-            "file",
-            "v1",
-            http=RequestsHttp(rt.credentials()),
-            static_discovery=True,
-            cache_discovery=False,
-            client_options={"api_endpoint": endpoint} if endpoint else None,
-        )
-
-    return rt.client(f"file-v1:{endpoint or 'default'}", build)
+    return discovery_client(rt, "file", "v1", endpoint)
 
 
 def _client(plan: Any, rt: Any) -> Any:

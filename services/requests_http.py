@@ -51,3 +51,21 @@ class RequestsHttp:
         # try to decode it twice.
         info.pop("content-encoding", None)
         return httplib2.Response(info), response.content
+
+
+def discovery_client(rt: Any, api: str, version: str, endpoint: str | None) -> Any:
+    """The googleapiclient client of ``api`` ``version`` for ``endpoint`` (None: Google's), built once per Runtime
+    from the discovery document bundled with the library (no network call to build it), over ``RequestsHttp``."""
+    from googleapiclient import discovery
+
+    def build() -> Any:
+        return discovery.build(
+            api,
+            version,
+            http=RequestsHttp(rt.credentials()),
+            static_discovery=True,
+            cache_discovery=False,
+            client_options={"api_endpoint": endpoint} if endpoint else None,
+        )
+
+    return rt.client(f"{api}-{version}:{endpoint or 'default'}", build)
