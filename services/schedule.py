@@ -29,6 +29,7 @@ class Schedule:
     text: str
     tz: ZoneInfo
     interval: timedelta | None = None  # "every N minutes/hours"
+    synchronized: bool = False  # interval fire times aligned to midnight, instead of counted from the last run
     days: frozenset[int] | None = None  # weekday numbers for "every monday 09:00"; all 7 for "every day"
     at: tuple[int, int] | None = None  # (hour, minute)
 
@@ -45,7 +46,7 @@ class Schedule:
             unit = timedelta(hours=1) if match.group(2).startswith("hour") else timedelta(minutes=1)
             if count < 1:
                 raise ConfigError(f"schedule {text!r}: the interval must be at least 1")
-            return cls(text=text, tz=tz, interval=count * unit)
+            return cls(text=text, tz=tz, interval=count * unit, synchronized=bool(match.group(3)))
         match = _AT.match(normalised)
         if match:
             hour, minute = int(match.group(2)), int(match.group(3))
@@ -66,7 +67,8 @@ class Schedule:
         )
 
     def period_start(self, at: datetime) -> datetime:
-        """The latest firing time at or before ``at`` (UTC). All work of one cron fire shares this period."""
+        """The period ``at`` (UTC) falls in: the latest firing time at or before it, with interval schedules aligned
+        to midnight so the period does not depend on when cron last ran. All work of one cron fire shares it."""
         local = at.astimezone(self.tz)
         if self.interval is not None:
             midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -81,8 +83,11 @@ class Schedule:
         raise AssertionError("a weekly schedule fires at least once in eight days")
 
     def next_fire(self, after: datetime) -> datetime:
-        """The first firing time strictly after ``after`` (UTC)."""
+        """The first firing time strictly after ``after`` (UTC). Like App Engine cron, a plain interval counts from
+        ``after`` (the last run); a ``synchronized`` one fires at fixed times from midnight."""
         local = after.astimezone(self.tz)
+        if self.interval is not None and not self.synchronized:
+            return (after + self.interval).astimezone(UTC)
         if self.interval is not None:
             start = self.period_start(after).astimezone(self.tz)
             following = start + self.interval

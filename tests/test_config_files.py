@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 from services.plans import load_plans
 from services.runtime import ROOT
-from services.schedule import load_cron
+from services.schedule import Schedule, load_cron
 from tests.fixtures.emulators import sdk_root
 
 # Runs in a child process: the SDK's lib/third_party carries its own copies of packages (google, yaml ...) that
@@ -25,10 +26,13 @@ groctimespecification.pytz = pytz  # the module leaves it unset
 app = appinfo.LoadSingleAppInfo(open("app.yaml"))
 cron = croninfo.LoadSingleCron(open("cron.yaml").read())
 queues = queueinfo.LoadSingleQueue(open("queue.yaml").read())
+import datetime
+start = datetime.datetime(2026, 11, 23, 1, 30, tzinfo=pytz.utc)
 schedules = []
 for job in cron.cron:
     spec = groctimespecification.GrocTimeSpecification(job.schedule, timezone=job.timezone)
-    schedules.append({"url": job.url, "schedule": job.schedule, "type": type(spec).__name__})
+    matches = [m.astimezone(pytz.utc).isoformat() for m in spec.GetMatches(start, 3)]
+    schedules.append({"url": job.url, "schedule": job.schedule, "timezone": job.timezone, "next": matches})
 print(json.dumps({
     "runtime": app.runtime, "entrypoint": app.entrypoint,
     "cron": schedules,
@@ -51,7 +55,14 @@ def test_sdk_parsers_accept_app_cron_and_queue_yaml():
     assert view["runtime"].startswith("python3")
     assert "main:app" in view["entrypoint"] and "gunicorn" in view["entrypoint"]
     assert view["cron"], "cron.yaml has no jobs"
-    assert all(job["type"] for job in view["cron"])
+    # our local cron agrees with App Engine's own schedule parser on the next three firing times of every job
+    for job in view["cron"]:
+        schedule = Schedule.parse(job["schedule"], job["timezone"] or "UTC")
+        ours, at = [], datetime(2026, 11, 23, 1, 30, tzinfo=UTC)
+        for _ in range(3):
+            at = schedule.next_fire(at)
+            ours.append(at.isoformat())
+        assert ours == job["next"], job
     assert {"fanout", "polls", "backups", "datastore-exports", "filestore", "directory"} <= set(view["queues"])
     assert all(q["retry"] for q in view["queues"].values()), "every queue states its retry policy"
     assert view["queues"]["datastore-exports"]["rate"] == "15/m"  # under Datastore's 20 exports+imports a minute

@@ -131,9 +131,11 @@ def test_preflight_accepts_same_region_and_containing_multi_region(rt, gcs):
     make_bucket(gcs, "regional", location="us-central1")
     make_bucket(gcs, "multi", location="US")
 
-    kind.check_bucket(rt, "regional", "us-central1")
+    kind.check_bucket(rt, "regional", "us-central1")  # raises PermanentError if refused
     kind.check_bucket(rt, "multi", "us-central1")
     kind.check_bucket(rt, "multi", "nam5")
+    with pytest.raises(PermanentError, match="is in US, but the Datastore database is in europe-west1"):
+        kind.check_bucket(rt, "multi", "europe-west1")
 
 
 def test_preflight_names_a_missing_bucket(rt, gcs):

@@ -24,12 +24,21 @@ def test_daily_schedule_period_and_next_fire():
     assert schedule.next_fire(at("2026-11-23T02:00:00")) == at("2026-11-24T02:00:00")
 
 
-def test_interval_schedule_is_aligned_to_midnight():
-    schedule = Schedule.parse("every 15 minutes")
+def test_synchronized_interval_is_aligned_to_midnight():
+    schedule = Schedule.parse("every 15 minutes synchronized")
 
     assert schedule.period_start(at("2026-11-23T10:44:59")) == at("2026-11-23T10:30:00")
     assert schedule.next_fire(at("2026-11-23T10:44:59")) == at("2026-11-23T10:45:00")
-    assert Schedule.parse("every 5 hours").next_fire(at("2026-11-23T21:00:00")) == at("2026-11-24T00:00:00")
+    assert Schedule.parse("every 5 hours synchronized").next_fire(at("2026-11-23T21:00:00")) == at(
+        "2026-11-24T00:00:00"
+    )
+
+
+def test_plain_interval_fires_counted_from_the_last_run_but_its_period_is_aligned():
+    schedule = Schedule.parse("every 15 minutes")
+
+    assert schedule.next_fire(at("2026-11-23T10:44:59")) == at("2026-11-23T10:59:59")
+    assert schedule.period_start(at("2026-11-23T10:44:59")) == at("2026-11-23T10:30:00")
 
 
 def test_weekday_schedule_in_a_time_zone_across_daylight_saving():
