@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from commands import current_runtime
 from services.couchdb import ServerSettings, select_databases, server_from_env, store_for
 from services.couchdb_engine import (
     BackupOptions,
@@ -44,12 +45,6 @@ EXIT_NOT_EMPTY = 4
 EXIT_UNAVAILABLE = 5
 
 
-def _runtime() -> Runtime:
-    from commands import current_runtime
-
-    return current_runtime()
-
-
 def _server_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
         "--password-env", default="COUCHDB_PASSWORD", show_default=True, help="Env var with the password."
@@ -65,7 +60,7 @@ def _server_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _server(url_env: str, user_env: str, password_env: str, **limits: float | None) -> CouchServer:
     settings = ServerSettings(url_env=url_env, user_env=user_env, password_env=password_env)
-    return server_from_env(settings, _runtime(), **limits)
+    return server_from_env(settings, current_runtime(), **limits)
 
 
 @contextmanager
@@ -166,7 +161,7 @@ def backup_command(
     """Back up DATABASES (names or globs) to --to; prints each backup's manifest URL."""
     if not databases and not all_dbs:
         raise click.UsageError("name at least one database (names or globs), or pass --all")
-    rt = _runtime()
+    rt = current_runtime()
     opts = BackupOptions(
         mode=mode,
         attachments=attachments,
@@ -234,7 +229,7 @@ def restore_command(
     password_env: str,
 ) -> None:
     """Restore BACKUP (a manifest URL or path; increments bring their full backup) into --db, then verify."""
-    rt = _runtime()
+    rt = current_runtime()
     with _exit_codes():
         server = _server(url_env, user_env, password_env, writes_per_second=writes_per_second)
         store, chain = open_backup(backup, rt)
@@ -286,7 +281,7 @@ def restore_command(
 @_server_options
 def verify_command(backup: str, target: str, quiet: bool, url_env: str, user_env: str, password_env: str) -> None:
     """Compare --db with BACKUP: counts, (id, rev) pairs and attachment digests. Exit 3 on a difference."""
-    rt = _runtime()
+    rt = current_runtime()
     with _exit_codes():
         server = _server(url_env, user_env, password_env)
         store, chain = open_backup(backup, rt)
