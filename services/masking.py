@@ -298,7 +298,10 @@ LAST_NAMES = [
     "Zhang",
 ]
 
+_FIRST_LOWER = [name.lower() for name in FIRST_NAMES]
+_LAST_LOWER = [name.lower() for name in LAST_NAMES]
 _DIGIT = re.compile(r"\d")
+_DIGIT_RUNS = re.compile(r"(\d+)")
 # E.164 country calling codes are prefix-free: 1 and 7 are one digit, these two-digit codes are assigned,
 # every other code is three digits. That is enough to keep the country code of any "+..." number.
 _TWO_DIGIT_CODES = frozenset(
@@ -391,11 +394,13 @@ class Masker:
             raise ValueError("email_bits: expected a multiple of 8 between 8 and 160")
         self._secret = secret
         self.email_bits = email_bits
+        self._email_bytes = email_bits // 8
         # Subkeys per purpose so that, say, a phone digest can never be replayed as an email digest.
         self._keys = {
             purpose: hmac.digest(secret, b"sqlsync-subkey\0" + purpose.encode(), "sha256")
             for purpose in ("email", "hash", "name", "phone")
         }
+        self._networks: dict[tuple[int, str], _Feistel] = {}  # phone permutations by length and kept prefix
 
     def digest(self, purpose: str, data: str, counter: int = 0) -> bytes:
         """The keyed HMAC-SHA256 every masked value is derived from. ``counter`` > 0 re-derives after a collision."""
@@ -408,10 +413,9 @@ class Masker:
 
     def email_candidate(self, normalised: str, counter: int = 0, email_domain: str = "example.com") -> str:
         mac = self.digest("email", normalised, counter)
-        first = FIRST_NAMES[int.from_bytes(mac[-4:-2], "big") % len(FIRST_NAMES)].lower()
-        last = LAST_NAMES[int.from_bytes(mac[-2:], "big") % len(LAST_NAMES)].lower()
-        tag = mac[: self.email_bits // 8].hex()
-        return f"{first}.{last}.{tag}@{email_domain}"
+        first = _FIRST_LOWER[int.from_bytes(mac[-4:-2], "big") % len(_FIRST_LOWER)]
+        last = _LAST_LOWER[int.from_bytes(mac[-2:], "big") % len(_LAST_LOWER)]
+        return f"{first}.{last}.{mac[: self._email_bytes].hex()}@{email_domain}"
 
     # ---- phone -------------------------------------------------------------------------------------------------
 
@@ -419,14 +423,20 @@ class Masker:
         """Keep the leading ``+``/``00`` and country code (or a national trunk ``0``) and every non-digit; the
         remaining digits go through a keyed permutation of all strings of that many digits. A permutation is a
         bijection, so different inputs never share an output: uniqueness holds by construction."""
-        digits = "".join(_DIGIT.findall(value))
+        pieces = _DIGIT_RUNS.split(value)  # non-digit text and digit runs, alternating
+        digits = "".join(pieces[1::2])
         kept = _kept_phone_digits(value, digits)
-        national = digits[kept:]
-        if not national:
+        if kept >= len(digits):
             return value
-        permuted = self._permute_digits(national, prefix=digits[:kept])
-        replacement = iter(digits[:kept] + permuted)
-        return _DIGIT.sub(lambda _: next(replacement), value)
+        replaced = digits[:kept] + self._permute_digits(digits[kept:], prefix=digits[:kept])
+        out = [pieces[0]]
+        at = 0
+        for i in range(1, len(pieces), 2):
+            end = at + len(pieces[i])
+            out.append(replaced[at:end])
+            out.append(pieces[i + 1])
+            at = end
+        return "".join(out)
 
     def _permute_digits(self, digits: str, prefix: str) -> str:
         """A Feistel network over decimal strings of a fixed length (the shape of NIST FF1, without its
@@ -438,21 +448,10 @@ class Masker:
             # Too short to split: a keyed rotation of 0-9 is still a permutation.
             shift = self.digest("phone", f"1\0{prefix}")[0] % 10
             return str((int(digits) + shift) % 10)
-        u = n // 2
-        v = n - u
-        a, b = int(digits[:u]), int(digits[u:])
-        mod_a, mod_b = 10**u, 10**v
-        keyed = hashlib.blake2b(key=self._keys["phone"], digest_size=16)
-        keyed.update(f"{n}\0{prefix}\0".encode())
-        for rnd in range(_FEISTEL_ROUNDS):
-            round_fn = keyed.copy()
-            if rnd % 2 == 0:
-                round_fn.update(b"%d\0%d" % (rnd, b))
-                a = (a + int.from_bytes(round_fn.digest(), "big")) % mod_a
-            else:
-                round_fn.update(b"%d\0%d" % (rnd, a))
-                b = (b + int.from_bytes(round_fn.digest(), "big")) % mod_b
-        return f"{a:0{u}d}{b:0{v}d}"
+        network = self._networks.get((n, prefix))
+        if network is None:
+            network = self._networks[(n, prefix)] = _Feistel(self._keys["phone"], n, prefix)
+        return network.permute(digits)
 
     # ---- names, text, hash -------------------------------------------------------------------------------------
 
@@ -486,25 +485,34 @@ class Masker:
 
     def mask_value(self, rule: ColumnRule, value: str | None) -> str | None:
         """One value, without set-wise collision resolution (use ``mapping`` for email and hash columns)."""
-        if value is None or rule.kind == "null":
+        if value is None:
             return None
-        if rule.kind == "fixed":
-            return rule.value
-        if rule.kind == "email":
-            return self.email_candidate(normalise_email(value), 0, rule.email_domain) if value.strip() else value
-        if rule.kind == "hash":
-            return self.hash_candidate(value, 0, rule.length)
-        if rule.kind == "phone":
-            return self.phone(value)
-        if rule.kind == "name":
-            return self.name(value)
-        if rule.kind == "first_name":
-            return self.first_name(value) if value.strip() else value
-        if rule.kind == "last_name":
-            return self.last_name(value) if value.strip() else value
-        if rule.kind == "text":
-            return self.text(value)
-        raise ValueError(f"unknown masking kind {rule.kind!r}")
+        return self.value_function(rule)(value)
+
+    def value_function(self, rule: ColumnRule) -> Callable[[str], str | None]:
+        """The per-value masking function of ``rule`` for non-null values (chosen once, for big columns)."""
+        kind = rule.kind
+        if kind == "null":
+            return lambda value: None
+        if kind == "fixed":
+            return lambda value: rule.value
+        if kind == "email":
+            return lambda value: (
+                self.email_candidate(normalise_email(value), 0, rule.email_domain) if value.strip() else value
+            )
+        if kind == "hash":
+            return lambda value: self.hash_candidate(value, 0, rule.length)
+        if kind == "phone":
+            return self.phone
+        if kind == "name":
+            return self.name
+        if kind == "first_name":
+            return lambda value: self.first_name(value) if value.strip() else value
+        if kind == "last_name":
+            return lambda value: self.last_name(value) if value.strip() else value
+        if kind == "text":
+            return self.text
+        raise ValueError(f"unknown masking kind {kind!r}")
 
     def mapping(self, rule: ColumnRule, values: Iterable[str], map_fn: Callable = map) -> dict[str, str]:
         """Original -> masked for every distinct non-null value of ``rule``'s domain.
@@ -574,6 +582,59 @@ class Masker:
                         "(the output space is too small for this many values)"
                     )
         return out
+
+
+class _Feistel:
+    """The phone permutation for one digit count and kept prefix. A round function only ever sees one half of
+    the digits, so for short halves (up to ``MEMO_HALF_DIGITS``) its values are remembered: a million phone
+    numbers of one country share at most 10^5 distinct halves per round, and each round is a list lookup after
+    its first use. The outputs are exactly those of computing every round afresh."""
+
+    MEMO_HALF_DIGITS = 5
+
+    def __init__(self, key: bytes, n: int, prefix: str):
+        self.u = n // 2
+        self.v = n - self.u
+        self.mod_a, self.mod_b = 10**self.u, 10**self.v
+        self.layout = f"%0{self.u}d%0{self.v}d"
+        self.keyed = hashlib.blake2b(key=key, digest_size=16)
+        self.keyed.update(f"{n}\0{prefix}\0".encode())
+        # One list per round, indexed by the half it reads (-1: not computed yet); even rounds read b, odd ones a.
+        # Made once this network has permuted as many numbers as a half has values (then it pays for itself),
+        # so rarely seen lengths and country codes cost no memory.
+        self.memo: list[list[int]] | None = None
+        self.until_memo = self.mod_b if self.v <= self.MEMO_HALF_DIGITS else -1
+
+    def _round(self, rnd: int, half: int) -> int:
+        round_fn = self.keyed.copy()
+        round_fn.update(b"%d\0%d" % (rnd, half))
+        return int.from_bytes(round_fn.digest(), "big")
+
+    def permute(self, digits: str) -> str:
+        u = self.u
+        a, b = int(digits[:u]), int(digits[u:])
+        mod_a, mod_b, memo = self.mod_a, self.mod_b, self.memo
+        if memo is None and self.until_memo > 0:
+            self.until_memo -= 1
+            if not self.until_memo:
+                memo = self.memo = [[-1] * (mod_b if r % 2 == 0 else mod_a) for r in range(_FEISTEL_ROUNDS)]
+        if memo is None:
+            for rnd in range(0, _FEISTEL_ROUNDS, 2):
+                a = (a + self._round(rnd, b)) % mod_a
+                b = (b + self._round(rnd + 1, a)) % mod_b
+            return self.layout % (a, b)
+        # Rounds alternate: even ones add to a (mod 10^u), odd ones to b (mod 10^v). The memo keeps each round
+        # value already reduced by its modulus, which leaves the sums unchanged and the integers small.
+        for rnd in range(0, _FEISTEL_ROUNDS, 2):
+            add = memo[rnd][b]
+            if add < 0:
+                add = memo[rnd][b] = self._round(rnd, b) % mod_a
+            a = (a + add) % mod_a
+            add = memo[rnd + 1][a]
+            if add < 0:
+                add = memo[rnd + 1][a] = self._round(rnd + 1, a) % mod_b
+            b = (b + add) % mod_b
+        return self.layout % (a, b)
 
 
 # Module-level so that they pickle: a process pool runs them for big columns.
