@@ -26,11 +26,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from services import sqlsync_db as db
+from services import sqlsync_stream
 from services.errors import ConfigError, PermanentError, TransientError
 from services.fields import Fields
 from services.kinds import Done, Pending, RunContext, Target, TargetPage
@@ -76,6 +79,9 @@ class SyncSettings:
     email_bits: int = 80
     move_tables: str = "auto"  # "auto": RENAME scratch tables into staging when they share a server; "never"
     mask_workers: int = 1  # processes computing masked values (big tables on a multi-core worker)
+    # "stream": the production dump is masked on its way into scratch (local profile); "in-place": loaded as it
+    # is, then masked by UPDATEs in scratch (the only way when Cloud SQL does the import).
+    mask_mode: str = "in-place"
 
     @property
     def moves_tables(self) -> bool:
@@ -214,7 +220,14 @@ def parse_settings(fields: Fields) -> SyncSettings:
         email_bits=options.int("email_bits", 80, minimum=40, maximum=160),
         move_tables=options.str("move_tables", "auto", choices=("auto", "never")),
         mask_workers=options.int("mask_workers", 1, minimum=1, maximum=64),
+        mask_mode=options.str(
+            "mask_mode", "stream" if profile == "local" else "in-place", choices=("stream", "in-place")
+        ),
     )
+    if settings.mask_mode == "stream" and profile != "local":
+        raise options.error(
+            "mask_mode", "stream needs profile local (with cloudsql, Cloud SQL imports the dump itself)", "stream"
+        )
     options.done()
     select.done()
     problem = same_database_problem(settings)
@@ -277,8 +290,11 @@ def _step_summary(settings: SyncSettings, step: str) -> str:
     return {
         "check": "refuse if staging is production or a rule names a missing column",
         "export-production": f"dump {settings.production.label()}",
-        "import-scratch": f"empty {settings.scratch.label()} and load the production dump",
-        "mask": f"mask {', '.join(ruled)}",
+        "import-scratch": f"empty {settings.scratch.label()} and load the production dump"
+        + (f", masking {', '.join(ruled)} on the way in" if settings.mask_mode == "stream" else ""),
+        "mask": "nothing left: masked during import-scratch"
+        if settings.mask_mode == "stream"
+        else f"mask {', '.join(ruled)}",
         "preserve": "re-insert staging rows "
         + (", ".join(f"{t} WHERE {w}" for t, w in settings.preserve.items()) or "(none)"),
         "export-scratch": "skipped: scratch shares the staging server, its tables are moved"
@@ -526,11 +542,16 @@ def _check_complete(path: Path) -> None:
             raise ValueError(f"dump {path} has no completion marker: it is truncated")
 
 
-def load_dump(ref: db.DatabaseRef, path: Path) -> None:
-    """Feed a dump file to ``mariadb`` connected to ``ref``'s database."""
+def load_dump(ref: db.DatabaseRef, path: Path, feed: Callable[[Callable[[bytes], object]], Any] | None = None) -> Any:
+    """Feed a dump file to ``mariadb`` connected to ``ref``'s database. With ``feed``, the file is not read here:
+    ``feed(write)`` writes the statements (masked ones, say) and its result is returned."""
     _check_complete(path)
-    with tempfile.TemporaryDirectory() as tmp, open(path, "rb") as dump:
-        result = subprocess.run(
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        open(Path(tmp) / "stderr", "w+b") as errors,
+        open(path, "rb") if feed is None else nullcontext(subprocess.PIPE) as source,
+    ):
+        loader = subprocess.Popen(
             [
                 _binary("mariadb"),
                 *_client_args(ref, Path(tmp) / "client.cnf"),
@@ -538,12 +559,31 @@ def load_dump(ref: db.DatabaseRef, path: Path) -> None:
                 "--batch",
                 ref.database,
             ],
-            stdin=dump,
+            stdin=source,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=errors,
         )
-    if result.returncode != 0:
-        raise DumpError(f"loading {path.name} into {ref.label()} failed", result.stderr.decode(errors="replace"))
+        result = None
+        try:
+            if feed is None:
+                loader.wait()
+            else:
+                assert loader.stdin is not None
+                try:
+                    result = feed(loader.stdin.write)
+                    loader.stdin.close()
+                except BrokenPipeError:
+                    pass  # the loader stopped: its exit status and message say why
+                loader.wait()
+        except BaseException:
+            loader.kill()
+            loader.wait()
+            raise
+        errors.seek(0)
+        message = errors.read().decode(errors="replace")
+    if loader.returncode != 0:
+        raise DumpError(f"loading {path.name} into {ref.label()} failed", message)
+    return result
 
 
 def empty_database(ref: db.DatabaseRef) -> int:
@@ -568,9 +608,31 @@ def step_export_production(plan: Any, state: dict[str, Any], run: RunContext, rt
 
 def step_import_scratch(plan: Any, state: dict[str, Any], run: RunContext, rt: Runtime) -> None:
     settings: SyncSettings = plan.settings
+    dump = run_dir(plan, run) / "production.sql"
+    if settings.mask_mode != "stream":
+        dropped = empty_database(settings.scratch)
+        load_dump(settings.scratch, dump)
+        run.log(f"step import-scratch: dropped {dropped} leftover tables, loaded the production dump")
+        return
+    masker = masker_for(settings, rt)
     dropped = empty_database(settings.scratch)
-    load_dump(settings.scratch, run_dir(plan, run) / "production.sql")
-    run.log(f"step import-scratch: dropped {dropped} leftover tables, loaded the production dump")
+    began = time.monotonic()
+    report = load_dump(
+        settings.scratch,
+        dump,
+        lambda write: sqlsync_stream.mask_dump(
+            str(dump), list(settings.rules), masker, write, workers=settings.mask_workers, spool_dir=str(dump.parent)
+        ),
+    )
+    with _connection(settings.scratch) as conn:
+        db.mark_progress(conn, "mask", "done")
+    seconds = time.monotonic() - began
+    state.setdefault("stats", {}).update(masked_rows=report.rows, masked_values=report.values)
+    run.log(
+        f"step import-scratch: dropped {dropped} leftover tables, loaded the production dump masking"
+        f" {report.rows} rows of {', '.join(report.tables) or 'no table'} on the way in"
+        f" ({report.rows / seconds if seconds else 0.0:.0f} rows/s); seconds by phase {report.seconds}"
+    )
 
 
 def step_mask(plan: Any, state: dict[str, Any], run: RunContext, rt: Runtime) -> None:
@@ -582,7 +644,7 @@ def step_mask(plan: Any, state: dict[str, Any], run: RunContext, rt: Runtime) ->
         if problems:
             raise ValueError("schema drift in scratch: " + "; ".join(problems))
         if not db.begin_in_place_step(conn, "mask"):
-            run.log("step mask: scratch was already masked by an earlier attempt of this step; skipped")
+            run.log("step mask: scratch is already masked (on import, or by an earlier attempt of this step); skipped")
             return
         began = time.monotonic()
         report = db.mask_database(conn, stream, schema, list(settings.rules), masker, workers=settings.mask_workers)

@@ -87,8 +87,9 @@ def load_shop(production, prod_db: str, staging, staging_db: str) -> None:
         )
 
 
-def make_sync_setup(mariadb_servers, tmp_path, monkeypatch) -> dict:
-    """Fresh production/scratch/staging databases with data, and a plan pointing at them."""
+def make_sync_setup(mariadb_servers, tmp_path, monkeypatch, mask_mode: str | None = None) -> dict:
+    """Fresh production/scratch/staging databases with data, and a plan pointing at them (``mask_mode`` unset:
+    the profile's default, stream masking on import for the local profile)."""
     monkeypatch.setenv(SECRET_ENV, "a-test-secret-of-enough-length")
     suffix = next(_names)
     production, scratch, staging = (mariadb_servers[k] for k in ("production", "scratch", "staging"))
@@ -126,6 +127,8 @@ def make_sync_setup(mariadb_servers, tmp_path, monkeypatch) -> dict:
             "preserve": {"accounts": "demo = 1", "orders": "account_id IN (SELECT id FROM accounts WHERE demo = 1)"},
         },
     }
+    if mask_mode:
+        raw["options"]["mask_mode"] = mask_mode
     rt = Runtime(Settings.from_env({}), plans={}, credentials=AnonymousCredentials())
     return {
         "raw": raw,

@@ -45,7 +45,8 @@ def test_dry_run_lists_the_steps_checks_and_changes_nothing(sync_setup):
     result = _invoke(sync_setup, "--dry-run")
 
     assert result.exit_code == 0, result.output
-    assert "  mask: mask accounts.country=fixed, accounts.email=email" in result.output
+    assert "masking accounts.country=fixed, accounts.email=email" in result.output
+    assert "  mask: nothing left: masked during import-scratch" in result.output
     assert "step check: done in" in result.output and "nothing was changed" in result.output
     assert _count(sync_setup, "staging", "SELECT COUNT(*) FROM accounts") == 3
     assert (

@@ -21,6 +21,12 @@ def sync_setup(mariadb_servers, tmp_path, monkeypatch):
     return make_sync_setup(mariadb_servers, tmp_path, monkeypatch)
 
 
+@pytest.fixture
+def in_place_setup(mariadb_servers, tmp_path, monkeypatch):
+    """The same, masking in place in scratch after a plain import (what the cloudsql profile does)."""
+    return make_sync_setup(mariadb_servers, tmp_path, monkeypatch, mask_mode="in-place")
+
+
 def _run(setup, period=PERIOD, **kwargs):
     run = RunContext(run_id="r1", plan="staging-refresh", target_key="staging-shop", period=period)
     outcome = sqlsync.drive(setup["plan"], run, setup["rt"], **kwargs)
@@ -203,18 +209,23 @@ def test_scratch_on_the_staging_server_moves_tables_with_their_foreign_keys(sync
     assert (sync_setup["dumps"] / "staging-refresh" / "20261123T020000Z" / "staging-before.sql").exists()
 
 
-def test_a_mask_task_delivered_twice_does_not_mask_twice(sync_setup):
+def test_a_mask_task_delivered_twice_does_not_mask_twice(in_place_setup):
+    sync_setup = in_place_setup
     _run(sync_setup, stop_at="mask")
     scratch, scratch_db = sync_setup["scratch"]
     after_first = scratch.execute("SELECT email, phone, name FROM accounts ORDER BY id", database=scratch_db)
 
     again, run = _run(sync_setup, start_at="mask", stop_at="mask")
 
-    assert "step mask: scratch was already masked by an earlier attempt of this step; skipped" in run.log_lines
+    assert (
+        "step mask: scratch is already masked (on import, or by an earlier attempt of this step); skipped"
+        in run.log_lines
+    )
     assert scratch.execute("SELECT email, phone, name FROM accounts ORDER BY id", database=scratch_db) == after_first
 
 
-def test_a_mask_that_stopped_half_way_is_not_run_over_half_masked_data(sync_setup):
+def test_a_mask_that_stopped_half_way_is_not_run_over_half_masked_data(in_place_setup):
+    sync_setup = in_place_setup
     _run(sync_setup, stop_at="import-scratch")
     scratch, scratch_db = sync_setup["scratch"]
     scratch.execute(
@@ -234,7 +245,8 @@ def test_the_progress_marker_never_reaches_staging(sync_setup):
     assert tables == {"accounts", "orders"}
 
 
-def test_masking_works_where_the_server_refuses_load_data_local(sync_setup):
+def test_masking_works_where_the_server_refuses_load_data_local(in_place_setup):
+    sync_setup = in_place_setup
     scratch, scratch_db = sync_setup["scratch"]
     scratch.execute("SET GLOBAL local_infile = 0")  # as Cloud SQL's default flags have it
     try:
