@@ -524,22 +524,16 @@ class Masker:
         distinct = set(values)
         distinct.discard(None)  # type: ignore[arg-type]
         if rule.kind == "email":
-            by_norm: dict[str, list[str]] = {}
-            for value in distinct:
-                if value.strip():
-                    by_norm.setdefault(normalise_email(value), []).append(value)
-            norms = list(by_norm)
+            norm_of = {value: normalise_email(value) for value in distinct}
+            norms = list({norm for norm in norm_of.values() if norm})
             first = dict(
                 zip(norms, map_fn(partial(_email_first_candidate, self, rule.email_domain), norms), strict=True)
             )
             resolved = self._resolve_unique(
                 first, lambda norm, counter: self.email_candidate(norm, counter, rule.email_domain), "email"
             )
-            out = {value: value for value in distinct if not value.strip()}
-            for norm, originals in by_norm.items():
-                for original in originals:
-                    out[original] = resolved[norm]
-            return out
+            # Blank values stay as they are; every spelling of one address gets that address's output.
+            return {value: resolved[norm] if norm else value for value, norm in norm_of.items()}
         if rule.kind == "hash":
             inputs = list(distinct)
             first = dict(zip(inputs, map_fn(partial(_hash_first_candidate, self, rule.length), inputs), strict=True))
@@ -555,6 +549,8 @@ class Masker:
         every output already taken. Groups are visited in candidate order and members in full-HMAC order, so the result
         depends only on the set of inputs. Terminates because each retry draws a fresh pseudo-random
         candidate from a space much larger than the set (or raises rather than loop)."""
+        if len(set(candidates.values())) == len(candidates):
+            return candidates  # no two inputs share a candidate: the usual case at 80 bits
         counts = Counter(candidates.values())
         out: dict[str, str] = {}
         groups: dict[str, list[str]] = {}
