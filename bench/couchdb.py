@@ -62,6 +62,26 @@ def seed(url: str, db: str, n: int) -> None:
 Row = tuple[str, str, float, float, str]  # tool, operation, seconds, peak RSS MB, failure ("" when it worked)
 
 
+def server_floor(url: str, db: str) -> list[Row]:
+    """How fast the server alone hands out every document once: one streamed request each for the two reads a
+    backup can be built on, the body read and dropped (no parsing, no writing). No client can back up faster
+    than the server serves, so these bound any tool's docs/s on this server."""
+    rows: list[Row] = []
+    for label, path in (
+        ("server alone: _all_docs?include_docs", "_all_docs?include_docs=true"),
+        ("server alone: _changes?include_docs", "_changes?include_docs=true"),
+    ):
+        started = time.monotonic()
+        with requests.get(f"{url}/{db}/{path}", stream=True, timeout=600) as response:
+            response.raise_for_status()
+            for _ in response.iter_content(1 << 20):
+                pass
+        secs = time.monotonic() - started
+        print(f"  {label:<40} read     {secs:7.1f} s", flush=True)
+        rows.append((label, "read", secs, 0.0, ""))
+    return rows
+
+
 def timed(
     tool: str,
     op: str,
@@ -100,7 +120,7 @@ def run_size(url: str, restore_url: str, n: int, work: Path) -> list[Row]:
     seed(url, src, n)
     print(f"  seeded {n} docs in {time.monotonic() - t:.1f} s", flush=True)
     ours = [sys.executable, "-m", "commands.couchdb"]
-    rows: list[Row] = []
+    rows: list[Row] = server_floor(url, src)
     created = [src]
 
     for mode in ("winning", "full"):
@@ -184,7 +204,17 @@ def main() -> None:
     for n, rows in table.items():
         for tool, op, secs, rss, failure in rows:
             rate = "-" if failure else f"{n / secs:.0f}"
-            print(f"{n:>8}  {tool:<36} {op:<8} {secs:>8.1f} {rate:>9} {rss:>12.1f}  {failure}")
+            memory = f"{rss:.1f}" if rss else "-"  # the server-alone reads run in this process: not measured
+            print(f"{n:>8}  {tool:<36} {op:<8} {secs:>8.1f} {rate:>9} {memory:>12}  {failure}")
+        fastest_read = min(secs for tool, op, secs, _, _ in rows if op == "read")
+        shallow = [
+            secs for tool, op, secs, _, failure in rows if tool == "couchbackup shallow (defaults)" and op == "backup"
+        ]
+        if shallow:
+            print(
+                f"{n:>8}  3x couchbackup's backup rate needs {n / (shallow[0] / 3):.0f} docs/s;"
+                f" the server alone serves at most {n / fastest_read:.0f} docs/s"
+            )
         for base_tool in ("couchbackup shallow (defaults)", "couchbackup shallow --attachments"):
             base = {op: secs for tool, op, secs, _, failure in rows if tool == base_tool and not failure}
             for tool, op, secs, _, failure in rows:
