@@ -531,7 +531,7 @@ class _Copier:
         self.threads = max(1, threads)
         self.on_progress = on_progress
         self.progress_every = progress_every
-        self.lines: list[tuple[str, str]] = []  # (path, manifest line) of everything in the new copy
+        self.lines: dict[str, str] = {}  # path -> manifest line, for everything in the new copy
         self._files_done = 0
         self._files_total = 0
         self._bytes_done = 0
@@ -547,7 +547,7 @@ class _Copier:
                 if directory is not None:
                     os.mkdir(f"{self.work}/{directory.rel}", 0o700)  # opened up to the source's mode once filled
                     directories.append(directory)
-                    self.lines.append((directory.rel, _entry(directory).to_line()))
+                    self.lines[directory.rel] = _entry(directory).to_line()
                     seen_any = True
                 seen_any = seen_any or bool(children)
                 for item in self._link_unchanged(directory.rel if directory else "", children):
@@ -567,8 +567,9 @@ class _Copier:
         for item in reversed(directories):  # children before parents, so a directory's time sticks
             self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
         self.stats.directories = len(directories)
-        previous_files = {path for path, line in self.previous_lines.items() if line[0] != "d"}
-        self.stats.files_deleted = len(previous_files.difference(path for path, _ in self.lines))
+        self.stats.files_deleted = sum(
+            1 for path, line in self.previous_lines.items() if line[0] != "d" and path not in self.lines
+        )
         self._report(force=True)
 
     def _link_unchanged(self, rel_dir: str, children: list[_Item]) -> list[_Item]:
@@ -578,15 +579,19 @@ class _Copier:
         previous = self.previous_lines
         left: list[_Item] = []
         unchanged: list[tuple[_Item, str]] = []
+        files = size = 0
         for item in children:
             if item.kind == "f":
-                self._files_total += 1
-                self._bytes_total += item.st.st_size
+                st = item.st
+                files += 1
+                size += st.st_size
                 before = previous.get(item.rel)
-                if before is not None and before.startswith(_file_signature(item.st)):
+                if before is not None and before.startswith(_file_signature(st)):
                     unchanged.append((item, before))
                     continue
             left.append(item)
+        self._files_total += files
+        self._bytes_total += size
         if unchanged:
             left += self._link(rel_dir, unchanged)
         return left
@@ -617,7 +622,7 @@ class _Copier:
                             self._files_done += 1
                             self._bytes_done += item.st.st_size
                         continue
-                    self.lines.append((item.rel, before))
+                    self.lines[item.rel] = before
                     linked += 1
                     linked_bytes += item.st.st_size
             finally:
@@ -640,7 +645,7 @@ class _Copier:
     def _symlink(self, item: _Item) -> None:
         target = self._guard(item.rel, _make_symlink, f"{self.source}/{item.rel}", f"{self.work}/{item.rel}", item.st)
         if target is not None:
-            self.lines.append((item.rel, _entry(item, target=target).to_line()))
+            self.lines[item.rel] = _entry(item, target=target).to_line()
             self.stats.symlinks += 1
 
     def _copy_one(self, item: _Item) -> _Result:
@@ -657,7 +662,7 @@ class _Copier:
         if result.error is not None:
             self.stats.errors.append(result.error)
         if result.entry is not None:
-            self.lines.append((result.item.rel, result.entry.to_line()))
+            self.lines[result.item.rel] = result.entry.to_line()
             self.stats.files_copied += 1
             self.stats.bytes_copied += result.entry.size
         self._files_done += 1
@@ -674,12 +679,12 @@ class _Copier:
             self.on_progress(Progress(self._files_done, self._files_total, self._bytes_done, self._bytes_total))
 
 
-def _write_manifest(path: Path, header: dict[str, Any], lines: list[tuple[str, str]]) -> None:
+def _write_manifest(path: Path, header: dict[str, Any], lines: dict[str, str]) -> None:
     """Header, then one line per entry sorted by path (so two manifests can be compared with diff)."""
-    lines.sort()
     with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
         fh.write(json.dumps(header, sort_keys=True) + "\n")
-        fh.write("".join(f"{line}\n" for _, line in lines))
+        if lines:
+            fh.write("\n".join([lines[path] for path in sorted(lines)]) + "\n")
 
 
 def _write_log(path: Path, header: dict[str, Any], stats: CopyStats) -> None:
