@@ -318,7 +318,7 @@ def prune_copies(dest_root: Path, keep: int | None, min_keep: int) -> list[Path]
 def _walk_directories(source: Path, stats: CopyStats) -> Iterator[tuple[_Item | None, list[_Item]]]:
     """Depth-first walk without following symlinks, one directory at a time: (the directory, or None for the
     source root; its files and symlinks). A directory comes just before its own files, so the copier creates
-    each directory right before filling it (bursts of mkdir are several times slower on ext4).
+    each directory right before filling it.
     Unreadable directories and special files are noted in ``stats`` instead of stopping the run."""
     stack: list[_Item | None] = [None]  # None stands for the source root itself
     while stack:
