@@ -25,7 +25,6 @@ import fcntl
 import hashlib
 import json
 import os
-import queue
 import re
 import shutil
 import stat
@@ -316,46 +315,73 @@ def prune_copies(dest_root: Path, keep: int | None, min_keep: int) -> list[Path]
 # --- walking and copying -----------------------------------------------------------------------------------------
 
 
-def _walk(source: Path, stats: CopyStats) -> Iterator[_Item]:
-    """Depth-first walk without following symlinks. A directory is yielded just before its own files, so the
-    copier creates each directory right before filling it (bursts of mkdir are several times slower on ext4).
+def _walk_directories(source: Path, stats: CopyStats) -> Iterator[tuple[_Item | None, list[_Item]]]:
+    """Depth-first walk without following symlinks, one directory at a time: (the directory, or None for the
+    source root; its files and symlinks). A directory comes just before its own files, so the copier creates
+    each directory right before filling it.
     Unreadable directories and special files are noted in ``stats`` instead of stopping the run."""
     stack: list[_Item | None] = [None]  # None stands for the source root itself
     while stack:
         current = stack.pop()
         rel_dir = current.rel if current else ""
-        if current is not None:
-            yield current
         abs_dir = os.path.join(source, rel_dir) if rel_dir else str(source)
         try:
-            with os.scandir(abs_dir) as it:
-                entries = list(it)  # directory order: the manifest is sorted when written, nothing else cares
+            # Listed through a descriptor, so that each lstat below resolves one name instead of the whole path.
+            dir_fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             stats.errors.append(f"cannot list {rel_dir or '.'}: {exc.strerror}")
+            if current is not None:
+                yield current, []
             continue
-        subdirs = []
-        for entry in entries:
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            if not rel_dir and entry.name in RESERVED_NAMES:
-                stats.errors.append(f"{rel}: name is reserved for the backup's own manifest or log; not copied")
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # vanished between listing and stat: it is simply not in this copy
-            except OSError as exc:
-                stats.errors.append(f"cannot stat {rel}: {exc.strerror}")
-                continue
-            mode = st.st_mode
-            if stat.S_ISREG(mode):
-                yield _Item(rel, "f", st)
-            elif stat.S_ISLNK(mode):
-                yield _Item(rel, "l", st)
-            elif stat.S_ISDIR(mode):
-                subdirs.append(_Item(rel, "d", st))
-            else:
-                stats.skipped += 1  # sockets, FIFOs, devices: like rsync -a without -D
+        try:
+            children, subdirs = _list_directory(dir_fd, rel_dir, stats)
+        finally:
+            os.close(dir_fd)
+        yield current, children
         stack.extend(reversed(subdirs))
+
+
+def _list_directory(dir_fd: int, rel_dir: str, stats: CopyStats) -> tuple[list[_Item], list[_Item]]:
+    """The files and symlinks, and the subdirectories, of the open directory ``dir_fd`` (``rel_dir`` in the walk)."""
+    try:
+        with os.scandir(dir_fd) as it:
+            entries = list(it)  # directory order: the manifest is sorted when written, nothing else cares
+    except OSError as exc:
+        stats.errors.append(f"cannot list {rel_dir or '.'}: {exc.strerror}")
+        return [], []
+    prefix = f"{rel_dir}/" if rel_dir else ""
+    children = []
+    subdirs = []
+    for entry in entries:
+        rel = prefix + entry.name
+        if not rel_dir and entry.name in RESERVED_NAMES:
+            stats.errors.append(f"{rel}: name is reserved for the backup's own manifest or log; not copied")
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # vanished between listing and stat: it is simply not in this copy
+        except OSError as exc:
+            stats.errors.append(f"cannot stat {rel}: {exc.strerror}")
+            continue
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            children.append(_Item(rel, "f", st))
+        elif stat.S_ISLNK(mode):
+            children.append(_Item(rel, "l", st))
+        elif stat.S_ISDIR(mode):
+            subdirs.append(_Item(rel, "d", st))
+        else:
+            stats.skipped += 1  # sockets, FIFOs, devices: like rsync -a without -D
+    return children, subdirs
+
+
+def _walk(source: Path, stats: CopyStats) -> Iterator[_Item]:
+    """Every directory, file and symlink under ``source`` (not the root itself), as ``_walk_directories`` finds them."""
+    for directory, children in _walk_directories(source, stats):
+        if directory is not None:
+            yield directory
+        yield from children
 
 
 _buffers = threading.local()
@@ -468,20 +494,18 @@ class _Result:
     error: str | None = None
 
 
-@dataclass
-class _Batch:
-    """What one pool task did: files linked (their previous manifest entries) and everything else."""
-
-    linked: list[tuple[str, str]] = field(default_factory=list)  # (path, manifest line) reused as is
-    linked_bytes: int = 0
-    others: list[_Result] = field(default_factory=list)
+# A hard link to the previous copy failed for one of these reasons: that copy is damaged, the file system's
+# link limit is reached, or it cannot link at all. A fresh copy of the file is the safe answer.
+_COPY_INSTEAD_OF_LINK = frozenset((errno.ENOENT, errno.EMLINK, errno.EXDEV, errno.EPERM))
 
 
 class _Copier:
-    """One run: walk SOURCE, link or copy each entry into the in-progress folder, collect manifest entries.
+    """One run: walk SOURCE, link or copy each entry into the in-progress folder, collect manifest lines.
 
-    Linking happens on the walking thread (one cheap syscall per file, kept in walk order so each directory is
-    filled right after it is created); copies go to a thread pool as they are found, so copying overlaps the walk.
+    Directories are created and unchanged files hard-linked on the calling thread, in walk order, so each
+    directory is filled right after it is created. Only changed and new files go to a thread pool, as they are
+    found, so copying overlaps the walk. An incremental run is mostly ``lstat`` and ``link`` calls: keeping them
+    on one thread costs less than handing them between threads, which mostly wait for each other (the GIL).
     """
 
     def __init__(
@@ -507,68 +531,31 @@ class _Copier:
         self.threads = max(1, threads)
         self.on_progress = on_progress
         self.progress_every = progress_every
-        self.lines: list[tuple[str, str]] = []  # (path, manifest line) of everything in the new copy
+        self.lines: dict[str, str] = {}  # path -> manifest line, for everything in the new copy
         self._files_done = 0
         self._files_total = 0
         self._bytes_done = 0
         self._bytes_total = 0
         self._last_report = 0.0
 
-    def _walk_into(self, chunks: queue.SimpleQueue[list[_Item] | BaseException | None]) -> None:
-        """Walk the source on a thread of its own, handing items over in chunks, so that linking and copying
-        start while the walk is still going (stat and scandir release the GIL)."""
-        try:
-            chunk: list[_Item] = []
-            for item in _walk(Path(self.source), self.stats):
-                chunk.append(item)
-                if len(chunk) >= 256:
-                    chunks.put(chunk)
-                    chunk = []
-            chunks.put(chunk)
-            chunks.put(None)
-        except BaseException as exc:  # handed to the main thread, which raises it
-            chunks.put(exc)
-
-    def _items(self) -> Iterator[_Item]:
-        chunks: queue.SimpleQueue[list[_Item] | BaseException | None] = queue.SimpleQueue()
-        walker = threading.Thread(target=self._walk_into, args=(chunks,), name="dircopy-walk", daemon=True)
-        walker.start()
-        while (chunk := chunks.get()) is not None:
-            if isinstance(chunk, BaseException):
-                raise chunk
-            self._files_total += sum(1 for i in chunk if i.kind == "f")
-            self._bytes_total += sum(i.st.st_size for i in chunk if i.kind == "f")
-            yield from chunk
-        walker.join()
-
     def run(self, allow_empty: bool) -> None:
         directories: list[_Item] = []
         seen_any = False
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dircopy") as pool:
-            pending: list[Future[_Batch]] = []
-            batch: list[tuple[_Item, str]] = []  # unchanged files of the directory being filled
-            previous = self.previous_lines
-            for item in self._items():
-                seen_any = True
-                if item.kind == "f":
-                    before = previous.get(item.rel)
-                    if before is not None and before.startswith(_file_signature(item.st)):
-                        batch.append((item, before))
+            pending: list[Future[_Result]] = []
+            for directory, children in _walk_directories(Path(self.source), self.stats):
+                if directory is not None:
+                    os.mkdir(f"{self.work}/{directory.rel}", 0o700)  # opened up to the source's mode once filled
+                    directories.append(directory)
+                    self.lines[directory.rel] = _entry(directory).to_line()
+                    seen_any = True
+                seen_any = seen_any or bool(children)
+                for item in self._link_unchanged(directory.rel if directory else "", children):
+                    if item.kind == "f":
+                        pending.append(pool.submit(self._copy_one, item))
                     else:
-                        pending.append(pool.submit(self._copy_many, [item]))
-                    continue
-                if batch:
-                    pending.append(pool.submit(self._link_many, batch))
-                    batch = []
-                if item.kind == "d":
-                    os.mkdir(f"{self.work}/{item.rel}", 0o700)  # opened up to the source's mode once filled
-                    directories.append(item)
-                    self.lines.append((item.rel, _entry(item).to_line()))
-                else:
-                    self._symlink(item)
-            if batch:
-                pending.append(pool.submit(self._link_many, batch))
-            if not seen_any and not allow_empty and any(line[0] != "d" for line in previous.values()):
+                        self._symlink(item)
+            if not seen_any and not allow_empty and any(line[0] != "d" for line in self.previous_lines.values()):
                 raise CopyError(
                     f"{self.source} is empty but the previous copy {self.previous} has files; is the share mounted?"
                     " (set options.allow_empty to copy an empty source)"
@@ -580,9 +567,73 @@ class _Copier:
         for item in reversed(directories):  # children before parents, so a directory's time sticks
             self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
         self.stats.directories = len(directories)
-        seen = {path for path, _ in self.lines}
-        self.stats.files_deleted = sum(1 for p, line in self.previous_lines.items() if line[0] != "d" and p not in seen)
+        self.stats.files_deleted = sum(
+            1 for path, line in self.previous_lines.items() if line[0] != "d" and path not in self.lines
+        )
         self._report(force=True)
+
+    def _link_unchanged(self, rel_dir: str, children: list[_Item]) -> list[_Item]:
+        """Hard-link the files of one directory that are unchanged since the previous copy: same size, mtime,
+        mode and owner as its manifest says (the previous copy itself is not looked at). Their previous manifest
+        lines, checksum included, hold for the new copy as they are. Returns what is left to copy or create."""
+        previous = self.previous_lines
+        left: list[_Item] = []
+        unchanged: list[tuple[_Item, str]] = []
+        files = size = 0
+        for item in children:
+            if item.kind == "f":
+                st = item.st
+                files += 1
+                size += st.st_size
+                before = previous.get(item.rel)
+                if before is not None and before.startswith(_file_signature(st)):
+                    unchanged.append((item, before))
+                    continue
+            left.append(item)
+        self._files_total += files
+        self._bytes_total += size
+        if unchanged:
+            left += self._link(rel_dir, unchanged)
+        return left
+
+    def _link(self, rel_dir: str, unchanged: list[tuple[_Item, str]]) -> list[_Item]:
+        """Link files of the directory ``rel_dir`` to the previous copy. Links are made between two directory
+        descriptors, so each resolves two names rather than two whole paths. Returns the files to copy instead."""
+        sub = f"/{rel_dir}" if rel_dir else ""
+        try:
+            from_fd = os.open(f"{self.previous}{sub}", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return [item for item, _ in unchanged]  # the previous copy is damaged: copy them afresh
+        to_copy = []
+        linked = linked_bytes = 0
+        name_at = len(rel_dir) + 1 if rel_dir else 0
+        try:
+            to_fd = os.open(f"{self.work}{sub}", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for item, before in unchanged:
+                    name = item.rel[name_at:]
+                    try:
+                        os.link(name, name, src_dir_fd=from_fd, dst_dir_fd=to_fd, follow_symlinks=False)
+                    except OSError as exc:
+                        if exc.errno in _COPY_INSTEAD_OF_LINK:
+                            to_copy.append(item)
+                        else:
+                            self.stats.errors.append(f"{item.rel}: {exc.strerror or exc}")
+                            self._files_done += 1
+                            self._bytes_done += item.st.st_size
+                        continue
+                    self.lines[item.rel] = before
+                    linked += 1
+                    linked_bytes += item.st.st_size
+            finally:
+                os.close(to_fd)
+        finally:
+            os.close(from_fd)
+        self.stats.files_linked += linked
+        self.stats.bytes_linked += linked_bytes
+        self._files_done += linked
+        self._bytes_done += linked_bytes
+        return to_copy
 
     def _guard(self, rel: str, func: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -594,56 +645,28 @@ class _Copier:
     def _symlink(self, item: _Item) -> None:
         target = self._guard(item.rel, _make_symlink, f"{self.source}/{item.rel}", f"{self.work}/{item.rel}", item.st)
         if target is not None:
-            self.lines.append((item.rel, _entry(item, target=target).to_line()))
+            self.lines[item.rel] = _entry(item, target=target).to_line()
             self.stats.symlinks += 1
 
-    def _link_many(self, batch: list[tuple[_Item, str]]) -> _Batch:
-        """Hard-link unchanged files to the previous copy (runs in the pool: links of several directories
-        proceed in parallel). A file whose link fails is copied instead."""
-        done = _Batch()
-        for item, before in batch:
-            try:
-                os.link(f"{self.previous}/{item.rel}", f"{self.work}/{item.rel}", follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.EMLINK, errno.EXDEV, errno.EPERM):
-                    done.others.append(_Result(item, error=f"{item.rel}: {exc.strerror or exc}"))
-                    continue
-                # Previous copy damaged or the link limit reached: a fresh copy is the safe answer.
-                done.others.extend(self._copy_many([item]).others)
-                continue
-            # Same size, mtime, mode and owner: the previous line (and its checksum) holds for the new copy.
-            done.linked.append((item.rel, before))
-            done.linked_bytes += item.st.st_size
-        return done
+    def _copy_one(self, item: _Item) -> _Result:
+        """Copy and hash one file (runs in the pool)."""
+        try:
+            sha256, size = copy_file(f"{self.source}/{item.rel}", f"{self.work}/{item.rel}", item.st)
+            return _Result(item, entry=_entry(item, sha256=sha256, size=size))
+        except FileNotFoundError:
+            return _Result(item)  # deleted while we were copying: not part of this copy
+        except OSError as exc:
+            return _Result(item, error=f"{item.rel}: {exc.strerror or exc}")
 
-    def _copy_many(self, items: list[_Item]) -> _Batch:
-        done = _Batch()
-        for item in items:
-            try:
-                sha256, size = copy_file(f"{self.source}/{item.rel}", f"{self.work}/{item.rel}", item.st)
-                done.others.append(_Result(item, entry=_entry(item, sha256=sha256, size=size)))
-            except FileNotFoundError:
-                done.others.append(_Result(item))  # deleted while we were copying: not part of this copy
-            except OSError as exc:
-                done.others.append(_Result(item, error=f"{item.rel}: {exc.strerror or exc}"))
-        return done
-
-    def _collect(self, done: _Batch) -> None:
-        if done.linked:
-            self.lines.extend(done.linked)
-            self.stats.files_linked += len(done.linked)
-            self.stats.bytes_linked += done.linked_bytes
-            self._files_done += len(done.linked)
-            self._bytes_done += done.linked_bytes
-        for result in done.others:
-            if result.error is not None:
-                self.stats.errors.append(result.error)
-            if result.entry is not None:
-                self.lines.append((result.item.rel, result.entry.to_line()))
-                self.stats.files_copied += 1
-                self.stats.bytes_copied += result.entry.size
-            self._files_done += 1
-            self._bytes_done += result.item.st.st_size
+    def _collect(self, result: _Result) -> None:
+        if result.error is not None:
+            self.stats.errors.append(result.error)
+        if result.entry is not None:
+            self.lines[result.item.rel] = result.entry.to_line()
+            self.stats.files_copied += 1
+            self.stats.bytes_copied += result.entry.size
+        self._files_done += 1
+        self._bytes_done += result.item.st.st_size
         if self.on_progress is not None:
             self._report()
 
@@ -656,12 +679,12 @@ class _Copier:
             self.on_progress(Progress(self._files_done, self._files_total, self._bytes_done, self._bytes_total))
 
 
-def _write_manifest(path: Path, header: dict[str, Any], lines: list[tuple[str, str]]) -> None:
+def _write_manifest(path: Path, header: dict[str, Any], lines: dict[str, str]) -> None:
     """Header, then one line per entry sorted by path (so two manifests can be compared with diff)."""
-    lines.sort()
     with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
         fh.write(json.dumps(header, sort_keys=True) + "\n")
-        fh.write("".join(f"{line}\n" for _, line in lines))
+        if lines:
+            fh.write("\n".join([lines[path] for path in sorted(lines)]) + "\n")
 
 
 def _write_log(path: Path, header: dict[str, Any], stats: CopyStats) -> None:

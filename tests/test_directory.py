@@ -410,3 +410,51 @@ def test_a_damaged_previous_manifest_means_a_full_copy_not_a_stuck_backup(tree: 
     assert second.stats.files_copied == 6
     assert "unreadable manifest" in (second.path / dircopy.LOG_NAME).read_text()
     assert dircopy.verify_copy(second.path).ok
+
+
+def test_unchanged_is_decided_by_the_previous_manifest_not_the_previous_files(tree: Path, tmp_path: Path):
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    first = dircopy.copy_tree(tree, dest, T0).path
+    manifest = first / dircopy.MANIFEST_NAME
+    # The manifest now records another mtime for b.txt, although the file in the copy still matches the source.
+    lines = manifest.read_text().splitlines()
+    lines = [line.replace("\t1700000100000000000\t", "\t1700000101000000000\t") for line in lines]
+    manifest.write_text("\n".join(lines) + "\n")
+    (tree / "tool.sh").chmod(0o700)  # mode only: same size and mtime
+
+    second = dircopy.copy_tree(tree, dest, T0 + timedelta(hours=1))
+
+    assert (second.path / "docs" / "b.txt").stat().st_ino != (first / "docs" / "b.txt").stat().st_ino
+    assert (second.path / "tool.sh").stat().st_ino != (first / "tool.sh").stat().st_ino
+    assert stat.S_IMODE((second.path / "tool.sh").stat().st_mode) == 0o700
+    assert (second.path / "a.txt").stat().st_ino == (first / "a.txt").stat().st_ino
+    assert (second.stats.files_copied, second.stats.files_linked) == (2, 4)
+    assert dircopy.verify_copy(second.path).ok
+
+
+def test_files_missing_from_a_damaged_previous_copy_are_copied_afresh(tree: Path, tmp_path: Path):
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    first = dircopy.copy_tree(tree, dest, T0).path
+    (first / "a.txt").unlink()
+    dircopy.remove_tree(first / "docs" / "deep")  # a whole directory of the previous copy is gone
+
+    second = dircopy.copy_tree(tree, dest, T0 + timedelta(hours=1))
+
+    assert second.stats.errors == []
+    assert (second.stats.files_copied, second.stats.files_linked) == (2, 4)
+    assert (second.path / "docs" / "deep" / "c.bin").read_bytes() == (tree / "docs" / "deep" / "c.bin").read_bytes()
+    assert (second.path / "docs" / "b.txt").stat().st_ino == (first / "docs" / "b.txt").stat().st_ino
+    assert dircopy.verify_copy(second.path).ok
+
+
+def test_a_source_reached_through_a_symlink_is_copied(tree: Path, tmp_path: Path):
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    os.symlink(tree, tmp_path / "share-link")
+
+    copy = dircopy.copy_tree(tmp_path / "share-link", dest, T0)
+
+    assert copy.stats.errors == []
+    assert rel_files(copy.path) == rel_files(tree)
