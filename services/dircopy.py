@@ -31,7 +31,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +48,7 @@ STAMP_PATTERN = re.compile(r"^\d{8}T\d{6}Z$")
 # Files up to this size are read in one call; larger ones stream through a reusable buffer per thread.
 SMALL_FILE = 1 << 20
 CHUNK = 1 << 20
+WALKERS = 2  # threads listing directories and linking unchanged files (their system calls overlap)
 DEFAULT_THREADS = 4
 
 # Whether copies can keep the source's owner: only root may chown to someone else.
@@ -502,10 +503,11 @@ _COPY_INSTEAD_OF_LINK = frozenset((errno.ENOENT, errno.EMLINK, errno.EXDEV, errn
 class _Copier:
     """One run: walk SOURCE, link or copy each entry into the in-progress folder, collect manifest lines.
 
-    Directories are created and unchanged files hard-linked on the calling thread, in walk order, so each
-    directory is filled right after it is created. Only changed and new files go to a thread pool, as they are
-    found, so copying overlaps the walk. An incremental run is mostly ``lstat`` and ``link`` calls: keeping them
-    on one thread costs less than handing them between threads, which mostly wait for each other (the GIL).
+    Each directory is one task for ``WALKERS`` walking threads: create it, list it, hard-link its unchanged files,
+    hand its changed and new files to the copy pool, and return its subdirectories as new tasks. A directory is
+    filled right after it is created. An incremental run is mostly ``lstat`` and ``link`` calls, which release
+    the interpreter lock: two walkers on different directories overlap them in the kernel (handing one
+    directory's files from a walker to a linking thread does not, the threads mostly wait for each other).
     """
 
     def __init__(
@@ -537,25 +539,25 @@ class _Copier:
         self._bytes_done = 0
         self._bytes_total = 0
         self._last_report = 0.0
+        self._lock = threading.Lock()  # counters and stats updated by the walking threads
+        self._directories: list[_Item] = []  # in creation order: a parent always before its children
+        self._copies: list[Future[_Result]] = []
+        self._copy_pool: ThreadPoolExecutor | None = None
+        self._seen_any = False
 
     def run(self, allow_empty: bool) -> None:
-        directories: list[_Item] = []
-        seen_any = False
-        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dircopy") as pool:
-            pending: list[Future[_Result]] = []
-            for directory, children in _walk_directories(Path(self.source), self.stats):
-                if directory is not None:
-                    os.mkdir(f"{self.work}/{directory.rel}", 0o700)  # opened up to the source's mode once filled
-                    directories.append(directory)
-                    self.lines[directory.rel] = _entry(directory).to_line()
-                    seen_any = True
-                seen_any = seen_any or bool(children)
-                for item in self._link_unchanged(directory.rel if directory else "", children):
-                    if item.kind == "f":
-                        pending.append(pool.submit(self._copy_one, item))
-                    else:
-                        self._symlink(item)
-            if not seen_any and not allow_empty and any(line[0] != "d" for line in self.previous_lines.values()):
+        with (
+            ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dircopy") as pool,
+            ThreadPoolExecutor(max_workers=WALKERS, thread_name_prefix="dircopy-walk") as walkers,
+        ):
+            self._copy_pool = pool
+            walking = {walkers.submit(self._visit, None)}
+            while walking:
+                done, walking = wait(walking, return_when=FIRST_COMPLETED)
+                for task in done:
+                    walking.update(walkers.submit(self._visit, sub) for sub in task.result())
+            directories, pending = self._directories, self._copies
+            if not self._seen_any and not allow_empty and any(line[0] != "d" for line in self.previous_lines.values()):
                 raise CopyError(
                     f"{self.source} is empty but the previous copy {self.previous} has files; is the share mounted?"
                     " (set options.allow_empty to copy an empty source)"
@@ -571,6 +573,43 @@ class _Copier:
             1 for path, line in self.previous_lines.items() if line[0] != "d" and path not in self.lines
         )
         self._report(force=True)
+
+    def _visit(self, directory: _Item | None) -> list[_Item]:
+        """One walking task: the directory (None: the source root) created, listed, its unchanged files linked and
+        the others sent to the copy pool. Returns its subdirectories. An unreadable directory is noted in the
+        stats and left empty."""
+        rel_dir = directory.rel if directory else ""
+        if directory is not None:
+            os.mkdir(f"{self.work}/{rel_dir}", 0o700)  # opened up to the source's mode once filled
+            self._directories.append(directory)
+            self.lines[rel_dir] = _entry(directory).to_line()
+            self._seen_any = True
+        found = CopyStats()
+        children: list[_Item] = []
+        subdirs: list[_Item] = []
+        try:
+            # Listed through a descriptor, so that each lstat resolves one name instead of the whole path.
+            dir_fd = os.open(f"{self.source}/{rel_dir}" if rel_dir else self.source, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            found.errors.append(f"cannot list {rel_dir or '.'}: {exc.strerror}")
+        else:
+            try:
+                children, subdirs = _list_directory(dir_fd, rel_dir, found)
+            finally:
+                os.close(dir_fd)
+        if found.errors or found.skipped:
+            with self._lock:
+                self.stats.errors.extend(found.errors)
+                self.stats.skipped += found.skipped
+        if children:
+            self._seen_any = True
+        assert self._copy_pool is not None
+        for item in self._link_unchanged(rel_dir, children):
+            if item.kind == "f":
+                self._copies.append(self._copy_pool.submit(self._copy_one, item))
+            else:
+                self._symlink(item)
+        return subdirs
 
     def _link_unchanged(self, rel_dir: str, children: list[_Item]) -> list[_Item]:
         """Hard-link the files of one directory that are unchanged since the previous copy: same size, mtime,
@@ -590,8 +629,9 @@ class _Copier:
                     unchanged.append((item, before))
                     continue
             left.append(item)
-        self._files_total += files
-        self._bytes_total += size
+        with self._lock:
+            self._files_total += files
+            self._bytes_total += size
         if unchanged:
             left += self._link(rel_dir, unchanged)
         return left
@@ -619,8 +659,9 @@ class _Copier:
                             to_copy.append(item)
                         else:
                             self.stats.errors.append(f"{item.rel}: {exc.strerror or exc}")
-                            self._files_done += 1
-                            self._bytes_done += item.st.st_size
+                            with self._lock:
+                                self._files_done += 1
+                                self._bytes_done += item.st.st_size
                         continue
                     self.lines[item.rel] = before
                     linked += 1
@@ -629,10 +670,11 @@ class _Copier:
                 os.close(to_fd)
         finally:
             os.close(from_fd)
-        self.stats.files_linked += linked
-        self.stats.bytes_linked += linked_bytes
-        self._files_done += linked
-        self._bytes_done += linked_bytes
+        with self._lock:
+            self.stats.files_linked += linked
+            self.stats.bytes_linked += linked_bytes
+            self._files_done += linked
+            self._bytes_done += linked_bytes
         return to_copy
 
     def _guard(self, rel: str, func: Callable[..., Any], *args: Any) -> Any:
@@ -646,7 +688,8 @@ class _Copier:
         target = self._guard(item.rel, _make_symlink, f"{self.source}/{item.rel}", f"{self.work}/{item.rel}", item.st)
         if target is not None:
             self.lines[item.rel] = _entry(item, target=target).to_line()
-            self.stats.symlinks += 1
+            with self._lock:
+                self.stats.symlinks += 1
 
     def _copy_one(self, item: _Item) -> _Result:
         """Copy and hash one file (runs in the pool)."""
