@@ -5,7 +5,7 @@ One process, one generated tree, both tools on the same file system and the same
 1. a first (full) copy of 20,000 files of mixed sizes (~1 GB);
 2. an incremental copy after 1% of the files changed, linked against the first copy.
 
-Run: ``/work/venv/bin/python bench/directory.py [--files 20000] [--total-mb 1024] [--rounds 2]``
+Run: ``/work/venv/bin/python bench/directory.py [--files 20000] [--total-mb 1024] [--rounds 2] [--repeats 3]``
 (needs rsync: scripts/ensure-rsync.sh). The engine runs with ``sync=False`` because rsync does not flush
 either; the default ``sync=True`` adds one syncfs() at the end of a copy.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.dircopy import copy_tree  # noqa: E402
+from services.dircopy import WALKERS, copy_tree, stamp  # noqa: E402
 
 
 def file_sizes(count: int, total_bytes: int, rng: random.Random) -> list[int]:
@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--total-mb", type=int, default=1024)
     parser.add_argument("--changed", type=float, default=0.01, help="fraction of files changed before run 2")
     parser.add_argument("--rounds", type=int, default=2, help="repeat each measurement and take the median")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="incremental copies per round, tools alternating, each against the first"
+    )
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     args = parser.parse_args()
@@ -143,15 +146,18 @@ def main() -> None:
             for tool, step in reversed(steps) if engine_first else steps:
                 full[tool].append(timed(step))
             changed = change_files(paths, args.changed)
+            # Several incremental copies per round, both against the round's first copy (each one is deleted
+            # before the next), tools alternating: one pair per round is at the mercy of the shared machine.
+            later = base + timedelta(hours=1)
             steps = [
                 ("rsync", lambda t=theirs: run_rsync(source, t / "second", t / "first")),
-                (
-                    "engine",
-                    lambda o=ours: copy_tree(source, o, base + timedelta(hours=1), threads=args.threads, sync=False),
-                ),
+                ("engine", lambda o=ours, w=later: copy_tree(source, o, w, threads=args.threads, sync=False)),
             ]
-            for tool, step in reversed(steps) if engine_first else steps:
-                incr[tool].append(timed(step))
+            for repeat in range(args.repeats):
+                for tool, step in reversed(steps) if (engine_first + repeat) % 2 else steps:
+                    incr[tool].append(timed(step))
+                shutil.rmtree(theirs / "second")
+                shutil.rmtree(ours / stamp(later))
             shutil.rmtree(ours)
             shutil.rmtree(theirs)
 
@@ -170,7 +176,10 @@ def main() -> None:
                 f"  per round: engine {[round(x, 2) for x in figures['engine']]}"
                 f" rsync {[round(x, 2) for x in figures['rsync']]} ratios {[round(x, 2) for x in per_round]}"
             )
-        print(f"(median of {args.rounds} rounds; engine with sync=False, {args.threads} threads)")
+        print(
+            f"(medians: first copy over {args.rounds} rounds, incremental over {args.rounds} x {args.repeats} copies;"
+            f" engine with sync=False, {args.threads} copy threads, {WALKERS} walking threads)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
