@@ -25,13 +25,14 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -551,11 +552,20 @@ class _Copier:
             ThreadPoolExecutor(max_workers=WALKERS, thread_name_prefix="dircopy-walk") as walkers,
         ):
             self._copy_pool = pool
-            walking = {walkers.submit(self._visit, None)}
-            while walking:
-                done, walking = wait(walking, return_when=FIRST_COMPLETED)
-                for task in done:
-                    walking.update(walkers.submit(self._visit, sub) for sub in task.result())
+            # Finished walking tasks come back through a queue (one get each; waiting on the set of pending
+            # futures would re-register on all of them every time, which costs more than the walk itself).
+            finished: queue.SimpleQueue[Future[list[_Item]]] = queue.SimpleQueue()
+
+            def walk(directory: _Item | None) -> None:
+                walkers.submit(self._visit, directory).add_done_callback(finished.put)
+
+            walk(None)
+            outstanding = 1
+            while outstanding:
+                subdirs = finished.get().result()
+                outstanding += len(subdirs) - 1
+                for sub in subdirs:
+                    walk(sub)
             directories, pending = self._directories, self._copies
             if not self._seen_any and not allow_empty and any(line[0] != "d" for line in self.previous_lines.values()):
                 raise CopyError(
