@@ -62,6 +62,21 @@ def test_full_sync_leaves_no_original_personal_value_in_staging(sync_setup):
     assert (sync_setup["dumps"] / "staging-refresh" / "20261123T020000Z" / "staging-before.sql").stat().st_size > 0
 
 
+def test_stream_masking_never_lets_an_original_value_into_scratch(sync_setup):
+    outcome, run = _run(sync_setup, stop_at="import-scratch")
+
+    originals = production_rows()
+    scratch = _rows(sync_setup, "scratch", "SELECT id, email, phone, name, notes, ssn, country FROM accounts")
+    contacts = {r[0] for r in _rows(sync_setup, "scratch", "SELECT contact_email FROM orders")}
+    assert outcome.stats["masked_rows"] == 120 + 360
+    assert len(scratch) == 120
+    for column in (1, 2, 3, 4, 5):
+        assert not {str(r[column]).lower() for r in scratch} & {str(o[column]).lower() for o in originals}
+    assert not contacts & {o[1] for o in originals}
+    assert _rows(sync_setup, "scratch", "SELECT step, state FROM _sqlsync_progress") == [("mask", "done")]
+    assert any("masking 480 rows of accounts, orders on the way in" in line for line in run.log_lines)
+
+
 def test_same_input_masks_alike_across_tables_and_runs(sync_setup):
     _run(sync_setup)
     first = _rows(sync_setup, "staging", "SELECT id, email, phone, name FROM accounts WHERE demo = 0 ORDER BY id")

@@ -59,6 +59,9 @@ def _scratch(server, name: str) -> sqlsync_db.DatabaseRef:
     )
 
 
+# Python 3.12+ warns when forking a process that runs threads (the masking workers are forked from the masking
+# thread); the workers touch nothing the other threads hold.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 @pytest.mark.parametrize("workers", [1, 2])
 def test_stream_masking_gives_the_same_tables_as_masking_in_place(people, mariadb_servers, workers):
     server = mariadb_servers["scratch"]
