@@ -36,7 +36,6 @@ from services.masking import SET_KINDS, ColumnRule, Masker
 # b'' / x''), or a bare token (number, NULL, 0x... with --hex-blob). Quoted strings escape with backslashes.
 _QUOTED = r"(?:_[A-Za-z0-9]+ ?|[bBxX])?'[^'\\]*(?:\\.[^'\\]*)*'"
 _VALUE = rf"({_QUOTED}|[^,()']+)"
-_CREATE = re.compile(r"^CREATE TABLE `((?:[^`]|``)+)` \(\s*$")
 _COLUMN = re.compile(r"^  `((?:[^`]|``)+)` ")
 _INDEX = re.compile(r"^  (UNIQUE KEY|KEY) `((?:[^`]|``)+)` (\(.*)$")
 _IDENTIFIER = re.compile(r"`((?:[^`]|``)+)`")
@@ -59,7 +58,8 @@ class StreamReport:
     rows: int = 0
     values: int = 0  # distinct values of set kinds (email, hash) mapped
     tables: list[str] = field(default_factory=list)
-    # Where the time went: the first pass, the writer waiting for it, writing (masking included).
+    # Where the time went: "first-pass" (set kinds collected and mapped), "written" (the whole stream), "waited"
+    # (of which the loader's side waited for masked statements).
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -97,7 +97,8 @@ def _unquote_identifier(name: str) -> str:
     return name.replace("``", "`")
 
 
-def _line_text(raw: bytes) -> str:
+def _decode(raw: bytes) -> str:
+    """Dump bytes as text; bytes that are not UTF-8 survive the round trip (surrogateescape)."""
     return raw.decode("utf-8", "surrogateescape")
 
 
@@ -136,7 +137,8 @@ class _TableShape:
 
 
 class DumpMasker:
-    """Reads one dump file; ``collect`` is the first pass (set kinds), ``write_masked`` the second."""
+    """One dump file and the rules for it: ``collect`` (first pass: set kinds) and ``mask_ahead`` (the ruled
+    statements, into a spool) run on the masking thread, ``write_masked`` (the stream, in order) on the other."""
 
     def __init__(self, path: str, rules: list[ColumnRule], masker: Masker):
         self.path = path
@@ -191,7 +193,7 @@ class DumpMasker:
                 if found.group(1) == b"CREATE TABLE":
                     yield self._created(table, statement, where, shapes, deferred), None, 0, first_line
                     continue
-                text = _line_text(statement[:4096])
+                text = _decode(statement[:4096])
                 insert = _INSERT.match(text)
                 if insert is None or _unquote_identifier(insert.group(1)) != table:
                     raise DumpFormatError(f"{where}: unexpected statement for table {table}: {text[:80]!r}")
@@ -211,7 +213,7 @@ class DumpMasker:
         self, table: str, statement: bytes, where: str, shapes: dict[str, _TableShape], deferred: list[str] | None
     ) -> bytes:
         """Learn a ruled table's columns from its CREATE TABLE; return the statement (indexes deferred or not)."""
-        created_lines = _line_text(statement).splitlines(keepends=True)
+        created_lines = _decode(statement).splitlines(keepends=True)
         columns = [_unquote_identifier(m.group(1)) for m in map(_COLUMN.match, created_lines[1:-1]) if m]
         shapes[table] = self._shape(table, columns, where)
         if deferred is None:
@@ -275,7 +277,7 @@ class DumpMasker:
                     picks.append((index + 1, values.setdefault(key, set())))
             if not picks:
                 continue
-            for match in shape.rows(_line_text(raw), start, f"{self.path}:{number}"):
+            for match in shape.rows(_decode(raw), start, f"{self.path}:{number}"):
                 for group, target in picks:
                     token = match.group(group)
                     if token != "NULL":
@@ -312,7 +314,7 @@ class DumpMasker:
             ]
             prepared = self._prepared[key] = (shape, functions)
         shape, functions = prepared
-        text = _line_text(statement)
+        text = _decode(statement)
         rows = []
         for match in shape.rows(text, start, where):
             values = list(match.groups())
