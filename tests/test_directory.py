@@ -458,3 +458,32 @@ def test_a_source_reached_through_a_symlink_is_copied(tree: Path, tmp_path: Path
 
     assert copy.stats.errors == []
     assert rel_files(copy.path) == rel_files(tree)
+
+
+def test_a_wide_tree_walked_by_two_threads_links_counts_and_lists_every_file(tmp_path):
+    source, dest = tmp_path / "wide", tmp_path / "copies"
+    names = [f"d{a}/e{b}/f{c}.txt" for a in range(6) for b in range(12) for c in range(15)]  # 1,080 files
+    for name in names:
+        write(source / name, name.encode(), mtime=1_700_000_000)
+    dest.mkdir()
+    when = datetime(2026, 11, 23, tzinfo=UTC)
+    dircopy.copy_tree(source, dest, when, sync=False)
+    changed = names[::100]
+    for name in changed:
+        write(source / name, b"changed " + name.encode(), mtime=1_700_000_500)
+    seen = []
+
+    second = dircopy.copy_tree(
+        source, dest, when + timedelta(hours=1), sync=False, on_progress=seen.append, progress_every=0
+    )
+
+    copy = dest / dircopy.stamp(when + timedelta(hours=1))
+    assert dircopy.WALKERS == 2
+    assert (second.stats.files_linked, second.stats.files_copied) == (len(names) - len(changed), len(changed))
+    assert second.stats.directories == 6 + 6 * 12
+    assert (seen[-1].files_done, seen[-1].files_total) == (len(names), len(names))
+    assert sorted(dircopy.read_manifest_lines(copy)) == sorted(
+        names + [f"d{a}" for a in range(6)] + [f"d{a}/e{b}" for a in range(6) for b in range(12)]
+    )
+    assert all(os.stat(copy / name).st_nlink == (1 if name in changed else 2) for name in names)
+    assert dircopy.verify_copy(copy).ok
