@@ -29,6 +29,11 @@ from services.plans import parse_plan  # noqa: E402
 from services.runtime import Runtime, Settings  # noqa: E402
 from tests.fixtures.mariadb import start_mariadb  # noqa: E402
 
+
+def schema(users_table: str) -> list[str]:
+    return [statement.replace("users", users_table) for statement in SCHEMA]
+
+
 SCHEMA = [
     "CREATE TABLE users (id INT PRIMARY KEY, email VARCHAR(255) NOT NULL, phone VARCHAR(32) NOT NULL,"
     " name VARCHAR(100) NOT NULL, demo TINYINT NOT NULL DEFAULT 0, UNIQUE KEY uq_email (email),"
@@ -39,15 +44,15 @@ SCHEMA = [
 ]
 
 
-def load_production(server, database: str, users: int) -> None:
+def load_production(server, database: str, users: int, users_table: str = "users") -> None:
     """Generated in the server (sequence engine), so loading is not part of any measured figure."""
     with server.connect(database) as conn, conn.cursor() as cur:
-        for statement in SCHEMA:
+        for statement in schema(users_table):
             cur.execute(statement)
         # Every phone shares "+1 555" and the users' emails share a domain: the masking's collision handling is
         # exercised on realistic, clustered values.
         cur.execute(
-            f"INSERT INTO users (id, email, phone, name) SELECT seq, CONCAT('user', seq, '@corp-mail.com'),"
+            f"INSERT INTO {users_table} (id, email, phone, name) SELECT seq, CONCAT('user', seq, '@corp-mail.com'),"
             f" CONCAT('+1 555 ', LPAD(seq, 7, '0')), CONCAT('Given', seq, ' Family', seq % 977)"
             f" FROM seq_1_to_{users}"
         )
@@ -88,6 +93,11 @@ def plain_copy(production, database: str, target, target_db: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=1_000_000, help="users (orders are 3x this)")
+    parser.add_argument(
+        "--users-table",
+        default="users",
+        help="name of the masked table; 'accounts' sorts before 'orders' in the dump (nothing to overlap with)",
+    )
     parser.add_argument("--runs", type=int, default=2, help="syncs in a row (run 2 is the steady state)")
     parser.add_argument("--workers", type=int, default=1, help="masking processes (in-place mode)")
     parser.add_argument(
@@ -106,12 +116,14 @@ def main() -> None:
             for server, database in ((prod, "shop"), (scratch, "shop_scratch"), (staging, "shop"), (staging, "copy")):
                 server.fresh_database(database)
             started = time.perf_counter()
-            load_production(prod, "shop", args.users)
+            load_production(prod, "shop", args.users, args.users_table)
             print(f"generated {args.users} users + {3 * args.users} orders in {time.perf_counter() - started:.1f}s")
             with staging.connect("shop") as conn, conn.cursor() as cur:
-                for statement in SCHEMA:
+                for statement in schema(args.users_table):
                     cur.execute(statement)
-                cur.execute("INSERT INTO users VALUES (1, 'demo@demo.test', '+1 555 9999999', 'Demo User', 1)")
+                cur.execute(
+                    f"INSERT INTO {args.users_table} VALUES (1, 'demo@demo.test', '+1 555 9999999', 'Demo User', 1)"
+                )
 
             floor_before = plain_copy(prod, "shop", staging, "copy")
             staging.execute("DROP DATABASE copy")
@@ -134,8 +146,8 @@ def main() -> None:
                         "secret_env": "SQLSYNC_BENCH_SECRET",
                         "mask_workers": args.workers,
                         "mask_mode": args.mask_mode,
-                        "rules": {"users": {"email": "email", "phone": "phone", "name": "name"}},
-                        "preserve": {"users": "demo = 1"},
+                        "rules": {args.users_table: {"email": "email", "phone": "phone", "name": "name"}},
+                        "preserve": {args.users_table: "demo = 1"},
                     },
                 },
             )

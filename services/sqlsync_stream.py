@@ -39,6 +39,13 @@ _VALUE = rf"({_QUOTED}|[^,()']+)"
 _COLUMN = re.compile(r"^  `((?:[^`]|``)+)` ")
 _INDEX = re.compile(r"^  (UNIQUE KEY|KEY) `((?:[^`]|``)+)` (\(.*)$")
 _IDENTIFIER = re.compile(r"`((?:[^`]|``)+)`")
+# mariadb-dump's section comments ("--\n-- Table structure for table `t`", ...) and the first line of its trailer.
+_SECTION = re.compile(
+    rb"^--\n-- (Table structure for table `((?:[^`\n]|``)+)`|Temporary (?:table|view) structure"
+    rb"|Final view structure|Dumping routines|Dumping events)",
+    re.MULTILINE,
+)
+_TRAILER = re.compile(rb"^/\*!40103 SET TIME_ZONE=@OLD_TIME_ZONE \*/;", re.MULTILINE)
 _INSERT = re.compile(r"^INSERT INTO `((?:[^`]|``)+)`(?: \(([^)]*)\))? VALUES\s*")
 _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _UNESCAPED = {"0": "\0", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "Z": "\x1a"}
@@ -95,6 +102,11 @@ def encode_value(value: str | None) -> str:
 
 def _unquote_identifier(name: str) -> str:
     return name.replace("``", "`")
+
+
+def _count_lines(dump: mmap.mmap, start: int, end: int) -> int:
+    """Newlines in ``dump[start:end]``, counted a block at a time (no copy of the whole range)."""
+    return sum(dump[at : min(end, at + PASS_BLOCK)].count(b"\n") for at in range(start, end, PASS_BLOCK))
 
 
 def _decode(raw: bytes) -> str:
@@ -154,7 +166,9 @@ class DumpMasker:
 
     # ---- reading the dump --------------------------------------------------------------------------------------
 
-    def _scan(self, deferred: list[str] | None = None) -> Iterator[tuple[bytes, _TableShape | None, int, int]]:
+    def _scan(
+        self, deferred: list[str] | None = None, ruled_last: bool = False
+    ) -> Iterator[tuple[bytes, _TableShape | None, int, int]]:
         """The dump in pieces: ``(bytes, None, 0, line)`` for text that passes unchanged (large blocks, never
         parsed), ``(statement, shape, rows_start, line)`` for each INSERT statement of a ruled table.
 
@@ -163,51 +177,82 @@ class DumpMasker:
         With ``deferred``, a ruled table's CREATE TABLE comes out without its indexes on ruled columns, and the
         ALTER TABLE statements that add them back are appended to ``deferred``: masked values arrive in random
         order, and InnoDB inserts them into an index about twice as slowly as it builds it afterwards by sorting.
+        With ``ruled_last``, the ruled tables' sections come after every other table (see ``_spans``).
         """
         names = b"|".join(re.escape(("`" + t.replace("`", "``") + "`").encode()) for t in sorted(self.rules))
         statement_start = re.compile(rb"(?:\A|\n)(CREATE TABLE|INSERT|REPLACE)\b[^\n`]*(" + names + rb")")
         shapes: dict[str, _TableShape] = {}
         with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as dump:
-            pos, line = 0, 1
-            for found in statement_start.finditer(dump):
-                at = found.start(1)
-                if at < pos:
-                    continue
-                for block in range(pos, at, PASS_BLOCK):
-                    chunk = dump[block : min(at, block + PASS_BLOCK)]
+            spans = self._spans(dump) if ruled_last else [(0, len(dump))]
+            for span_start, span_end in spans:
+                pos, line = span_start, _count_lines(dump, 0, span_start) + 1
+                for found in statement_start.finditer(dump, span_start, span_end):
+                    at = found.start(1)
+                    if at < pos:
+                        continue
+                    for block in range(pos, at, PASS_BLOCK):
+                        chunk = dump[block : min(at, block + PASS_BLOCK)]
+                        line += chunk.count(b"\n")
+                        yield chunk, None, 0, line
+                    table = _unquote_identifier(found.group(2)[1:-1].decode("utf-8", "surrogateescape"))
+                    where = f"{self.path}:{line}"
+                    if found.group(1) == b"CREATE TABLE":
+                        closing = dump.find(b"\n)", at, span_end)
+                        end = dump.find(b";\n", closing, span_end) + 2 if closing >= 0 else 1
+                    else:
+                        end = dump.find(b";\n", at, span_end) + 2
+                    if end < 2:
+                        raise DumpFormatError(f"{where}: the dump ends inside a statement of table {table}")
+                    statement = dump[at:end]
+                    first_line = line
+                    line += statement.count(b"\n")
+                    pos = end
+                    if found.group(1) == b"CREATE TABLE":
+                        yield self._created(table, statement, where, shapes, deferred), None, 0, first_line
+                        continue
+                    text = _decode(statement[:4096])
+                    insert = _INSERT.match(text)
+                    if insert is None or _unquote_identifier(insert.group(1)) != table:
+                        raise DumpFormatError(f"{where}: unexpected statement for table {table}: {text[:80]!r}")
+                    shape = shapes.get(table)
+                    if insert.group(2) is not None:
+                        listed = [_unquote_identifier(c.strip().strip("`")) for c in insert.group(2).split(",")]
+                        shape = self._shape(table, listed, where)
+                    if shape is None:
+                        raise DumpFormatError(f"{where}: rows of {table} come before its CREATE TABLE")
+                    yield statement, shape, insert.end(), first_line
+                for block in range(pos, span_end, PASS_BLOCK):
+                    chunk = dump[block : min(span_end, block + PASS_BLOCK)]
                     line += chunk.count(b"\n")
                     yield chunk, None, 0, line
-                table = _unquote_identifier(found.group(2)[1:-1].decode("utf-8", "surrogateescape"))
-                where = f"{self.path}:{line}"
-                if found.group(1) == b"CREATE TABLE":
-                    closing = dump.find(b"\n)", at)
-                    end = dump.find(b";\n", closing) + 2 if closing >= 0 else 1
-                else:
-                    end = dump.find(b";\n", at) + 2
-                if end < 2:
-                    raise DumpFormatError(f"{where}: the dump ends inside a statement of table {table}")
-                statement = dump[at:end]
-                first_line = line
-                line += statement.count(b"\n")
-                pos = end
-                if found.group(1) == b"CREATE TABLE":
-                    yield self._created(table, statement, where, shapes, deferred), None, 0, first_line
-                    continue
-                text = _decode(statement[:4096])
-                insert = _INSERT.match(text)
-                if insert is None or _unquote_identifier(insert.group(1)) != table:
-                    raise DumpFormatError(f"{where}: unexpected statement for table {table}: {text[:80]!r}")
-                shape = shapes.get(table)
-                if insert.group(2) is not None:
-                    listed = [_unquote_identifier(c.strip().strip("`")) for c in insert.group(2).split(",")]
-                    shape = self._shape(table, listed, where)
-                if shape is None:
-                    raise DumpFormatError(f"{where}: rows of {table} come before its CREATE TABLE")
-                yield statement, shape, insert.end(), first_line
-            for block in range(pos, len(dump), PASS_BLOCK):
-                chunk = dump[block : block + PASS_BLOCK]
-                line += chunk.count(b"\n")
-                yield chunk, None, 0, line
+
+    def _spans(self, dump: mmap.mmap) -> list[tuple[int, int]]:
+        """The dump as byte ranges in the order to load them: every other table first, then the ruled tables'
+        sections (structure, rows, triggers), then views, routines and the trailer. The masking thread then has
+        the whole time the other tables take to load, whatever the tables are called (mariadb-dump writes them
+        alphabetically). The order is safe to change: the dump turns foreign key checks off until its trailer,
+        and views and routines come after. A dump without mariadb-dump's section comments or trailer is loaded
+        in its own order."""
+        trailer = _TRAILER.search(dump)
+        marks = list(_SECTION.finditer(dump, 0, trailer.start() if trailer else 0))
+        if trailer is None or not marks:
+            return [(0, len(dump))]
+        bounds = [mark.start() for mark in marks] + [trailer.start()]
+        tables = [i for i, mark in enumerate(marks) if mark.group(1).startswith(b"Table structure")]
+        insert_at = bounds[tables[-1] + 1] if tables else trailer.start()
+        ruled = [
+            (bounds[i], bounds[i + 1])
+            for i in tables
+            if _unquote_identifier(marks[i].group(2).decode("utf-8", "surrogateescape")) in self.rules
+        ]
+        spans, pos = [], 0
+        for start, end in ruled:
+            spans.append((pos, start))
+            pos = end
+        spans.append((pos, insert_at))
+        spans += ruled
+        spans.append((insert_at, len(dump)))
+        return [(start, end) for start, end in spans if end > start]
 
     def _created(
         self, table: str, statement: bytes, where: str, shapes: dict[str, _TableShape], deferred: list[str] | None
@@ -354,7 +399,7 @@ class DumpMasker:
         deferred: list[str] = []
         began = time.perf_counter()
         count = 0
-        for raw, shape, _, _ in self._scan(deferred):
+        for raw, shape, _, _ in self._scan(deferred, ruled_last=True):
             if shape is None:
                 write(raw)
                 continue

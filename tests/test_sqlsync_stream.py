@@ -4,6 +4,7 @@ real MariaDB, compared with the in-place masking the cloudsql profile uses."""
 from __future__ import annotations
 
 import io
+from collections import Counter
 
 import pytest
 
@@ -171,3 +172,24 @@ def test_indexes_on_masked_columns_are_built_after_the_rows_unless_a_foreign_key
         "-- Dump completed\n"
         "ALTER TABLE `orders` ADD UNIQUE KEY `uq_email` (`email`), ADD KEY `by_note` (`note`(20),`email`);\n"
     )
+
+
+def test_ruled_tables_load_after_the_others_and_before_the_trailer(people):
+    out = io.BytesIO()
+
+    mask_dump(str(people), RULES, Masker(SECRET), out.write)
+
+    text = out.getvalue().decode("utf-8", "surrogateescape")
+    original = people.read_text(encoding="utf-8", errors="surrogateescape")
+    assert original.index("CREATE TABLE `people`") < original.index("CREATE TABLE `untouched`")
+    assert text.index("CREATE TABLE `untouched`") < text.index("CREATE TABLE `people`")
+    trailer = "/*!40103 SET TIME_ZONE=@OLD_TIME_ZONE */;"
+    assert text.index("INSERT INTO `people`") < text.index(trailer) < text.index("-- Dump completed")
+    assert text.index("-- Dump completed") < text.index("ALTER TABLE `people` ADD UNIQUE KEY `uq_email`")
+
+    # Nothing lost or doubled: every statement and comment line outside the people table's rows (and outside
+    # CREATE TABLE bodies, where the index moved) is there as often as in the dump.
+    def lines(dump: str) -> Counter[str]:
+        return Counter(line for line in dump.splitlines() if not line.startswith(("(", "INSERT INTO `people`", "  ")))
+
+    assert lines(text) == lines(original) + Counter(["ALTER TABLE `people` ADD UNIQUE KEY `uq_email` (`email`);"])
