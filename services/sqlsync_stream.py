@@ -259,17 +259,20 @@ class DumpMasker:
     ) -> bytes:
         """Learn a ruled table's columns from its CREATE TABLE; return the statement (indexes deferred or not)."""
         created_lines = _decode(statement).splitlines(keepends=True)
-        columns = [_unquote_identifier(m.group(1)) for m in map(_COLUMN.match, created_lines[1:-1]) if m]
+        closing = next((i for i, line in enumerate(created_lines) if line.startswith(")")), len(created_lines))
+        columns = [_unquote_identifier(m.group(1)) for m in map(_COLUMN.match, created_lines[1:closing]) if m]
         shapes[table] = self._shape(table, columns, where)
         if deferred is None:
             return statement
         return "".join(self._defer_indexes(table, created_lines, deferred)).encode("utf-8", "surrogateescape")
 
     def _defer_indexes(self, table: str, created_lines: list[str], deferred: list[str]) -> list[str]:
-        """``created_lines`` (a CREATE TABLE, header to closing line) without the plain and unique indexes that
-        cover a ruled column (unless a foreign key of the table uses that column); their ALTER TABLE goes to
+        """``created_lines`` (a CREATE TABLE: its header line, one line per column or index, then the lines from
+        the closing parenthesis on, table options and partitions included) without the plain and unique indexes
+        that cover a ruled column (unless a foreign key of the table uses that column); their ALTER TABLE goes to
         ``deferred``."""
-        header, body, closing = created_lines[0], created_lines[1:-1], created_lines[-1]
+        end = next((i for i, line in enumerate(created_lines) if line.startswith(")")), len(created_lines))
+        header, body, closing = created_lines[0], created_lines[1:end], "".join(created_lines[end:])
         ruled = set(self.rules[table])
         foreign = {
             _unquote_identifier(name)

@@ -193,3 +193,22 @@ def test_ruled_tables_load_after_the_others_and_before_the_trailer(people):
         return Counter(line for line in dump.splitlines() if not line.startswith(("(", "INSERT INTO `people`", "  ")))
 
     assert lines(text) == lines(original) + Counter(["ALTER TABLE `people` ADD UNIQUE KEY `uq_email` (`email`);"])
+
+
+def test_a_partitioned_table_keeps_its_table_options_when_an_index_is_deferred(tmp_path):
+    dump = tmp_path / "parts.sql"
+    dump.write_text(
+        "CREATE TABLE `people` (\n  `id` int(11) NOT NULL,\n  `email` varchar(255) NOT NULL,\n"
+        "  PRIMARY KEY (`id`),\n  KEY `by_email` (`email`)\n) ENGINE=InnoDB\n PARTITION BY HASH (`id`)\n"
+        "PARTITIONS 4;\nINSERT INTO `people` VALUES (1,'a@b.c');\n-- Dump completed\n"
+    )
+    out = io.BytesIO()
+
+    mask_dump(str(dump), [ColumnRule("people", "email", "email", "email")], Masker(SECRET), out.write)
+
+    text = out.getvalue().decode()
+    assert text.startswith(
+        "CREATE TABLE `people` (\n  `id` int(11) NOT NULL,\n  `email` varchar(255) NOT NULL,\n"
+        "  PRIMARY KEY (`id`)\n) ENGINE=InnoDB\n PARTITION BY HASH (`id`)\nPARTITIONS 4;\n"
+    )
+    assert text.endswith("ALTER TABLE `people` ADD KEY `by_email` (`email`);\n")
