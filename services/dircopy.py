@@ -319,28 +319,29 @@ def prune_copies(dest_root: Path, keep: int | None, min_keep: int) -> list[Path]
 
 def _walk_directories(source: Path, stats: CopyStats) -> Iterator[tuple[_Item | None, list[_Item]]]:
     """Depth-first walk without following symlinks, one directory at a time: (the directory, or None for the
-    source root; its files and symlinks). A directory comes just before its own files, so the copier creates
-    each directory right before filling it.
-    Unreadable directories and special files are noted in ``stats`` instead of stopping the run."""
+    source root; its files and symlinks). Unreadable directories and special files are noted in ``stats``
+    instead of stopping the run."""
     stack: list[_Item | None] = [None]  # None stands for the source root itself
     while stack:
         current = stack.pop()
-        rel_dir = current.rel if current else ""
-        abs_dir = os.path.join(source, rel_dir) if rel_dir else str(source)
-        try:
-            # Listed through a descriptor, so that each lstat below resolves one name instead of the whole path.
-            dir_fd = os.open(abs_dir, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            stats.errors.append(f"cannot list {rel_dir or '.'}: {exc.strerror}")
-            if current is not None:
-                yield current, []
-            continue
-        try:
-            children, subdirs = _list_directory(dir_fd, rel_dir, stats)
-        finally:
-            os.close(dir_fd)
+        children, subdirs = _read_directory(str(source), current.rel if current else "", stats)
         yield current, children
         stack.extend(reversed(subdirs))
+
+
+def _read_directory(source: str, rel_dir: str, stats: CopyStats) -> tuple[list[_Item], list[_Item]]:
+    """The files and symlinks, and the subdirectories, of ``rel_dir`` under ``source``; nothing (and an error in
+    ``stats``) when it cannot be opened. Listed through a descriptor, so each lstat resolves one name instead of
+    the whole path."""
+    try:
+        dir_fd = os.open(f"{source}/{rel_dir}" if rel_dir else source, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        stats.errors.append(f"cannot list {rel_dir or '.'}: {exc.strerror}")
+        return [], []
+    try:
+        return _list_directory(dir_fd, rel_dir, stats)
+    finally:
+        os.close(dir_fd)
 
 
 def _list_directory(dir_fd: int, rel_dir: str, stats: CopyStats) -> tuple[list[_Item], list[_Item]]:
@@ -594,19 +595,8 @@ class _Copier:
             self._directories.append(directory)
             self.lines[rel_dir] = _entry(directory).to_line()
             self._seen_any = True
-        found = CopyStats()
-        children: list[_Item] = []
-        subdirs: list[_Item] = []
-        try:
-            # Listed through a descriptor, so that each lstat resolves one name instead of the whole path.
-            dir_fd = os.open(f"{self.source}/{rel_dir}" if rel_dir else self.source, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            found.errors.append(f"cannot list {rel_dir or '.'}: {exc.strerror}")
-        else:
-            try:
-                children, subdirs = _list_directory(dir_fd, rel_dir, found)
-            finally:
-                os.close(dir_fd)
+        found = CopyStats()  # this thread's own, merged under the lock
+        children, subdirs = _read_directory(self.source, rel_dir, found)
         if found.errors or found.skipped:
             with self._lock:
                 self.stats.errors.extend(found.errors)

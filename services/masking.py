@@ -300,7 +300,6 @@ LAST_NAMES = [
 
 _FIRST_LOWER = [name.lower() for name in FIRST_NAMES]
 _LAST_LOWER = [name.lower() for name in LAST_NAMES]
-_DIGIT = re.compile(r"\d")
 _DIGIT_RUNS = re.compile(r"(\d+)")
 # E.164 country calling codes are prefix-free: 1 and 7 are one digit, these two-digit codes are assigned,
 # every other code is three digits. That is enough to keep the country code of any "+..." number.

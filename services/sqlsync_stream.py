@@ -397,8 +397,9 @@ class DumpMasker:
                 _forget_worker_dump()
 
     def write_masked(self, write: Callable[[bytes], object], spool: _Spool) -> None:
-        """Write the dump to ``write`` in its own order: text without ruled rows as it is, each ruled statement
-        as masked into ``spool`` (waiting for it when the masking is behind), then the deferred indexes."""
+        """Write the dump to ``write``, the ruled tables' sections after every other table (``_spans``): text
+        without ruled rows as it is, each ruled statement as masked into ``spool`` (waiting for it when the
+        masking is behind), then the deferred indexes."""
         deferred: list[str] = []
         began = time.perf_counter()
         count = 0
@@ -434,8 +435,7 @@ class _Spool:
         self.waited = 0.0
 
     def add(self, masked: bytes, rows: int) -> None:
-        self._file.seek(self._size)
-        self._file.write(masked)
+        self._file.write(masked)  # appended; readers use pread, which leaves the file position alone
         self._file.flush()
         with self._changed:
             self._index.append((self._size, len(masked), rows))
@@ -469,7 +469,8 @@ class _Spool:
         with self._changed:
             while not self._done:
                 self._changed.wait()
-        self._wait_for(count)
+            if self._failure is not None:
+                raise self._failure
         if len(self._index) != count:
             raise DumpFormatError("the masking pass found more ruled statements than the writing pass")
 
@@ -514,7 +515,7 @@ def mask_dump(
 
     Two threads: the masking thread makes the first pass (set kinds) and then masks the ruled statements into a
     spool file, while this thread writes the dump in order, taking masked statements from the spool as it
-    reaches them. The masking therefore overlaps the loading of every table that comes before the ruled ones.
+    reaches them. The ruled tables are written last, so the masking overlaps the loading of every other table.
     ``workers`` > 1 masks on that many forked processes."""
     dump = DumpMasker(path, rules, masker)
     spool = _Spool(spool_dir)
