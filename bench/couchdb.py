@@ -1,7 +1,7 @@
 """Benchmark: our CouchDB backup/restore against IBM's couchbackup/couchrestore, in one run, on one local server.
 
-    /work/venv/bin/python bench/couchdb.py              # 100,000 documents, plus 20,000 to show memory is flat
-    /work/venv/bin/python bench/couchdb.py --docs 10000 --also 0
+    .venv/bin/python bench/couchdb.py              # 100,000 documents, plus 20,000 to show memory is flat
+    .venv/bin/python bench/couchdb.py --docs 10000 --also 0
 
 The database: ~1 KB documents, 5% with a 20 KB attachment, in a pouchdb-server started here (in memory,
 127.0.0.1). Each tool runs as its own process; peak RSS is its kernel high-water mark (VmHWM). couchbackup runs

@@ -5,7 +5,7 @@ One process, one generated tree, both tools on the same file system and the same
 1. a first (full) copy of 20,000 files of mixed sizes (~1 GB);
 2. an incremental copy after 1% of the files changed, linked against the first copy.
 
-Run: ``/work/venv/bin/python bench/directory.py [--files 20000] [--total-mb 1024] [--rounds 2] [--repeats 3]``
+Run: ``.venv/bin/python bench/directory.py [--files 20000] [--total-mb 1024] [--rounds 2] [--repeats 3]``
 (needs rsync: scripts/ensure-rsync.sh). The engine runs with ``sync=False`` because rsync does not flush
 either; the default ``sync=True`` adds one syncfs() at the end of a copy.
 """

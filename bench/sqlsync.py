@@ -1,7 +1,7 @@
 """Benchmark: a full masked sync (kind sqlsync, local profile) against the floor a user would otherwise pay, a plain
 ``mariadb-dump | mariadb`` copy of the same database, measured in the same run on the same servers.
 
-    /work/venv/bin/python bench/sqlsync.py --users 1000000      # 1M users (email, phone, name) + 3M orders
+    .venv/bin/python bench/sqlsync.py --users 1000000      # 1M users (email, phone, name) + 3M orders
 
 Starts two throw-away MariaDB servers (production; staging, which also holds the scratch database, so the masked
 tables are moved into staging by RENAME TABLE) on loopback ports and stops them at the end. The floor is the
