@@ -2,7 +2,8 @@
 
 Directory copies run here in the foreground with a progress bar (the same engine a worker with the mount uses);
 Filestore restores wait for the operation and always take a safety backup of the target share first.
-Exit codes: 0 done; 1 the operation failed or verify found problems (the reason is printed); 2 bad usage.
+Exit codes: 0 done; 1 the operation failed, stopped (disk full: the unfinished copy is removed), finished with
+errors, or verify found problems (one line says why, no traceback); 2 bad usage.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def _print_stats(stats: dircopy.CopyStats) -> None:
         f" {stats.files_deleted} deleted since the previous copy, {stats.symlinks} symlinks,"
         f" {stats.directories} directories, {stats.duration_seconds:.1f} s"
     )
+    for note in stats.notes:
+        click.echo(f"note: {dircopy._escape(note)}", err=True)
     for error in stats.errors:
-        click.echo(f"error: {error}", err=True)
+        click.echo(f"error: {dircopy._escape(error)}", err=True)
 
 
 @click.command("restore-filestore")
@@ -85,7 +88,7 @@ def directory_group() -> None:
 
 @directory_group.command("run")
 @click.argument("source", required=False, type=click.Path(path_type=Path))
-@click.argument("dest", required=False, type=click.Path(path_type=Path))
+@click.argument("dest", required=False)
 @click.option("--plan", "plan_name", default=None, help="Run every source of this plan instead of SOURCE DEST.")
 @click.option("--keep", type=click.IntRange(min=1), default=None, help="Keep this many complete copies (ad hoc).")
 @click.option("--min-keep", type=click.IntRange(min=1), default=1, show_default=True)
@@ -93,14 +96,14 @@ def directory_group() -> None:
 @click.option("--no-sync", is_flag=True, help="Skip the file-system flush before the copy is marked complete.")
 def directory_run(
     source: Path | None,
-    dest: Path | None,
+    dest: str | None,
     plan_name: str | None,
     keep: int | None,
     min_keep: int,
     threads: int,
     no_sync: bool,
 ) -> None:
-    """Copy SOURCE into DEST/<UTC timestamp>/, hard-linking files unchanged since the previous copy."""
+    """Copy SOURCE into DEST/<UTC timestamp>/ (DEST a folder or gs://BUCKET/PREFIX), reusing unchanged files."""
     rt = current_runtime()
     if plan_name:
         if source or dest:
@@ -109,12 +112,23 @@ def directory_run(
         return
     if source is None or dest is None:
         raise click.UsageError("SOURCE and DEST are required (or --plan NAME)")
+    if dest.startswith("gs://"):
+        _run_to_bucket(rt, source, dest, keep, min_keep, threads)
+        return
     bar = _Bar(f"copying {source}")
     try:
         result = dircopy.copy_tree(
-            source, dest, rt.now(), threads=threads, sync=not no_sync, on_progress=bar, progress_every=0.2
+            source,
+            Path(dest),
+            rt.now(),
+            threads=threads,
+            sync=not no_sync,
+            on_progress=bar,
+            progress_every=0.2,
+            clock=rt.now,
+            ad_hoc=True,
         )
-    except dircopy.CopyError as exc:
+    except (dircopy.CopyError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         bar.close()
@@ -123,8 +137,33 @@ def directory_run(
     if result.stats.errors:
         raise click.ClickException(f"{len(result.stats.errors)} errors (see {result.path / dircopy.LOG_NAME})")
     if keep is not None:
-        for path in dircopy.prune(dest, keep, min_keep):
-            click.echo(f"retention: deleted {path}")
+        try:
+            for path in dircopy.prune(Path(dest), keep, min_keep):
+                click.echo(f"retention: deleted {path}")
+        except (dircopy.CopyError, OSError) as exc:
+            raise click.ClickException(f"retention: {exc}") from exc
+
+
+def _run_to_bucket(rt: Any, source: Path, dest: str, keep: int | None, min_keep: int, threads: int) -> None:
+    from services import gcscopy
+
+    client = rt.storage()
+    try:
+        result = gcscopy.copy_tree_to_bucket(source, client, dest, rt.now(), threads=threads, ad_hoc=True)
+    except (dircopy.CopyError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"copy: {result.url}" + (f" (reusing objects of {result.previous})" if result.previous else ""))
+    _print_stats(result.stats)
+    cost = result.cost
+    click.echo(
+        f"cost: {cost.requests} requests, {cost.objects_written} objects written, {cost.bytes_uploaded} bytes uploaded"
+    )
+    if result.stats.errors:
+        raise click.ClickException(f"{len(result.stats.errors)} errors (listed above and in the copy's log)")
+    if keep is not None:
+        pruned = gcscopy.prune_bucket_copies(client, dest, keep, min_keep)
+        for url in pruned.deleted:
+            click.echo(f"retention: deleted {url}")
 
 
 def _run_plan(rt: Any, plan_name: str) -> None:
@@ -155,7 +194,7 @@ def _run_plan(rt: Any, plan_name: str) -> None:
 @click.option("--threads", type=click.IntRange(1, 64), default=dircopy.DEFAULT_THREADS, show_default=True)
 def directory_verify(copy: str, threads: int) -> None:
     """Re-read every file of COPY (a DEST/<timestamp> folder or gs://BUCKET/PREFIX/<timestamp>) and compare it
-    with the copy's manifest."""
+    with the copy's manifest; also report what the run that made it could not copy."""
     bar = _Bar(f"verifying {copy}")
     try:
         if copy.startswith("gs://"):
@@ -164,14 +203,17 @@ def directory_verify(copy: str, threads: int) -> None:
             report = gcscopy.verify_bucket_copy(current_runtime().storage(), copy, threads=threads)
         else:
             report = dircopy.verify_copy(Path(copy), threads=threads, on_progress=bar)
-    except dircopy.CopyError as exc:
+    except (dircopy.CopyError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         bar.close()
     for problem in report.problems:
         click.echo(f"problem: {problem}", err=True)
+    for error in report.recorded_errors:
+        click.echo(f"left out when the copy was made: {dircopy._escape(error)}", err=True)
     if not report.ok:
-        raise click.ClickException(f"{copy}: {len(report.problems)} problems found")
+        found = len(report.problems) + len(report.recorded_errors)
+        raise click.ClickException(f"{copy}: {found} problems found")
     click.echo(f"{copy}: OK, {report.files_checked} files ({report.bytes_checked} bytes) match the manifest")
 
 
@@ -184,40 +226,43 @@ def directory_verify(copy: str, threads: int) -> None:
     "--safety-dest",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where the safety copy goes (default: the copy's own destination folder).",
+    help="Where the safety copy goes (default: DEST/.safety-copies beside a local copy; required for gs://).",
 )
 @click.option("--threads", type=click.IntRange(1, 64), default=dircopy.DEFAULT_THREADS, show_default=True)
 def directory_restore(
     copy: str, target: Path, subpath: str | None, overwrite: bool, safety_dest: Path | None, threads: int
 ) -> None:
-    """Restore COPY (a DEST/<timestamp> folder, or gs://BUCKET/PREFIX/<timestamp> into an empty TARGET) into
-    TARGET, checking every file against the manifest."""
-    if copy.startswith("gs://"):
-        if subpath or overwrite:
-            raise click.UsageError("--path and --overwrite are for local copies; restore a bucket copy whole")
-        from services import gcscopy
-
-        try:
-            result = gcscopy.restore_bucket_copy(current_runtime().storage(), copy, target, threads=threads)
-        except dircopy.CopyError as exc:
-            raise click.ClickException(str(exc)) from exc
-        _report_restore(result, target)
-        return
-    if not Path(copy).is_dir():
-        raise click.UsageError(f"COPY {copy} is not a directory")
+    """Restore COPY (a DEST/<timestamp> folder or gs://BUCKET/PREFIX/<timestamp>) into TARGET, checking every
+    file against the manifest."""
     bar = _Bar(f"restoring {copy}")
     try:
-        result = dircopy.restore_copy(
-            Path(copy),
-            target,
-            subpath=subpath,
-            overwrite=overwrite,
-            safety_dest=safety_dest,
-            when=datetime.now(UTC),
-            threads=threads,
-            on_progress=bar,
-        )
-    except dircopy.CopyError as exc:
+        if copy.startswith("gs://"):
+            from services import gcscopy
+
+            result = gcscopy.restore_bucket_copy(
+                current_runtime().storage(),
+                copy,
+                target,
+                subpath=subpath,
+                overwrite=overwrite,
+                safety_dest=safety_dest,
+                threads=threads,
+                on_progress=bar,
+            )
+        else:
+            if not Path(copy).is_dir():
+                raise click.UsageError(f"COPY {copy} is not a directory")
+            result = dircopy.restore_copy(
+                Path(copy),
+                target,
+                subpath=subpath,
+                overwrite=overwrite,
+                safety_dest=safety_dest,
+                when=datetime.now(UTC),
+                threads=threads,
+                on_progress=bar,
+            )
+    except (dircopy.CopyError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         bar.close()
@@ -227,11 +272,16 @@ def directory_restore(
 def _report_restore(result: dircopy.RestoreResult, target: Path) -> None:
     if result.safety_copy:
         click.echo(f"safety copy of {target} before overwriting: {result.safety_copy}")
-    click.echo(f"restored {result.files} files ({result.bytes} bytes), {result.symlinks} symlinks into {target}")
+    click.echo(
+        f"restored {result.files} files ({result.bytes} bytes), {result.symlinks} symlinks,"
+        f" {result.specials} special files, {result.directories} directories into {target}"
+    )
+    for replaced in result.replaced:
+        click.echo(f"replaced: {replaced}")
     for error in result.errors:
         click.echo(f"error: {error}", err=True)
     if result.errors:
-        raise click.ClickException(f"{len(result.errors)} files could not be restored")
+        raise click.ClickException(f"{len(result.errors)} entries could not be restored")
 
 
 commands = [restore_filestore_command, directory_group]

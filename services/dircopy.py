@@ -1,19 +1,25 @@
 """The directory copy engine: timestamped, hard-linked snapshots of a directory tree (the ``rsync --link-dest`` idea).
 
 Each run copies SOURCE into ``DEST/<UTC timestamp>/``. Files unchanged since the previous complete copy (same
-size, mtime, mode and owner as recorded in that copy's manifest) are hard-linked to it, so every folder is a
-complete tree while costing only the changes. Changed and new files are copied and hashed in the same pass.
+size, mtime, mode and owner as recorded in that copy's manifest, and the previous copy's file still as its
+manifest says) are hard-linked to it, so every folder is a complete tree while costing only the changes. Changed
+and new files are copied and hashed in the same pass.
 
 Layout of a destination root::
 
     DEST/.backup-lock               flock held for the whole run (copy + retention)
     DEST/.inprogress-<stamp>/       a copy being written; never looks complete
+    DEST/.deleting-<stamp>/         a copy retention has started to delete; never looks complete
+    DEST/.safety-copies/<stamp>/    copies of a restore target taken by ``restore --overwrite`` (0700 folder)
     DEST/<stamp>/                   a complete copy (renamed from .inprogress-<stamp> at the very end)
     DEST/<stamp>/.backup-manifest.tsv     a JSON header line, then one tab-separated line per entry
     DEST/<stamp>/.backup-log.txt          what the run did: counts, bytes, duration, errors
 
-A folder is "ours" only if its name is a stamp and its manifest's header carries ``FORMAT``; retention and
-"previous copy" lookups ignore everything else in DEST.
+A folder is "ours" only if its name is a stamp and its manifest's header carries one of ``FORMATS``; retention
+and "previous copy" lookups ignore everything else in DEST.
+
+Names are whatever the file system holds (any byte but '/' and NUL, up to 255 bytes), and paths may be longer
+than the kernel's PATH_MAX: every system call on a long path goes through a descriptor of a directory close to it.
 """
 
 from __future__ import annotations
@@ -23,26 +29,30 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import queue
 import re
-import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-FORMAT = "backup-scheduler/dircopy/1"
+FORMAT = "backup-scheduler/dircopy/2"  # every control character and undecodable byte escaped; header "root"
+FORMAT_V1 = "backup-scheduler/dircopy/1"  # only \\ \t \n \r escaped; still read (existing users' copies)
+FORMATS = (FORMAT, FORMAT_V1)
 MANIFEST_NAME = ".backup-manifest.tsv"
 LOG_NAME = ".backup-log.txt"
 LOCK_NAME = ".backup-lock"
 INPROGRESS_PREFIX = ".inprogress-"
+DELETING_PREFIX = ".deleting-"
+SAFETY_DIR = ".safety-copies"
 RESERVED_NAMES = (MANIFEST_NAME, LOG_NAME)
 STAMP_PATTERN = re.compile(r"^\d{8}T\d{6}Z$")
 
@@ -51,9 +61,16 @@ SMALL_FILE = 1 << 20
 CHUNK = 1 << 20
 WALKERS = 2  # threads listing directories and linking unchanged files (their system calls overlap)
 DEFAULT_THREADS = 4
+MAX_HEADER_ERRORS = 1000  # errors listed in a manifest's header (all of them are in the log)
 
 # Whether copies can keep the source's owner: only root may chown to someone else.
 _CAN_CHOWN = hasattr(os, "geteuid") and os.geteuid() == 0
+
+# Paths at least this long (in bytes) are reached through directory descriptors: PATH_MAX is 4,096 with the NUL.
+_LONG_PATH = 4000
+
+# Errors that mean the destination cannot take any more of this copy: stop, and remove what was written.
+_DESTINATION_FULL = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS))
 
 
 class CopyError(Exception):
@@ -64,35 +81,175 @@ class CopyBusy(CopyError):
     """Another copy into the same destination holds the lock; try again later."""
 
 
+class ChangedType(OSError):
+    """A source entry listed as a regular file is something else by the time it is opened."""
+
+
 def stamp(when: datetime) -> str:
     """The folder name of a copy taken at ``when``: ISO 8601 basic format in UTC, sortable as text."""
     return when.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]|^-$")
+# --- long paths ------------------------------------------------------------------------------------------------
+
+
+def _is_long(path: str) -> bool:
+    return len(path) * 4 >= _LONG_PATH and len(os.fsencode(path)) >= _LONG_PATH
+
+
+def _open_dir(path: str, nofollow: bool = False) -> int:
+    """A descriptor of the directory ``path``, however long the path is (opened in steps when it is long)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | (os.O_NOFOLLOW if nofollow else 0)
+    if not _is_long(path):
+        return os.open(path, flags)
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for part in path.split("/"):
+        length = len(os.fsencode(part)) + 1
+        if current and size + length >= _LONG_PATH:
+            pieces.append("/".join(current))
+            current, size = [], 0
+        current.append(part)
+        size += length
+    pieces.append("/".join(current))
+    fd = os.open(pieces[0] or "/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for n, piece in enumerate(pieces[1:], start=2):
+            last = n == len(pieces)
+            step = os.open(piece, flags if last else os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = step
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def _at(path: str) -> Iterator[tuple[int | None, str]]:
+    """(dir_fd, name) to hand to an ``os`` call for ``path``: (None, path) for a normal path, else a descriptor of
+    its parent directory (closed afterwards) and its last component."""
+    if not _is_long(path):
+        yield None, path
+        return
+    parent, name = path.rsplit("/", 1)
+    fd = _open_dir(parent)
+    try:
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def _open(path: str, flags: int, mode: int = 0o777) -> int:
+    with _at(path) as (dir_fd, name):
+        return os.open(name, flags, mode, dir_fd=dir_fd)
+
+
+def _lstat(path: str) -> os.stat_result:
+    with _at(path) as (dir_fd, name):
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _mkdir(path: str, mode: int = 0o700) -> None:
+    with _at(path) as (dir_fd, name):
+        os.mkdir(name, mode, dir_fd=dir_fd)
+
+
+def _readlink(path: str) -> str:
+    with _at(path) as (dir_fd, name):
+        return os.readlink(name, dir_fd=dir_fd)
+
+
+def _set_attributes(path: str, mode: int, mtime_ns: int, uid: int, gid: int, symlink: bool = False) -> None:
+    """Owner (as root), mode (not for symlinks) and mtime of ``path``, never following a symlink."""
+    with _at(path) as (dir_fd, name):
+        if _CAN_CHOWN:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        if not symlink:
+            os.chmod(name, mode, dir_fd=dir_fd)
+        os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+
+# --- manifest lines ----------------------------------------------------------------------------------------------
+
+# Escaped in names and link targets: backslash, every C0 and C1 control character, DEL, the Unicode line and
+# paragraph separators, and bytes that are not UTF-8 (held as lone surrogates by Python's surrogateescape).
+# So a manifest is valid UTF-8, and one line is one entry for any tool that splits lines, Python's splitlines too.
+_ESCAPE_CHARS = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udcff]")
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_UNESCAPE = re.compile(r"\\(.)")
+_UNESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)", re.DOTALL)
 _UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r", "-": "-"}
 
 
+def _escape_char(match: re.Match[str]) -> str:
+    ch = match.group()
+    known = _ESCAPES.get(ch)
+    if known is not None:
+        return known
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"  # a byte that is not UTF-8
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
+
+
 def _escape(text: str) -> str:
-    if not _NEEDS_ESCAPE.search(text):
-        return text  # the common case, kept cheap: one regex scan
     if text == "-":
         return "\\-"  # a symlink pointing at a file called "-" must not read as "no target"
-    return "".join(_ESCAPES.get(ch, ch) for ch in text)
+    if not _ESCAPE_CHARS.search(text):
+        return text  # the common case, kept cheap: one regex scan
+    return _ESCAPE_CHARS.sub(_escape_char, text)
+
+
+def _unescape_one(match: re.Match[str]) -> str:
+    code = match.group(1)
+    if len(code) == 1:
+        try:
+            return _UNESCAPES[code]
+        except KeyError:
+            raise ValueError(f"unknown escape \\{code}") from None
+    value = int(code[1:], 16)
+    if code[0] == "x" and value >= 0x80:
+        return chr(0xDC00 + value)
+    return chr(value)
 
 
 def _unescape(text: str) -> str:
     if "\\" not in text:
         return text
-    return _UNESCAPE.sub(lambda m: _UNESCAPES[m.group(1)], text)
+    return _UNESCAPE.sub(_unescape_one, text)
+
+
+# Entry kinds: regular file, symlink, directory, FIFO, socket, character and block device.
+KINDS = frozenset("fldpscb")
+_KIND_NAMES = {"f": "file", "l": "symlink", "d": "directory", "p": "FIFO", "s": "socket", "c": "device", "b": "device"}
+
+
+def kind_of(mode: int) -> str | None:
+    """The manifest kind of an lstat mode, or None for a type we do not know."""
+    if stat.S_ISREG(mode):
+        return "f"
+    if stat.S_ISDIR(mode):
+        return "d"
+    if stat.S_ISLNK(mode):
+        return "l"
+    if stat.S_ISFIFO(mode):
+        return "p"
+    if stat.S_ISSOCK(mode):
+        return "s"
+    if stat.S_ISCHR(mode):
+        return "c"
+    if stat.S_ISBLK(mode):
+        return "b"
+    return None
 
 
 @dataclass(slots=True)
 class Entry:
-    """One line of a manifest. ``path`` is relative to the copy root, '/'-separated. ``kind`` is 'f' (regular
-    file), 'l' (symlink, ``target`` set) or 'd' (directory). ``sha256`` is set for files only."""
+    """One line of a manifest. ``path`` is relative to the copy root, '/'-separated. ``kind`` is one of ``KINDS``.
+    ``sha256`` is set for files only; ``target`` holds a symlink's target, or a device's number (``st_rdev``)."""
 
     path: str
     kind: str
@@ -105,7 +262,7 @@ class Entry:
     target: str | None = None
 
     def to_line(self) -> str:
-        """One manifest line: tab-separated, path last. Tabs, newlines and backslashes in names are escaped."""
+        """One manifest line: tab-separated, path last; see ``_escape`` for what is escaped in names."""
         target = "-" if self.target is None else _escape(self.target)
         return (
             f"{self.kind}\t{self.size}\t{self.mtime_ns}\t{self.mode:o}\t{self.uid}\t{self.gid}\t"
@@ -115,6 +272,8 @@ class Entry:
     @classmethod
     def from_line(cls, line: str) -> Entry:
         kind, size, mtime, mode, uid, gid, sha, target, path = line.rstrip("\n").split("\t", 8)
+        if kind not in KINDS:
+            raise ValueError(f"unknown entry kind {kind!r}")
         return cls(
             path=_unescape(path),
             kind=kind,
@@ -145,6 +304,44 @@ class Manifest:
     header: dict[str, Any]
     entries: dict[str, Entry]
 
+    def root(self) -> Entry | None:
+        """The copied directory itself (mode, mtime, owner), recorded in the header since format 2."""
+        raw = self.header.get("root")
+        if not isinstance(raw, dict):
+            return None
+        return Entry("", "d", 0, int(raw["mtime_ns"]), int(raw["mode"]), int(raw["uid"]), int(raw["gid"]))
+
+    def recorded_errors(self) -> list[str]:
+        """Errors of the run that made this copy (entries it could not copy), as far as the header keeps them."""
+        listed = [str(e) for e in self.header.get("errors", [])]
+        count = int(self.header.get("stats", {}).get("errors", 0) or 0)
+        if count > len(listed):
+            listed.append(f"{count - len(listed)} more errors when the copy was made (see {LOG_NAME})")
+        return listed
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """A manifest from its bytes. Lines are split on LF only: names may hold any other character (format 1 wrote
+    form feeds, NEL and the like as they are). ValueError naming ``where`` and the line if it is not ours."""
+    text = data.decode("utf-8", "surrogateescape")
+    first, _, rest = text.partition("\n")
+    try:
+        header = json.loads(first or "{}")
+    except ValueError as exc:
+        raise ValueError(f"{where}: not a backup-scheduler manifest ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") not in FORMATS:
+        raise ValueError(f"{where}: not a backup-scheduler manifest")
+    entries = {}
+    for number, line in enumerate(rest.split("\n"), start=2):
+        if not line:
+            continue
+        try:
+            entry = Entry.from_line(line)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{where}: line {number}: {exc}") from None
+        entries[entry.path] = entry
+    return Manifest(header, entries)
+
 
 @dataclass
 class CopyStats:
@@ -155,7 +352,10 @@ class CopyStats:
     files_deleted: int = 0
     symlinks: int = 0
     directories: int = 0
-    skipped: int = 0
+    specials: int = 0  # FIFOs, sockets and devices, recreated
+    skipped: int = 0  # entries not copied on purpose (devices when not root)
+    vanished: int = 0  # listed, then gone (or changed type) before they could be copied: like rsync's "vanished"
+    damaged_previous: int = 0  # unchanged files whose copy in the previous copy no longer matched: copied afresh
     bytes_copied: int = 0
     bytes_linked: int = 0
     duration_seconds: float = 0.0
@@ -167,6 +367,11 @@ class CopyStats:
         out["errors"] = len(self.errors)
         out.pop("notes")
         return out
+
+    @classmethod
+    def from_summary(cls, raw: dict[str, Any]) -> CopyStats:
+        known = {f for f in cls.__dataclass_fields__ if f not in ("errors", "notes")}
+        return cls(**{k: v for k, v in raw.items() if k in known})
 
 
 @dataclass
@@ -228,17 +433,9 @@ class DestinationLock:
 
 
 def read_manifest(copy_dir: Path) -> Manifest:
-    """The manifest of a copy. ValueError if it is missing or is not ours."""
-    path = copy_dir / MANIFEST_NAME
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
-        header = json.loads(fh.readline() or "{}")
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a backup-scheduler manifest")
-        entries = {}
-        for line in fh:
-            entry = Entry.from_line(line)
-            entries[entry.path] = entry
-    return Manifest(header, entries)
+    """The manifest of a copy. ValueError if it is not ours, OSError if it cannot be read."""
+    path = Path(copy_dir) / MANIFEST_NAME
+    return parse_manifest(path.read_bytes(), str(path))
 
 
 def _file_signature(st: os.stat_result) -> str:
@@ -248,14 +445,19 @@ def _file_signature(st: os.stat_result) -> str:
 
 
 def read_manifest_lines(copy_dir: Path) -> dict[str, str]:
-    """A copy's manifest as path -> raw line, for the copier's unchanged-file check. ValueError if not ours."""
-    path = copy_dir / MANIFEST_NAME
+    """A copy's manifest as path -> line (in this format), for the copier's unchanged-file check.
+    ValueError if the manifest is not ours."""
+    path = Path(copy_dir) / MANIFEST_NAME
+    data = path.read_bytes()
+    first, _, rest = data.partition(b"\n")
+    header = json.loads(first or b"{}")
+    if not isinstance(header, dict) or header.get("format") not in FORMATS:
+        raise ValueError(f"{path}: not a backup-scheduler manifest")
+    if header["format"] != FORMAT:
+        return {p: e.to_line() for p, e in parse_manifest(data, str(path)).entries.items()}
     lines: dict[str, str] = {}
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
-        if json.loads(fh.readline() or "{}").get("format") != FORMAT:
-            raise ValueError(f"{path}: not a backup-scheduler manifest")
-        for line in fh:
-            line = line.rstrip("\n")
+    for line in rest.decode("utf-8", "surrogateescape").split("\n"):
+        if line:
             lines[_unescape(line.rsplit("\t", 1)[1])] = line
     return lines
 
@@ -264,9 +466,9 @@ def _is_our_copy(path: Path) -> bool:
     if not STAMP_PATTERN.match(path.name) or not path.is_dir() or path.is_symlink():
         return False
     try:
-        with open(path / MANIFEST_NAME, encoding="utf-8") as fh:
-            return json.loads(fh.readline() or "{}").get("format") == FORMAT
-    except (OSError, ValueError):
+        with open(path / MANIFEST_NAME, "rb") as fh:
+            return json.loads(fh.readline() or b"{}").get("format") in FORMATS
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -277,28 +479,70 @@ def complete_copies(dest_root: Path) -> list[Path]:
     return sorted((p for p in dest_root.iterdir() if _is_our_copy(p)), key=lambda p: p.name)
 
 
-def remove_tree(path: Path) -> None:
-    """Delete a copy, including read-only directories inside it (a faithful copy keeps a 0555 directory 0555)."""
+def remove_tree(path: Path | str) -> None:
+    """Delete a tree of any depth and path length, including read-only directories inside it (a faithful copy
+    keeps a 0555 directory 0555). A symlink is removed, never followed."""
+    top = str(path)
+    try:
+        st = _lstat(top)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with _at(top) as (dir_fd, name):
+            os.unlink(name, dir_fd=dir_fd)
+        return
+    stack: list[tuple[str, bool]] = [(top, False)]
+    while stack:
+        current, emptied = stack.pop()
+        with _at(current) as (dir_fd, name):
+            if emptied:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(name, dir_fd=dir_fd)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                mode = stat.S_IMODE(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+                if mode & stat.S_IRWXU != stat.S_IRWXU:
+                    os.chmod(name, mode | stat.S_IRWXU, dir_fd=dir_fd)
+        stack.append((current, True))
+        try:
+            fd = _open_dir(current, nofollow=True)
+        except FileNotFoundError:
+            continue
+        try:
+            with os.scandir(fd) as it:
+                entries = list(it)
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((f"{current}/{entry.name}", False))
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.name, dir_fd=fd)
+        finally:
+            os.close(fd)
 
-    def make_writable_and_retry(func: Callable[..., Any], failed: str, exc_info: Any) -> None:
-        parent = os.path.dirname(failed)
-        os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IRWXU)
-        if os.path.isdir(failed) and not os.path.islink(failed):
-            os.chmod(failed, stat.S_IRWXU)
-        func(failed)
 
-    os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | stat.S_IRWXU)
-    shutil.rmtree(path, onerror=make_writable_and_retry)  # onexc only exists from Python 3.12
-
-
-def remove_stale_inprogress(dest_root: Path) -> list[Path]:
-    """Delete ``.inprogress-*`` folders left by a crashed run. Call only while holding the DestinationLock."""
+def remove_stale_work(dest_root: Path) -> list[Path]:
+    """Delete ``.inprogress-*`` and ``.deleting-*`` folders left by a crashed run or retention. Call only while
+    holding the DestinationLock."""
     removed = []
     for path in dest_root.iterdir():
-        if path.name.startswith(INPROGRESS_PREFIX) and path.is_dir() and not path.is_symlink():
+        if path.name.startswith((INPROGRESS_PREFIX, DELETING_PREFIX)) and path.is_dir() and not path.is_symlink():
             remove_tree(path)
             removed.append(path)
     return removed
+
+
+remove_stale_inprogress = remove_stale_work  # the earlier name
+
+
+def delete_copy(path: Path) -> None:
+    """Delete one complete copy so that it stops looking complete first: rename it out of the stamp names and drop
+    its manifest, then delete the rest. A crash part way leaves a ``.deleting-`` folder the next run removes."""
+    doomed = path.with_name(f"{DELETING_PREFIX}{path.name}")
+    os.rename(path, doomed)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(doomed / MANIFEST_NAME)
+    remove_tree(doomed)
 
 
 def prune_copies(dest_root: Path, keep: int | None, min_keep: int) -> list[Path]:
@@ -310,7 +554,7 @@ def prune_copies(dest_root: Path, keep: int | None, min_keep: int) -> list[Path]
     allowed = max(keep, min_keep, 1)
     doomed = copies[: max(0, len(copies) - allowed)]
     for path in doomed:
-        remove_tree(path)
+        delete_copy(path)
     return doomed
 
 
@@ -319,8 +563,7 @@ def prune_copies(dest_root: Path, keep: int | None, min_keep: int) -> list[Path]
 
 def _walk_directories(source: Path, stats: CopyStats) -> Iterator[tuple[_Item | None, list[_Item]]]:
     """Depth-first walk without following symlinks, one directory at a time: (the directory, or None for the
-    source root; its files and symlinks). Unreadable directories and special files are noted in ``stats``
-    instead of stopping the run."""
+    source root; its other entries). Unreadable directories are noted in ``stats`` instead of stopping the run."""
     stack: list[_Item | None] = [None]  # None stands for the source root itself
     while stack:
         current = stack.pop()
@@ -329,14 +572,24 @@ def _walk_directories(source: Path, stats: CopyStats) -> Iterator[tuple[_Item | 
         stack.extend(reversed(subdirs))
 
 
+def _vanished(stats: CopyStats, rel: str, what: str = "vanished before it could be copied") -> None:
+    stats.vanished += 1
+    stats.notes.append(f"{rel}: {what}")
+
+
 def _read_directory(source: str, rel_dir: str, stats: CopyStats) -> tuple[list[_Item], list[_Item]]:
-    """The files and symlinks, and the subdirectories, of ``rel_dir`` under ``source``; nothing (and an error in
-    ``stats``) when it cannot be opened. Listed through a descriptor, so each lstat resolves one name instead of
-    the whole path."""
+    """The entries other than directories, and the subdirectories, of ``rel_dir`` under ``source``; nothing (and
+    an error or a note in ``stats``) when it cannot be opened."""
     try:
-        dir_fd = os.open(f"{source}/{rel_dir}" if rel_dir else source, os.O_RDONLY | os.O_DIRECTORY)
+        dir_fd = _open_dir(f"{source}/{rel_dir}" if rel_dir else source, nofollow=bool(rel_dir))
+    except FileNotFoundError:
+        _vanished(stats, rel_dir or ".")
+        return [], []
     except OSError as exc:
-        stats.errors.append(f"cannot list {rel_dir or '.'}: {exc.strerror}")
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            _vanished(stats, rel_dir, "changed from a directory into something else before it could be copied")
+        else:
+            stats.errors.append(f"cannot list {rel_dir or '.'}: {exc.strerror}")
         return [], []
     try:
         return _list_directory(dir_fd, rel_dir, stats)
@@ -345,7 +598,7 @@ def _read_directory(source: str, rel_dir: str, stats: CopyStats) -> tuple[list[_
 
 
 def _list_directory(dir_fd: int, rel_dir: str, stats: CopyStats) -> tuple[list[_Item], list[_Item]]:
-    """The files and symlinks, and the subdirectories, of the open directory ``dir_fd`` (``rel_dir`` in the walk)."""
+    """The entries other than directories, and the subdirectories, of the open directory ``dir_fd``."""
     try:
         with os.scandir(dir_fd) as it:
             entries = list(it)  # directory order: the manifest is sorted when written, nothing else cares
@@ -363,24 +616,28 @@ def _list_directory(dir_fd: int, rel_dir: str, stats: CopyStats) -> tuple[list[_
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
-            continue  # vanished between listing and stat: it is simply not in this copy
+            _vanished(stats, rel)
+            continue
         except OSError as exc:
             stats.errors.append(f"cannot stat {rel}: {exc.strerror}")
             continue
         mode = st.st_mode
         if stat.S_ISREG(mode):
             children.append(_Item(rel, "f", st))
-        elif stat.S_ISLNK(mode):
-            children.append(_Item(rel, "l", st))
         elif stat.S_ISDIR(mode):
             subdirs.append(_Item(rel, "d", st))
         else:
-            stats.skipped += 1  # sockets, FIFOs, devices: like rsync -a without -D
+            kind = kind_of(mode)
+            if kind is None:
+                stats.skipped += 1
+                stats.notes.append(f"{rel}: a file type this engine does not know; not copied")
+            else:
+                children.append(_Item(rel, kind, st))
     return children, subdirs
 
 
 def _walk(source: Path, stats: CopyStats) -> Iterator[_Item]:
-    """Every directory, file and symlink under ``source`` (not the root itself), as ``_walk_directories`` finds them."""
+    """Every entry under ``source`` (not the root itself), as ``_walk_directories`` finds them."""
     for directory, children in _walk_directories(source, stats):
         if directory is not None:
             yield directory
@@ -388,6 +645,7 @@ def _walk(source: Path, stats: CopyStats) -> Iterator[_Item]:
 
 
 _buffers = threading.local()
+_ZEROS = bytes(CHUNK)
 
 
 def _chunk_buffer() -> bytearray:
@@ -397,34 +655,113 @@ def _chunk_buffer() -> bytearray:
     return buf
 
 
-def copy_file(src: str, dst: str, st: os.stat_result) -> tuple[str, int]:
-    """Copy one regular file, hashing the bytes as they pass; set mode, owner (as root) and times from ``st``.
-    Returns (sha256 hex, bytes copied). ``dst`` must not exist."""
-    digest = hashlib.sha256()
-    copied = 0
-    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _hash_zeros(digest: Any, count: int) -> None:
+    zeros = memoryview(_ZEROS)
+    while count > 0:
+        step = min(count, CHUNK)
+        digest.update(zeros[:step])
+        count -= step
+
+
+def _copy_sparse(fd_in: int, fd_out: int, digest: Any) -> int:
+    """Copy a file that has holes, keeping them: only its data segments are read and written (holes are hashed
+    as the zeros they read as). Returns the file's size."""
+    end = os.fstat(fd_in).st_size
+    buf = _chunk_buffer()
+    whole = memoryview(buf)
+    pos = 0
+    while pos < end:
         try:
-            if st.st_size < SMALL_FILE:
-                # Small files: one read of the whole file, then one more to see end of file (it may have grown).
-                want = st.st_size + 1
-                while data := os.read(fd_in, want):
-                    digest.update(data)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd_out, view) :]
-                    copied += len(data)
-                    want = CHUNK
-            else:
-                buf = _chunk_buffer()
-                whole = memoryview(buf)
-                while n := os.readv(fd_in, [buf]):
-                    chunk = whole[:n]
-                    digest.update(chunk)
-                    while chunk:
-                        chunk = chunk[os.write(fd_out, chunk) :]
-                    copied += n
+            data_at = os.lseek(fd_in, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            data_at = end  # only a hole is left
+        data_at = min(data_at, end)
+        _hash_zeros(digest, data_at - pos)
+        if data_at >= end:
+            pos = end
+            break
+        hole_at = min(os.lseek(fd_in, data_at, os.SEEK_HOLE), end)
+        os.lseek(fd_in, data_at, os.SEEK_SET)
+        os.lseek(fd_out, data_at, os.SEEK_SET)
+        pos = data_at
+        while pos < hole_at:
+            n = os.readv(fd_in, [whole[: min(CHUNK, hole_at - pos)]])
+            if n == 0:
+                end = pos  # the file shrank while we read it
+                break
+            digest.update(whole[:n])
+            _write_all(fd_out, whole[:n])
+            pos += n
+    os.ftruncate(fd_out, pos)
+    return pos
+
+
+def copy_data(fd_in: int, fd_out: int, size_hint: int, sparse: bool = False) -> tuple[str, int]:
+    """Copy everything from ``fd_in`` to ``fd_out``, hashing as it passes. Returns (sha256 hex, bytes)."""
+    digest = hashlib.sha256()
+    if sparse:
+        size = _copy_sparse(fd_in, fd_out, digest)
+        return digest.hexdigest(), size
+    copied = 0
+    if size_hint < SMALL_FILE:
+        # Small files: one read of the whole file, then one more to see end of file (it may have grown).
+        want = size_hint + 1
+        while data := os.read(fd_in, want):
+            digest.update(data)
+            _write_all(fd_out, data)
+            copied += len(data)
+            want = CHUNK
+    else:
+        buf = _chunk_buffer()
+        whole = memoryview(buf)
+        while n := os.readv(fd_in, [buf]):
+            chunk = whole[:n]
+            digest.update(chunk)
+            _write_all(fd_out, chunk)
+            copied += n
+    return digest.hexdigest(), copied
+
+
+def _has_holes(st: os.stat_result) -> bool:
+    return st.st_size > SMALL_FILE and st.st_blocks * 512 < st.st_size
+
+
+def open_source_file(path: str) -> tuple[int, os.stat_result]:
+    """Open a file listed as regular for reading, without blocking or following a symlink: a FIFO or device that
+    took its place raises ChangedType instead of waiting forever for a writer."""
+    fd = _open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ChangedType(errno.EINVAL, f"now a {_KIND_NAMES.get(kind_of(st.st_mode) or '', 'special file')}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def copy_file(src: str, dst: str, st: os.stat_result) -> tuple[str, int]:
+    """Copy one regular file, hashing the bytes as they pass; set mode, owner (as root) and times from ``st``
+    (the walk's stat). Holes in sparse files stay holes. Returns (sha256 hex, bytes copied). ``dst`` must not
+    exist. ChangedType if ``src`` is no longer a regular file."""
+    try:
+        fd_in, now = open_source_file(src)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ChangedType(errno.ELOOP, "now a symlink") from None
+        raise
+    try:
+        fd_out = _open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            result = copy_data(fd_in, fd_out, st.st_size, sparse=_has_holes(now))
             if _CAN_CHOWN:
                 os.fchown(fd_out, st.st_uid, st.st_gid)
             os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
@@ -433,23 +770,25 @@ def copy_file(src: str, dst: str, st: os.stat_result) -> tuple[str, int]:
             os.close(fd_out)
     finally:
         os.close(fd_in)
-    return digest.hexdigest(), copied
+    return result
 
 
 def _set_dir_attributes(path: str, st: os.stat_result) -> None:
-    if _CAN_CHOWN:
-        os.chown(path, st.st_uid, st.st_gid)
-    os.chmod(path, stat.S_IMODE(st.st_mode))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with _at(path) as (dir_fd, name):
+        if _CAN_CHOWN:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dir_fd)
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd)
 
 
-def _make_symlink(src: str, dst: str, st: os.stat_result) -> str:
-    target = os.readlink(src)
-    os.symlink(target, dst)
-    if _CAN_CHOWN:
-        os.lchown(dst, st.st_uid, st.st_gid)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-    return target
+def _make_special(name: str, dir_fd: int | None, kind: str, mode: int, rdev: int) -> None:
+    """Create a FIFO, socket or device node ``name`` (private until its attributes are set)."""
+    if kind == "p":
+        os.mkfifo(name, 0o600, dir_fd=dir_fd)
+    elif kind == "s":
+        os.mknod(name, stat.S_IFSOCK | 0o600, dir_fd=dir_fd)
+    else:
+        os.mknod(name, (stat.S_IFCHR if kind == "c" else stat.S_IFBLK) | 0o600, rdev, dir_fd=dir_fd)
 
 
 def _entry(item: _Item, sha256: str | None = None, target: str | None = None, size: int | None = None) -> Entry:
@@ -472,34 +811,42 @@ def _syncfs(path: Path) -> None:
     syncfs(2) flushes only that file system; Python has no wrapper for it, so call libc, falling back to sync()."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _libc_syncfs is None or _libc_syncfs(fd) != 0:
+        syncfs = _find_syncfs()
+        if syncfs is None or syncfs(fd) != 0:
             os.sync()
     finally:
         os.close(fd)
 
 
+_syncfs_function: list[Callable[[int], int] | None] = []
+
+
 def _find_syncfs() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-
-
-_libc_syncfs = _find_syncfs()
+    if not _syncfs_function:  # looked up on first use: a copy with sync off never pays for it
+        try:
+            _syncfs_function.append(ctypes.CDLL(None, use_errno=True).syncfs)
+        except (OSError, AttributeError):
+            _syncfs_function.append(None)
+    return _syncfs_function[0]
 
 
 @dataclass
 class _Result:
-    """What happened to one file copied in the pool: copied (``entry`` set), vanished (nothing), or failed."""
+    """What happened to one file copied in the pool: copied (``entry`` set), vanished, or failed."""
 
     item: _Item
     entry: Entry | None = None
     error: str | None = None
+    vanished: str | None = None
 
 
 # A hard link to the previous copy failed for one of these reasons: that copy is damaged, the file system's
 # link limit is reached, or it cannot link at all. A fresh copy of the file is the safe answer.
 _COPY_INSTEAD_OF_LINK = frozenset((errno.ENOENT, errno.EMLINK, errno.EXDEV, errno.EPERM))
+
+
+class DestinationFull(OSError):
+    """The destination cannot take more (no space, quota, read-only): the copy stops."""
 
 
 class _Copier:
@@ -546,6 +893,7 @@ class _Copier:
         self._copies: list[Future[_Result]] = []
         self._copy_pool: ThreadPoolExecutor | None = None
         self._seen_any = False
+        self.full: OSError | None = None  # set when the destination cannot take more; everything then stops
 
     def run(self, allow_empty: bool) -> None:
         with (
@@ -560,22 +908,36 @@ class _Copier:
             def walk(directory: _Item | None) -> None:
                 walkers.submit(self._visit, directory).add_done_callback(finished.put)
 
-            walk(None)
-            outstanding = 1
-            while outstanding:
-                subdirs = finished.get().result()
-                outstanding += len(subdirs) - 1
-                for sub in subdirs:
-                    walk(sub)
+            try:
+                walk(None)
+                outstanding = 1
+                while outstanding:
+                    subdirs = finished.get().result()
+                    outstanding += len(subdirs) - 1
+                    for sub in subdirs:
+                        walk(sub)
+            except BaseException:
+                self._stop_copies()
+                raise
             directories, pending = self._directories, self._copies
+            if self.full is not None:
+                self._stop_copies()
+                raise DestinationFull(self.full.errno, self.full.strerror, self.full.filename)
             if not self._seen_any and not allow_empty and any(line[0] != "d" for line in self.previous_lines.values()):
                 raise CopyError(
                     f"{self.source} is empty but the previous copy {self.previous} has files; is the share mounted?"
                     " (set options.allow_empty to copy an empty source)"
                 )
             self._report(force=True)  # the walk is over: totals are known from here on
-            for future in pending:
-                self._collect(future.result())
+            try:
+                for future in pending:
+                    self._collect(future.result())
+                    if self.full is not None:
+                        self._stop_copies()
+                        raise DestinationFull(self.full.errno, self.full.strerror, self.full.filename)
+            except BaseException:
+                self._stop_copies()
+                raise
 
         for item in reversed(directories):  # children before parents, so a directory's time sticks
             self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
@@ -585,36 +947,117 @@ class _Copier:
         )
         self._report(force=True)
 
+    def _stop_copies(self) -> None:
+        for future in self._copies:
+            future.cancel()
+
+    def _failed(self, rel: str, exc: OSError, what: str = "") -> None:
+        """A per-entry error, unless the destination is full: then the whole copy stops."""
+        if exc.errno in _DESTINATION_FULL:
+            if self.full is None:
+                self.full = exc
+            return
+        with self._lock:
+            self.stats.errors.append(f"{rel}: {exc.strerror or exc}{what}")
+
     def _visit(self, directory: _Item | None) -> list[_Item]:
         """One walking task: the directory (None: the source root) created, listed, its unchanged files linked and
-        the others sent to the copy pool. Returns its subdirectories. An unreadable directory is noted in the
-        stats and left empty."""
+        the others sent to the copy pool or created here. Returns its subdirectories. An unreadable directory is
+        noted in the stats and left empty; one that cannot be created is left out with its contents."""
+        if self.full is not None:
+            return []
         rel_dir = directory.rel if directory else ""
         if directory is not None:
-            os.mkdir(f"{self.work}/{rel_dir}", 0o700)  # opened up to the source's mode once filled
+            try:
+                _mkdir(f"{self.work}/{rel_dir}")  # opened up to the source's mode once filled
+            except OSError as exc:
+                self._failed(rel_dir, exc, " (cannot create the directory: it and its contents are not in this copy)")
+                return []
             self._directories.append(directory)
             self.lines[rel_dir] = _entry(directory).to_line()
             self._seen_any = True
         found = CopyStats()  # this thread's own, merged under the lock
         children, subdirs = _read_directory(self.source, rel_dir, found)
-        if found.errors or found.skipped:
+        if found.errors or found.skipped or found.vanished or found.notes:
             with self._lock:
                 self.stats.errors.extend(found.errors)
                 self.stats.skipped += found.skipped
+                self.stats.vanished += found.vanished
+                self.stats.notes.extend(found.notes)
         if children:
             self._seen_any = True
         assert self._copy_pool is not None
+        others = []
         for item in self._link_unchanged(rel_dir, children):
             if item.kind == "f":
                 self._copies.append(self._copy_pool.submit(self._copy_one, item))
             else:
-                self._symlink(item)
+                others.append(item)
+        if others:
+            self._make_others(rel_dir, others)
         return subdirs
+
+    def _make_others(self, rel_dir: str, items: list[_Item]) -> None:
+        """Symlinks, FIFOs, sockets and devices of one directory, made through descriptors of both sides."""
+        sub = f"/{rel_dir}" if rel_dir else ""
+        try:
+            src_fd = _open_dir(f"{self.source}{sub}")
+        except OSError as exc:
+            for item in items:
+                self._failed(item.rel, exc)
+            return
+        try:
+            dst_fd = _open_dir(f"{self.work}{sub}")
+        except OSError as exc:
+            os.close(src_fd)
+            for item in items:
+                self._failed(item.rel, exc)
+            return
+        name_at = len(rel_dir) + 1 if rel_dir else 0
+        try:
+            for item in items:
+                name = item.rel[name_at:]
+                st = item.st
+                try:
+                    target = None
+                    if item.kind == "l":
+                        target = os.readlink(name, dir_fd=src_fd)
+                        os.symlink(target, name, dir_fd=dst_fd)
+                    elif item.kind in "cb" and not _CAN_CHOWN:
+                        with self._lock:
+                            self.stats.skipped += 1
+                            self.stats.notes.append(f"{item.rel}: a device; only root can copy devices")
+                        continue
+                    else:
+                        _make_special(name, dst_fd, item.kind, st.st_mode, st.st_rdev)
+                        if item.kind in "cb":
+                            target = str(st.st_rdev)
+                    if _CAN_CHOWN:
+                        os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+                    if item.kind != "l":
+                        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_fd)
+                    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    with self._lock:
+                        _vanished(self.stats, item.rel)
+                    continue
+                except OSError as exc:
+                    self._failed(item.rel, exc)
+                    continue
+                self.lines[item.rel] = _entry(item, target=target).to_line()
+                with self._lock:
+                    if item.kind == "l":
+                        self.stats.symlinks += 1
+                    else:
+                        self.stats.specials += 1
+        finally:
+            os.close(dst_fd)
+            os.close(src_fd)
 
     def _link_unchanged(self, rel_dir: str, children: list[_Item]) -> list[_Item]:
         """Hard-link the files of one directory that are unchanged since the previous copy: same size, mtime,
-        mode and owner as its manifest says (the previous copy itself is not looked at). Their previous manifest
-        lines, checksum included, hold for the new copy as they are. Returns what is left to copy or create."""
+        mode and owner as its manifest says. Their previous manifest lines, checksum included, hold for the new
+        copy as they are. Returns what is left to copy or create."""
         previous = self.previous_lines
         left: list[_Item] = []
         unchanged: list[tuple[_Item, str]] = []
@@ -637,35 +1080,53 @@ class _Copier:
         return left
 
     def _link(self, rel_dir: str, unchanged: list[tuple[_Item, str]]) -> list[_Item]:
-        """Link files of the directory ``rel_dir`` to the previous copy. Links are made between two directory
-        descriptors, so each resolves two names rather than two whole paths. Returns the files to copy instead."""
+        """Link files of the directory ``rel_dir`` to the previous copy, each after checking that the previous
+        copy's file is still what its manifest says (size, mtime, mode, owner): a file appended to or chmod'ed
+        inside that copy is copied afresh instead of spreading into this one. Links are made between two
+        directory descriptors, so each call resolves a name rather than a whole path. Returns the files to copy."""
         sub = f"/{rel_dir}" if rel_dir else ""
         try:
-            from_fd = os.open(f"{self.previous}{sub}", os.O_RDONLY | os.O_DIRECTORY)
+            from_fd = _open_dir(f"{self.previous}{sub}")
         except OSError:
             return [item for item, _ in unchanged]  # the previous copy is damaged: copy them afresh
         to_copy = []
+        damaged = []
         linked = linked_bytes = 0
         name_at = len(rel_dir) + 1 if rel_dir else 0
         try:
-            to_fd = os.open(f"{self.work}{sub}", os.O_RDONLY | os.O_DIRECTORY)
+            to_fd = _open_dir(f"{self.work}{sub}")
             try:
                 for item, before in unchanged:
                     name = item.rel[name_at:]
+                    st = item.st
+                    try:
+                        held = os.stat(name, dir_fd=from_fd, follow_symlinks=False)
+                    except OSError:
+                        to_copy.append(item)
+                        continue
+                    if (
+                        held.st_size != st.st_size
+                        or held.st_mtime_ns != st.st_mtime_ns
+                        or held.st_mode != st.st_mode
+                        or (_CAN_CHOWN and (held.st_uid != st.st_uid or held.st_gid != st.st_gid))
+                    ):
+                        damaged.append(item.rel)
+                        to_copy.append(item)
+                        continue
                     try:
                         os.link(name, name, src_dir_fd=from_fd, dst_dir_fd=to_fd, follow_symlinks=False)
                     except OSError as exc:
                         if exc.errno in _COPY_INSTEAD_OF_LINK:
                             to_copy.append(item)
                         else:
-                            self.stats.errors.append(f"{item.rel}: {exc.strerror or exc}")
+                            self._failed(item.rel, exc)
                             with self._lock:
                                 self._files_done += 1
-                                self._bytes_done += item.st.st_size
+                                self._bytes_done += st.st_size
                         continue
                     self.lines[item.rel] = before
                     linked += 1
-                    linked_bytes += item.st.st_size
+                    linked_bytes += st.st_size
             finally:
                 os.close(to_fd)
         finally:
@@ -675,35 +1136,42 @@ class _Copier:
             self.stats.bytes_linked += linked_bytes
             self._files_done += linked
             self._bytes_done += linked_bytes
+            if damaged:
+                self.stats.damaged_previous += len(damaged)
+                self.stats.notes.extend(
+                    f"{rel}: changed inside the previous copy since it was made; copied afresh" for rel in damaged
+                )
         return to_copy
 
     def _guard(self, rel: str, func: Callable[..., Any], *args: Any) -> Any:
         try:
             return func(*args)
         except OSError as exc:
-            self.stats.errors.append(f"{rel}: {exc.strerror or exc}")
+            self._failed(rel, exc)
             return None
-
-    def _symlink(self, item: _Item) -> None:
-        target = self._guard(item.rel, _make_symlink, f"{self.source}/{item.rel}", f"{self.work}/{item.rel}", item.st)
-        if target is not None:
-            self.lines[item.rel] = _entry(item, target=target).to_line()
-            with self._lock:
-                self.stats.symlinks += 1
 
     def _copy_one(self, item: _Item) -> _Result:
         """Copy and hash one file (runs in the pool)."""
+        if self.full is not None:
+            return _Result(item)
         try:
             sha256, size = copy_file(f"{self.source}/{item.rel}", f"{self.work}/{item.rel}", item.st)
             return _Result(item, entry=_entry(item, sha256=sha256, size=size))
         except FileNotFoundError:
-            return _Result(item)  # deleted while we were copying: not part of this copy
+            return _Result(item, vanished="vanished before it could be copied")
+        except ChangedType as exc:
+            return _Result(item, vanished=f"was a file when listed, {exc.strerror} when copied; not in this copy")
         except OSError as exc:
+            if exc.errno in _DESTINATION_FULL:
+                self._failed(item.rel, exc)
+                return _Result(item)
             return _Result(item, error=f"{item.rel}: {exc.strerror or exc}")
 
     def _collect(self, result: _Result) -> None:
         if result.error is not None:
             self.stats.errors.append(result.error)
+        if result.vanished is not None:
+            _vanished(self.stats, result.item.rel, result.vanished)
         if result.entry is not None:
             self.lines[result.item.rel] = result.entry.to_line()
             self.stats.files_copied += 1
@@ -730,25 +1198,51 @@ def _write_manifest(path: Path, header: dict[str, Any], lines: dict[str, str]) -
             fh.write("\n".join([lines[path] for path in sorted(lines)]) + "\n")
 
 
+def log_lines(header: dict[str, Any], stats: CopyStats) -> list[str]:
+    """The body of a copy's log: what the run did, every error and every note."""
+    return [
+        f"copied:    {stats.files_copied} files, {stats.bytes_copied} bytes",
+        f"linked:    {stats.files_linked} files, {stats.bytes_linked} bytes (unchanged, reused from the previous copy)",
+        f"deleted:   {stats.files_deleted} files (in the previous copy, gone from the source)",
+        f"symlinks:  {stats.symlinks}",
+        f"specials:  {stats.specials} FIFOs, sockets and devices",
+        f"dirs:      {stats.directories}",
+        f"skipped:   {stats.skipped} entries not copied on purpose",
+        f"vanished:  {stats.vanished} entries gone or changed type before they could be copied",
+        f"errors:    {len(stats.errors)}",
+        *[f"  error: {_escape(e)}" for e in stats.errors],
+        *[f"note:      {_escape(n)}" for n in stats.notes],
+    ]
+
+
 def _write_log(path: Path, header: dict[str, Any], stats: CopyStats) -> None:
     lines = [
         f"backup-scheduler directory copy {header['stamp']}",
-        f"source:    {header['source']}",
+        f"source:    {_escape(header['source'])}",
         f"previous:  {header['previous'] or '(none: full copy)'}",
         f"started:   {header['started']}",
         f"finished:  {header['finished']}",
         f"duration:  {stats.duration_seconds:.2f} s",
-        f"copied:    {stats.files_copied} files, {stats.bytes_copied} bytes",
-        f"linked:    {stats.files_linked} files, {stats.bytes_linked} bytes (unchanged, hard links to previous)",
-        f"deleted:   {stats.files_deleted} files (in the previous copy, gone from the source)",
-        f"symlinks:  {stats.symlinks}",
-        f"dirs:      {stats.directories}",
-        f"skipped:   {stats.skipped} special files (sockets, FIFOs, devices)",
-        f"errors:    {len(stats.errors)}",
+        *log_lines(header, stats),
     ]
-    lines += [f"  error: {e}" for e in stats.errors]
-    lines += [f"note:      {n}" for n in stats.notes]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def root_attributes(st: os.stat_result) -> dict[str, int]:
+    return {"mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns, "uid": st.st_uid, "gid": st.st_gid}
+
+
+def _free_stamp(dest_root: Path, when: datetime, clock: Callable[[], datetime]) -> datetime:
+    """The time of an ad-hoc copy: ``when``, or the next second whose name is free in ``dest_root`` (waiting for
+    it, so a name never lies ahead of the clock). Two ad-hoc runs in one second then make two copies."""
+    while any(
+        os.path.lexists(dest_root / f"{prefix}{stamp(when)}") for prefix in ("", INPROGRESS_PREFIX, DELETING_PREFIX)
+    ):
+        when = when.replace(microsecond=0) + timedelta(seconds=1)
+        wait = (when - clock()).total_seconds()
+        if wait > 0:
+            time.sleep(min(wait, 1.0))
+    return when
 
 
 def copy_tree(
@@ -762,11 +1256,16 @@ def copy_tree(
     on_progress: ProgressCallback | None = None,
     progress_every: float = 5.0,
     clock: Callable[[], datetime] | None = None,
+    ad_hoc: bool = False,
+    link_dest: Path | None = None,
 ) -> CopyResult:
-    """Copy ``source`` into ``dest_root/<stamp(when)>``, linking unchanged files to the newest complete copy.
+    """Copy ``source`` into ``dest_root/<stamp(when)>``, linking unchanged files to the newest complete copy
+    (or to ``link_dest``).
 
     Idempotent for the same ``when``: if that copy is already complete it is returned untouched
-    (``already_done``). Raises CopyError for a bad source/destination, CopyBusy when another run holds the lock.
+    (``already_done``). With ``ad_hoc`` (a copy asked for by hand) a taken name is never reused: the copy is
+    named after the next free second instead. Raises CopyError for a bad source/destination, or when the
+    destination fills up (the unfinished copy is removed), CopyBusy when another run holds the lock.
     Per-file problems do not stop the copy: they are listed in ``stats.errors`` and in the log.
     """
     source = Path(source)
@@ -778,70 +1277,99 @@ def copy_tree(
     source_real, dest_real = source.resolve(), dest_root.resolve()
     if dest_real == source_real or source_real in dest_real.parents:
         raise CopyError(f"destination {dest_root} is inside the source {source}; it would copy itself")
-    name = stamp(when)
-    final = dest_root / name
     clock = clock or (lambda: datetime.now(UTC))
     with DestinationLock(dest_root):
-        remove_stale_inprogress(dest_root)
+        remove_stale_work(dest_root)
+        if ad_hoc:
+            when = _free_stamp(dest_root, when, clock)
+        name = stamp(when)
+        final = dest_root / name
         if _is_our_copy(final):
             header = read_manifest(final).header
-            stats = CopyStats(**{k: v for k, v in header.get("stats", {}).items() if k != "errors"})
+            stats = CopyStats.from_summary(header.get("stats", {}))
             return CopyResult(final, name, None, stats, already_done=True)
-        if final.exists():
+        if os.path.lexists(final):
             raise CopyError(f"{final} exists but is not a complete copy made by this service; move it away")
-        copies = complete_copies(dest_root)
-        previous = copies[-1] if copies else None
+        if link_dest is not None:
+            previous: Path | None = Path(link_dest)
+        else:
+            copies = complete_copies(dest_root)
+            previous = copies[-1] if copies else None
         work = dest_root / f"{INPROGRESS_PREFIX}{name}"
-        os.mkdir(work, 0o700)
-        started = clock()
-        t0 = time.monotonic()
-        copier = _Copier(source, work, previous, threads, on_progress, progress_every)
         try:
+            os.mkdir(work, 0o700)
+        except OSError as exc:
+            raise CopyError(f"cannot write into {dest_root}: {exc.strerror}") from exc
+        try:
+            started = clock()
+            t0 = time.monotonic()
+            root_st = source.stat()
+            copier = _Copier(source, work, previous, threads, on_progress, progress_every)
             copier.run(allow_empty)
+            stats = copier.stats
+            stats.duration_seconds = round(time.monotonic() - t0, 3)
+            header = {
+                "format": FORMAT,
+                "stamp": name,
+                "source": str(source),
+                "previous": previous.name if previous else None,
+                "started": started.isoformat(),
+                "finished": clock().isoformat(),
+                "stats": stats.summary(),
+                "root": root_attributes(root_st),
+                "errors": stats.errors[:MAX_HEADER_ERRORS],
+            }
+            _write_manifest(work / MANIFEST_NAME, header, copier.lines)
+            _write_log(work / LOG_NAME, header, stats)
+            _set_dir_attributes(str(work), root_st)
+            if sync:
+                _syncfs(work)
+            os.rename(work, final)
         except CopyError:
-            remove_tree(work)  # refused before anything worth keeping was written
+            _discard(work)  # refused before anything worth keeping was written
             raise
-        stats = copier.stats
-        stats.duration_seconds = round(time.monotonic() - t0, 3)
-        header = {
-            "format": FORMAT,
-            "stamp": name,
-            "source": str(source),
-            "previous": previous.name if previous else None,
-            "started": started.isoformat(),
-            "finished": clock().isoformat(),
-            "stats": stats.summary(),
-        }
-        _write_manifest(work / MANIFEST_NAME, header, copier.lines)
-        _write_log(work / LOG_NAME, header, stats)
-        _set_dir_attributes(str(work), source.stat())
-        if sync:
-            _syncfs(work)
-        os.rename(work, final)
+        except OSError as exc:
+            _discard(work)
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise CopyError(
+                f"copy of {source} into {dest_root} stopped: {exc.strerror or exc}{where};"
+                " the unfinished copy was removed"
+            ) from exc
+        except BaseException:
+            _discard(work)  # interrupted (Ctrl-C): do not keep the space until the next run
+            raise
         return CopyResult(final, name, previous, stats)
+
+
+def _discard(work: Path) -> None:
+    with contextlib.suppress(OSError):
+        remove_tree(work)
 
 
 def prune(dest_root: Path, keep: int | None, min_keep: int) -> list[Path]:
     """Retention for a destination root, under its lock (CopyBusy if a copy is running there)."""
     with DestinationLock(Path(dest_root)):
+        remove_stale_work(Path(dest_root))
         return prune_copies(Path(dest_root), keep, min_keep)
 
 
-# --- verify and restore ------------------------------------------------------------------------------------------
+# --- verify ------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class VerifyReport:
-    """The result of re-reading a copy against its manifest. ``problems`` is empty when the copy is intact."""
+    """The result of re-reading a copy against its manifest. ``problems`` lists damage found now;
+    ``recorded_errors`` what the run that made the copy could not copy. The copy is good only without both."""
 
     copy: Path
     files_checked: int = 0
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    recorded_errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.recorded_errors
 
 
 def _hash_file(path: str) -> tuple[str, int]:
@@ -849,7 +1377,7 @@ def _hash_file(path: str) -> tuple[str, int]:
     size = 0
     buf = _chunk_buffer()
     view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = _open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         while n := os.readv(fd, [buf]):
             digest.update(view[:n])
@@ -862,45 +1390,53 @@ def _hash_file(path: str) -> tuple[str, int]:
 def _check_entry(root: str, entry: Entry) -> str | None:
     """One problem with ``entry`` in the copy at ``root``, or None when it matches the manifest."""
     path = f"{root}/{entry.path}"
+    shown = _escape(entry.path)
     try:
-        st = os.lstat(path)
+        st = _lstat(path)
     except FileNotFoundError:
-        return f"{entry.path}: missing"
+        return f"{shown}: missing"
     except OSError as exc:
-        return f"{entry.path}: cannot stat ({exc.strerror})"
-    if entry.kind == "d":
-        return None if stat.S_ISDIR(st.st_mode) else f"{entry.path}: expected a directory"
+        return f"{shown}: cannot stat ({exc.strerror})"
+    found = kind_of(st.st_mode)
+    if found != entry.kind and not (entry.kind in "cb" and found in ("c", "b")):
+        return f"{shown}: expected a {_KIND_NAMES[entry.kind]}, found a {_KIND_NAMES.get(found or '', 'special file')}"
     if entry.kind == "l":
-        if not stat.S_ISLNK(st.st_mode):
-            return f"{entry.path}: expected a symlink"
-        target = os.readlink(path)
-        return None if target == entry.target else f"{entry.path}: symlink points to {target!r}, not {entry.target!r}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{entry.path}: expected a regular file"
+        try:
+            target = _readlink(path)
+        except OSError as exc:
+            return f"{shown}: cannot read the symlink ({exc.strerror})"
+        if target != entry.target:
+            return f"{shown}: symlink points to {_escape(target)!r}, not {_escape(entry.target or '')!r}"
+        return None
     if stat.S_IMODE(st.st_mode) != entry.mode:
-        return f"{entry.path}: mode {stat.S_IMODE(st.st_mode):o}, manifest says {entry.mode:o}"
+        return f"{shown}: mode {stat.S_IMODE(st.st_mode):o}, manifest says {entry.mode:o}"
+    if entry.kind != "f":
+        return None
     try:
         sha256, size = _hash_file(path)
     except OSError as exc:
-        return f"{entry.path}: cannot read ({exc.strerror})"
+        return f"{shown}: cannot read ({exc.strerror})"
     if size != entry.size:
-        return f"{entry.path}: {size} bytes, manifest says {entry.size}"
+        return f"{shown}: {size} bytes, manifest says {entry.size}"
     if sha256 != entry.sha256:
-        return f"{entry.path}: content differs from the manifest (sha256 {sha256}, expected {entry.sha256})"
+        return f"{shown}: content differs from the manifest (sha256 {sha256}, expected {entry.sha256})"
+    if st.st_mtime_ns != entry.mtime_ns:
+        return f"{shown}: mtime {st.st_mtime_ns}, manifest says {entry.mtime_ns}"
     return None
 
 
 def verify_copy(
     copy_dir: Path, *, threads: int = DEFAULT_THREADS, on_progress: ProgressCallback | None = None
 ) -> VerifyReport:
-    """Re-read every file of a copy and compare it with the manifest (checksum, size, mode, symlink targets),
-    and list anything in the folder that the manifest does not know."""
+    """Re-read every file of a copy and compare it with the manifest (checksum, size, mode, mtime, symlink
+    targets, types), list anything in the folder that the manifest does not know, and report the errors the run
+    that made the copy recorded (entries it left out)."""
     copy_dir = Path(copy_dir)
     try:
         manifest = read_manifest(copy_dir)
     except (OSError, ValueError) as exc:
         raise CopyError(f"{copy_dir}: no readable manifest ({exc})") from exc
-    report = VerifyReport(copy_dir)
+    report = VerifyReport(copy_dir, recorded_errors=manifest.recorded_errors())
     entries = list(manifest.entries.values())
     files = [e for e in entries if e.kind == "f"]
     total_bytes = sum(e.size for e in files)
@@ -917,11 +1453,14 @@ def verify_copy(
     walk_stats = CopyStats()
     for item in _walk(copy_dir, walk_stats):
         if item.rel not in manifest.entries and item.rel not in RESERVED_NAMES:
-            report.problems.append(f"{item.rel}: in the copy but not in its manifest")
+            report.problems.append(f"{_escape(item.rel)}: in the copy but not in its manifest")
     report.problems.extend(e for e in walk_stats.errors if "reserved" not in e)
     if on_progress is not None:
         on_progress(Progress(report.files_checked, len(files), report.bytes_checked, total_bytes))
     return report
+
+
+# --- restore -----------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -931,25 +1470,253 @@ class RestoreResult:
     bytes: int = 0
     symlinks: int = 0
     directories: int = 0
+    specials: int = 0
     safety_copy: Path | None = None
+    replaced: list[str] = field(default_factory=list)  # entries of another type in the target, replaced
     errors: list[str] = field(default_factory=list)
 
 
-def _restore_file(src: str, dst: str, expected: Entry) -> int:
-    """Copy one file out of a backup to a temporary name beside ``dst``, check its checksum against the
-    manifest, then rename it into place (so a half-restored file never replaces a good one)."""
-    st = os.lstat(src)
-    tmp = f"{os.path.dirname(dst) or '.'}/.restore-{os.getpid()}-{threading.get_ident()}-{os.path.basename(dst)}"
+# Writes the content of a manifest file entry into an open descriptor; returns (sha256 hex, bytes written).
+FetchFile = Callable[[Entry, int], tuple[str, int]]
+
+_temp_names = itertools.count()
+
+
+def _temp_name() -> str:
+    """A short name for a file being restored (a 255-byte name leaves no room for a longer one)."""
+    return f".rst{os.getpid():x}-{next(_temp_names):x}"
+
+
+def _describe(st: os.stat_result) -> str:
+    return _KIND_NAMES.get(kind_of(st.st_mode) or "", "special file")
+
+
+def _clear(dir_fd: int, name: str) -> str:
+    """Remove whatever is at ``name`` in ``dir_fd`` (a whole directory tree too); what it was, for the report."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        remove_tree(f"/proc/self/fd/{dir_fd}/{name}")
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+    return _describe(st)
+
+
+def restore_entries(
+    manifest: Manifest,
+    target: Path,
+    fetch: FetchFile,
+    *,
+    subpath: str = "",
+    threads: int = DEFAULT_THREADS,
+    on_progress: ProgressCallback | None = None,
+) -> RestoreResult:
+    """Write the entries of ``manifest`` (or of its directory ``subpath``) into the directory ``target``.
+
+    Nothing in the target is ever followed: a symlink, file or special file where the backup has a directory is
+    replaced by the directory, and a directory where the backup has something else is replaced by it (callers
+    take a safety copy of a target that is not empty first). Each file is written under a short temporary name,
+    checked against the manifest's sha256, given the manifest's mode, owner (as root) and mtime, and only then
+    renamed into place. Errors are listed per entry; the rest goes on, and directories, symlinks and the root's
+    attributes are still applied.
+    """
+    result = RestoreResult(Path(target))
+    dest = str(target)
+    prefix = subpath.strip("/")
+
+    def relative(path: str) -> str | None:
+        if not prefix:
+            return path
+        if path.startswith(prefix + "/"):
+            return path[len(prefix) + 1 :]
+        return None
+
+    chosen = sorted((rel, e) for e in manifest.entries.values() if (rel := relative(e.path)) is not None)
+    failed: set[str] = set()  # directories that could not be made: their contents are skipped
+
+    def blocked(rel: str) -> bool:
+        if not failed:
+            return False
+        cut = rel.rfind("/")
+        while cut > 0:
+            if rel[:cut] in failed:
+                return True
+            cut = rel.rfind("/", 0, cut)
+        return False
+
+    def note_error(rel: str, exc: BaseException) -> None:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        result.errors.append(f"{_escape(rel)}: {message}")
+
+    def parent_of(rel: str) -> tuple[int, str]:
+        """A descriptor of the directory that holds ``rel`` (checked to be a real directory) and its name."""
+        if "/" in rel:
+            head, name = rel.rsplit("/", 1)
+            return _open_dir(f"{dest}/{head}", nofollow=True), name
+        return _open_dir(dest, nofollow=False), rel
+
+    directories = []
+    files = []
+    others = []
+    for rel, entry in chosen:
+        if blocked(rel):
+            result.errors.append(f"{_escape(rel)}: not restored (its directory could not be made)")
+            continue
+        if entry.kind != "d":
+            (files if entry.kind == "f" else others).append((rel, entry))
+            continue
+        try:
+            fd, name = parent_of(rel)
+            try:
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                else:
+                    if not stat.S_ISDIR(st.st_mode):
+                        was = _clear(fd, name)
+                        os.mkdir(name, 0o700, dir_fd=fd)
+                        result.replaced.append(f"{_escape(rel)}: a {was} in the target, now the backup's directory")
+            finally:
+                os.close(fd)
+            directories.append((rel, entry))
+        except OSError as exc:
+            failed.add(rel)
+            note_error(rel, exc)
+
+    total = sum(e.size for _, e in files)
+
+    def restore_one(pair: tuple[str, Entry]) -> tuple[str, int | None, str | None]:
+        rel, entry = pair
+        try:
+            return rel, _restore_file(parent_of(rel), entry, fetch, result), None
+        except (OSError, ValueError) as exc:
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return rel, None, f"{_escape(rel)}: {message}"
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="restore") as pool:
+        for done, (_rel, size, error) in enumerate(pool.map(restore_one, files), start=1):
+            if error:
+                result.errors.append(error)
+            else:
+                result.files += 1
+                result.bytes += size or 0
+            if on_progress is not None and (done % 200 == 0 or done == len(files)):
+                on_progress(Progress(done, len(files), result.bytes, total))
+
+    for rel, entry in others:
+        try:
+            fd, name = parent_of(rel)
+            try:
+                _restore_other(fd, name, rel, entry, result)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            note_error(rel, exc)
+
+    for rel, entry in reversed(directories):  # children before parents, so a directory's mtime sticks
+        try:
+            _set_attributes(f"{dest}/{rel}", entry.mode, entry.mtime_ns, entry.uid, entry.gid)
+        except OSError as exc:
+            note_error(rel, exc)
+    result.directories = len(directories)
+    root = manifest.entries.get(prefix) if prefix else manifest.root()
+    if root is not None:
+        try:
+            _set_attributes(dest, root.mode, root.mtime_ns, root.uid, root.gid)
+        except OSError as exc:
+            note_error(".", exc)
+    return result
+
+
+def _restore_file(where: tuple[int, str], entry: Entry, fetch: FetchFile, result: RestoreResult) -> int:
+    dir_fd, name = where
     try:
-        sha256, size = copy_file(src, tmp, st)
-        if sha256 != expected.sha256:
-            raise OSError(errno.EIO, f"checksum mismatch in the backup (sha256 {sha256}, manifest {expected.sha256})")
-        os.rename(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return size
+        tmp = _temp_name()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            try:
+                sha256, size = fetch(entry, fd)
+                if sha256 != entry.sha256:
+                    raise ValueError(
+                        f"checksum mismatch in the backup (sha256 {sha256}, manifest {entry.sha256}); not restored"
+                    )
+                if _CAN_CHOWN:
+                    os.fchown(fd, entry.uid, entry.gid)
+                os.fchmod(fd, entry.mode)
+                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            finally:
+                os.close(fd)
+            try:
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise
+                was = _clear(dir_fd, name)  # a directory where the backup has a file
+                os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                result.replaced.append(f"{_escape(entry.path)}: a {was} in the target, now the backup's file")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        return size
+    finally:
+        os.close(dir_fd)
+
+
+def _restore_other(dir_fd: int, name: str, rel: str, entry: Entry, result: RestoreResult) -> None:
+    """A symlink, FIFO, socket or device, replacing whatever the target has at that name."""
+
+    def make() -> None:
+        if entry.kind == "l":
+            os.symlink(entry.target or "", name, dir_fd=dir_fd)
+        else:
+            _make_special(name, dir_fd, entry.kind, entry.mode, int(entry.target or 0))
+
+    try:
+        make()
+    except FileExistsError:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        was = _clear(dir_fd, name)
+        if stat.S_ISDIR(st.st_mode):
+            result.replaced.append(f"{_escape(rel)}: a {was} in the target, now the backup's {_KIND_NAMES[entry.kind]}")
+        make()
+    if _CAN_CHOWN:
+        os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
+    if entry.kind != "l":
+        os.chmod(name, entry.mode, dir_fd=dir_fd)
+    os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+    if entry.kind == "l":
+        result.symlinks += 1
+    else:
+        result.specials += 1
+
+
+def _fetch_from_copy(copy_dir: Path) -> FetchFile:
+    root = str(copy_dir)
+
+    def fetch(entry: Entry, fd_out: int) -> tuple[str, int]:
+        fd_in, st = open_source_file(f"{root}/{entry.path}")
+        try:
+            return copy_data(fd_in, fd_out, st.st_size, sparse=_has_holes(st))
+        finally:
+            os.close(fd_in)
+
+    return fetch
+
+
+def safety_root(copy_dir: Path) -> Path:
+    """Where ``restore --overwrite`` puts its safety copies by default: DEST/.safety-copies, beside the copies but
+    never one of them (no stamp name), so no run links against it and retention never counts or deletes it."""
+    return Path(copy_dir).parent / SAFETY_DIR
+
+
+def prepare_safety_root(path: Path) -> Path:
+    """Create (or tighten) a safety-copy folder: 0700, since it holds a copy of live data."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        path.chmod(0o700)
+    return path
 
 
 def restore_copy(
@@ -966,9 +1733,10 @@ def restore_copy(
     """Restore a copy (or the subtree ``subpath`` of it) into ``target``.
 
     ``target`` must be missing or empty, unless ``overwrite``: then a safety copy of ``target`` is first taken
-    into ``safety_dest`` (by default the copy's own destination root, where it is hard-linked against the
-    newest copy and so costs only the differences), and only files present in the backup are replaced.
-    Each restored file is checked against the manifest's checksum before it replaces anything.
+    into ``safety_dest`` (by default ``DEST/.safety-copies``, a 0700 folder apart from the plan's copies, where
+    it is hard-linked against the copy being restored and so costs only the differences), and only entries
+    present in the backup are replaced. Each restored file is checked against the manifest's checksum before it
+    replaces anything; modes, owners and times come from the manifest, never from the files in the copy.
     """
     copy_dir, target = Path(copy_dir), Path(target)
     try:
@@ -976,79 +1744,56 @@ def restore_copy(
     except (OSError, ValueError) as exc:
         raise CopyError(f"{copy_dir}: not a complete copy made by this service ({exc})") from exc
     prefix = (subpath or "").strip("/")
-    if prefix and prefix not in manifest.entries:
-        raise CopyError(f"{prefix!r} is not in the copy {copy_dir}")
-    if prefix and manifest.entries[prefix].kind != "d":
-        raise CopyError(f"{prefix!r} in {copy_dir} is not a directory; restore its parent directory instead")
-    result = RestoreResult(target)
-    if target.exists() and not target.is_dir():
-        raise CopyError(f"restore target {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()):
-        if not overwrite:
-            raise CopyError(
-                f"restore target {target} is not empty; restore into an empty directory, or pass --overwrite"
-                " (a safety copy of the target is taken first)"
-            )
-        dest_root = Path(safety_dest) if safety_dest else copy_dir.parent
-        safety = copy_tree(target, dest_root, when or datetime.now(UTC), threads=threads, allow_empty=True)
-        if safety.stats.errors:
-            raise CopyError(f"safety copy {safety.path} of {target} had errors; not overwriting anything")
-        result.safety_copy = safety.path
+    check_subpath(manifest, prefix, str(copy_dir))
+    if manifest.root() is None and not prefix:
+        # Format 1 kept the root's attributes on the copy folder itself only.
+        st = copy_dir.stat()
+        manifest.header["root"] = root_attributes(st)
+    safety = take_safety_copy(target, overwrite, safety_dest or safety_root(copy_dir), when, threads, copy_dir)
     target.mkdir(parents=True, exist_ok=True)
-
-    def relative(path: str) -> str | None:
-        if not prefix:
-            return path
-        if path.startswith(prefix + "/"):
-            return path[len(prefix) + 1 :]
-        return None
-
-    chosen = [(rel, e) for e in manifest.entries.values() if (rel := relative(e.path)) is not None]
-    chosen.sort(key=lambda pair: pair[0])
-    root, dest = str(copy_dir), str(target)
-    directories = []
-    files = []
-    for rel, entry in chosen:
-        dst = f"{dest}/{rel}"
-        if entry.kind == "d":
-            os.makedirs(dst, mode=0o700, exist_ok=True)
-            directories.append((rel, entry))
-        elif entry.kind == "l":
-            try:
-                if os.path.lexists(dst):
-                    os.unlink(dst)
-                os.symlink(entry.target or "", dst)
-                os.utime(dst, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
-                result.symlinks += 1
-            except OSError as exc:
-                result.errors.append(f"{rel}: {exc.strerror or exc}")
-        else:
-            files.append((rel, entry))
-    total = sum(e.size for _, e in files)
-
-    def restore_one(pair: tuple[str, Entry]) -> tuple[str, int | None, str | None]:
-        rel, entry = pair
-        try:
-            return rel, _restore_file(f"{root}/{entry.path}", f"{dest}/{rel}", entry), None
-        except OSError as exc:
-            return rel, None, f"{rel}: {exc.strerror or exc}"
-
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="restore") as pool:
-        for done, (_rel, size, error) in enumerate(pool.map(restore_one, files), start=1):
-            if error:
-                result.errors.append(error)
-            else:
-                result.files += 1
-                result.bytes += size or 0
-            if on_progress is not None and (done % 200 == 0 or done == len(files)):
-                on_progress(Progress(done, len(files), result.bytes, total))
-    for rel, entry in reversed(directories):
-        try:
-            if _CAN_CHOWN:
-                os.chown(f"{dest}/{rel}", entry.uid, entry.gid)
-            os.chmod(f"{dest}/{rel}", entry.mode)
-            os.utime(f"{dest}/{rel}", ns=(entry.mtime_ns, entry.mtime_ns))
-        except OSError as exc:
-            result.errors.append(f"{rel}: {exc.strerror or exc}")
-    result.directories = len(directories)
+    result = restore_entries(
+        manifest, target, _fetch_from_copy(copy_dir), subpath=prefix, threads=threads, on_progress=on_progress
+    )
+    result.safety_copy = safety
     return result
+
+
+def check_subpath(manifest: Manifest, prefix: str, where: str) -> None:
+    if prefix and prefix not in manifest.entries:
+        raise CopyError(f"{prefix!r} is not in the copy {where}")
+    if prefix and manifest.entries[prefix].kind != "d":
+        raise CopyError(f"{prefix!r} in {where} is not a directory; restore its parent directory instead")
+
+
+def take_safety_copy(
+    target: Path,
+    overwrite: bool,
+    safety_dest: Path,
+    when: datetime | None,
+    threads: int,
+    link_dest: Path | None = None,
+) -> Path | None:
+    """Refuse a non-empty ``target`` unless ``overwrite``; then copy it into ``safety_dest`` first (a 0700
+    folder). Returns the safety copy, or None when the target is missing or empty."""
+    if os.path.lexists(target) and not target.is_dir():
+        raise CopyError(f"restore target {target} exists and is not a directory")
+    if not target.is_dir() or not any(target.iterdir()):
+        return None
+    if not overwrite:
+        raise CopyError(
+            f"restore target {target} is not empty; restore into an empty directory, or pass --overwrite"
+            " (a safety copy of the target is taken first)"
+        )
+    root = prepare_safety_root(safety_dest)
+    safety = copy_tree(
+        target,
+        root,
+        when or datetime.now(UTC),
+        threads=threads,
+        allow_empty=True,
+        ad_hoc=True,
+        link_dest=link_dest,
+    )
+    if safety.stats.errors:
+        raise CopyError(f"safety copy {safety.path} of {target} had errors; not overwriting anything")
+    return safety.path

@@ -103,7 +103,10 @@ def describe(plan: Any, target: Target, rt: Any) -> str:
     dest = target.params["dest"]
     name = dircopy.stamp(rt.now())
     if dest.startswith("gs://"):
-        return f"copy {target.key} to {dest}/{name}/ (unchanged files copied server-side), keep {plan.retention.keep}"
+        return (
+            f"copy {target.key} to {dest}/{name}/ (a manifest; only changed contents uploaded to {dest}/objects/),"
+            f" keep {plan.retention.keep or 'all'}"
+        )
     copies = dircopy.complete_copies(Path(dest))
     previous = copies[-1].name if copies else "none: full copy"
     return (
