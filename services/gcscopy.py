@@ -4,6 +4,7 @@ The same idea as services/dircopy.py, adapted to object storage, where a hard li
 request is paid for::
 
     gs://BUCKET/PREFIX/.backup-lock                  a lease: one run (copy or retention) at a time
+    gs://BUCKET/PREFIX/.sweep-pending                retention started deleting and has not swept yet
     gs://BUCKET/PREFIX/objects/<sha256>              a file's content, stored once whatever its name or copy
     gs://BUCKET/PREFIX/<stamp>/.backup-log.txt       what the run did, including what it cost
     gs://BUCKET/PREFIX/<stamp>/.backup-manifest.tsv  every entry with its sha256; written last: marks it complete
@@ -61,6 +62,7 @@ from services.kinds import Done, RunContext
 STALE_AFTER = timedelta(hours=24)  # a prefix without a manifest this old is an abandoned copy
 OBJECTS = "objects/"
 LEASE_NAME = ".backup-lock"
+SWEEP_PENDING = ".sweep-pending"  # present while a retention run owes a sweep (it died, or is running)
 LEASE_SECONDS = 900.0  # a lease not renewed for this long belongs to a run that died
 LEASE_RENEW_SECONDS = 240.0
 SMALL_UPLOAD = 8 << 20  # read whole, hashed and uploaded from memory: the bytes hashed are the bytes sent
@@ -626,11 +628,17 @@ def prune_bucket_copies(
             if headers[name] is None
             and now - datetime.strptime(name, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC) > STALE_AFTER
         ]
+        pending = client.bucket(place.bucket).blob(place.prefix + SWEEP_PENDING)
+        owed = doomed or abandoned or pending.exists()
+        if owed:
+            # Written before anything is deleted: a run that dies from here on leaves the sweep to the next one.
+            pending.upload_from_string(b"", content_type="text/plain")
         for name in doomed + abandoned:
             _delete_copy(client, place, name, result.cost)
         result.deleted = [place.url(n) for n in doomed]
-        if doomed or abandoned:
+        if owed:
             _sweep(client, place, [n for n in complete if n not in doomed], result.cost)
+            pending.delete()
     result.cost.requests = meter.count
     return result
 
