@@ -172,3 +172,18 @@ def read_at(root: Path, rel: bytes) -> bytes:
             os.close(f)
     finally:
         os.close(fd)
+
+
+def set_times(root: Path, seconds: int) -> None:
+    """Give every entry under ``root`` (not following symlinks) and ``root`` itself the mtime ``seconds``."""
+    stack = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    while stack:
+        fd = stack.pop()
+        try:
+            for name in os.listdir(fd):
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    stack.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd))
+                os.utime(name, (seconds, seconds), dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+    os.utime(root, (seconds, seconds))
