@@ -8,20 +8,43 @@ from __future__ import annotations
 
 import importlib
 import json
-import pkgutil
 import sys
+from typing import Any
 
 import click
 
-import commands
-from commands import current_runtime
-from services.catalog import Catalog
+from commands import LAZY_COMMANDS, current_runtime
 from services.errors import BackupError
-from services.fanout import dry_run, fan_out, manual_period
-from services.queue import make_queue
 
 
-@click.group("backup")
+class _LazyGroup(click.Group):
+    """Kind commands (commands/*.py) are imported only when one of them runs: ``--help`` lists them from
+    ``commands.LAZY_COMMANDS``, so no command pays for another kind's client libraries."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in LAZY_COMMANDS:
+            module = importlib.import_module(LAZY_COMMANDS[cmd_name][0])
+            for command in getattr(module, "commands", []):
+                self.add_command(command)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: Any) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = [
+            (name, self.commands[name].get_short_help_str(limit))
+            if name in self.commands
+            else (name, click.Command(name, help=LAZY_COMMANDS[name][1]).get_short_help_str(limit))
+            for name in names
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group("backup", cls=_LazyGroup)
 def backup() -> None:
     """Scheduled, verifiable backups: plans, runs, restores."""
 
@@ -47,6 +70,9 @@ def list_plans() -> None:
 )
 def run_plan(plan_name: str, dry_run_only: bool) -> None:
     """Run PLAN now: enqueue one task per target (the queue's workers do the backups)."""
+    from services.fanout import dry_run, fan_out, manual_period
+    from services.queue import make_queue
+
     rt = current_runtime()
     plan = _plan(plan_name)
     period = manual_period(rt)
@@ -69,6 +95,8 @@ def run_plan(plan_name: str, dry_run_only: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_runs(plan_name: str | None, limit: int, as_json: bool) -> None:
     """Recent runs, newest first."""
+    from services.catalog import Catalog
+
     catalog = Catalog(current_runtime().datastore())
     runs = catalog.recent_runs(limit=limit, plan=plan_name)
     if as_json:
@@ -106,17 +134,6 @@ def restore_datastore(
         raise click.ClickException(str(exc)) from exc
     click.echo(f"safety export: {result.safety_export}")
     click.echo(f"imported {result.entities} entities from {result.imported_from}")
-
-
-def _add_kind_commands() -> None:
-    """Every module in commands/ contributes ``commands``: a list of click commands or groups."""
-    for module_info in pkgutil.iter_modules(commands.__path__):
-        module = importlib.import_module(f"commands.{module_info.name}")
-        for command in getattr(module, "commands", []):
-            backup.add_command(command)
-
-
-_add_kind_commands()
 
 
 def main() -> None:

@@ -1,11 +1,27 @@
 """CLI commands (``flask --app main backup ...``). Each module here exports ``commands``: a list of click
-commands or groups that ``cli.py`` adds to the ``backup`` group."""
+commands or groups that ``cli.py`` adds to the ``backup`` group when one of them is run."""
 
 from __future__ import annotations
 
 import click
 
 from services.runtime import Runtime, Settings
+
+# Command name -> (module defining it, its one-line help): ``backup --help`` lists the commands from here and
+# imports a module only to run one of its commands (tests/test_cli_imports.py holds this table to the modules).
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "couchdb": ("commands.couchdb", "Back up, restore and verify CouchDB / Cloudant databases."),
+    "directory": (
+        "commands.files",
+        "Timestamped directory copies: run one, verify one against its manifest, restore one.",
+    ),
+    "restore-disk": ("commands.disks", "Create disk NAME in ZONE from SNAPSHOT and wait until it is READY."),
+    "restore-filestore": (
+        "commands.files",
+        "Restore BACKUP onto SHARE of INSTANCE, after taking a safety backup of that share.",
+    ),
+    "sqlsync": ("commands.sqlsync", "Copy production into staging with personal data masked (a plan of kind sqlsync)."),
+}
 
 
 def current_runtime() -> Runtime:

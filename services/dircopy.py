@@ -444,6 +444,9 @@ def _file_signature(st: os.stat_result) -> str:
     return f"f\t{st.st_size}\t{st.st_mtime_ns}\t{stat.S_IMODE(st.st_mode):o}\t{st.st_uid}\t{st.st_gid}\t"
 
 
+_LINE_AND_PATH = re.compile(r"^((?:[^\t\n]*\t){8}([^\t\n]*))$", re.MULTILINE)
+
+
 def read_manifest_lines(copy_dir: Path) -> dict[str, str]:
     """A copy's manifest as path -> line (in this format), for the copier's unchanged-file check.
     ValueError if the manifest is not ours."""
@@ -455,11 +458,14 @@ def read_manifest_lines(copy_dir: Path) -> dict[str, str]:
         raise ValueError(f"{path}: not a backup-scheduler manifest")
     if header["format"] != FORMAT:
         return {p: e.to_line() for p, e in parse_manifest(data, str(path)).entries.items()}
-    lines: dict[str, str] = {}
-    for line in rest.decode("utf-8", "surrogateescape").split("\n"):
-        if line:
-            lines[_unescape(line.rsplit("\t", 1)[1])] = line
-    return lines
+    # One regular-expression pass over the text yields (line, path) pairs; a line without 8 tabs does not match.
+    text = rest.decode("utf-8", "surrogateescape")
+    pairs = _LINE_AND_PATH.findall(text)
+    if len(pairs) != text.count("\n") + (0 if text.endswith("\n") or not text else 1):
+        raise ValueError(f"{path}: a line is not a manifest entry")
+    if "\\" not in text:
+        return {name: line for line, name in pairs}
+    return {_unescape(name): line for line, name in pairs}
 
 
 def _is_our_copy(path: Path) -> bool:
@@ -1554,9 +1560,9 @@ def restore_entries(
             return _open_dir(f"{dest}/{head}", nofollow=True), name
         return _open_dir(dest, nofollow=False), rel
 
-    directories = []
-    files = []
-    others = []
+    directories: list[tuple[str, Entry]] = []
+    files: list[tuple[str, Entry]] = []
+    others: list[tuple[str, Entry]] = []
     for rel, entry in chosen:
         if blocked(rel):
             result.errors.append(f"{_escape(rel)}: not restored (its directory could not be made)")

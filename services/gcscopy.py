@@ -343,9 +343,10 @@ def _crc32c(data: bytes | memoryview, value: int = 0) -> int:
 
 
 def _store_file(path: str, uploader: _Uploader) -> tuple[str, int, bool]:
-    """Hash one source file and store its content. Returns (sha256, size, whether this call uploaded it). The bytes uploaded are the bytes
-    hashed: small files go up from memory; large ones are read twice, and the server checks the second read
-    against the first's crc32c (a file that changed in between is refused, not stored under a wrong name)."""
+    """Hash one source file and store its content. Returns (sha256, size, whether this call uploaded it).
+    The bytes uploaded are the bytes hashed: small files go up from memory; large ones are read twice, and the
+    server checks the second read against the first's crc32c (a file that changed in between is refused, not
+    stored under a wrong name)."""
     fd, st = dircopy.open_source_file(path)
     try:
         if st.st_size <= SMALL_UPLOAD:
@@ -843,8 +844,6 @@ def restore_bucket_copy(
             raise ValueError(f"object {object_name} missing from the bucket; not restored") from None
         return sink.digest.hexdigest(), sink.size
 
-    result = dircopy.restore_entries(
-        manifest, target, fetch, subpath=prefix, threads=threads, on_progress=on_progress
-    )
+    result = dircopy.restore_entries(manifest, target, fetch, subpath=prefix, threads=threads, on_progress=on_progress)
     result.safety_copy = safety
     return result

@@ -135,7 +135,15 @@ def snapshot(root: Path, with_content: bool = True) -> dict[bytes, tuple]:
                     out[path] = ("d", *common, None, None)
                     stack.append((os.open(bname, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), path))
                 elif stat.S_ISLNK(mode):
-                    out[path] = ("l", None, est.st_mtime_ns, est.st_uid, est.st_gid, None, os.readlink(bname, dir_fd=fd))
+                    out[path] = (
+                        "l",
+                        None,
+                        est.st_mtime_ns,
+                        est.st_uid,
+                        est.st_gid,
+                        None,
+                        os.readlink(bname, dir_fd=fd),
+                    )
                 elif stat.S_ISREG(mode):
                     digest = None
                     if with_content:

@@ -189,7 +189,12 @@ def test_kind_with_bucket_destination_records_cost_and_applies_retention(files_b
     src = make_tree(tmp_path / "share")
     plan = parse_plan(
         "to-bucket",
-        {"kind": "directory", "select": {"paths": [str(src)]}, "destination": {"bucket": URL}, "retention": {"keep": 2}},
+        {
+            "kind": "directory",
+            "select": {"paths": [str(src)]},
+            "destination": {"bucket": URL},
+            "retention": {"keep": 2},
+        },
     )
     rt = Runtime(Settings.from_env({}), clock=lambda: T0)
     rt.client("storage", lambda: files_bucket)
@@ -304,7 +309,9 @@ def write_format_1_copy(client, src: Path, name: str) -> None:
         rel = path.relative_to(src).as_posix()
         st = path.lstat()
         if path.is_symlink():
-            entries.append(Entry(rel, "l", st.st_size, st.st_mtime_ns, 0o777, st.st_uid, st.st_gid, None, os.readlink(path)))
+            entries.append(
+                Entry(rel, "l", st.st_size, st.st_mtime_ns, 0o777, st.st_uid, st.st_gid, None, os.readlink(path))
+            )
         elif path.is_dir():
             entries.append(Entry(rel, "d", st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid))
         else:
