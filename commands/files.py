@@ -93,6 +93,13 @@ def directory_group() -> None:
 @click.option("--keep", type=click.IntRange(min=1), default=None, help="Keep this many complete copies (ad hoc).")
 @click.option("--min-keep", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 64), default=dircopy.DEFAULT_THREADS, show_default=True)
+@click.option(
+    "--walkers",
+    type=click.IntRange(1, 16),
+    default=dircopy.WALKERS,
+    show_default=True,
+    help="Threads walking the source (more for NFS, where each lstat waits on the server).",
+)
 @click.option("--no-sync", is_flag=True, help="Skip the file-system flush before the copy is marked complete.")
 def directory_run(
     source: Path | None,
@@ -101,6 +108,7 @@ def directory_run(
     keep: int | None,
     min_keep: int,
     threads: int,
+    walkers: int,
     no_sync: bool,
 ) -> None:
     """Copy SOURCE into DEST/<UTC timestamp>/ (DEST a folder or gs://BUCKET/PREFIX), reusing unchanged files."""
@@ -122,6 +130,7 @@ def directory_run(
             Path(dest),
             rt.now(),
             threads=threads,
+            walkers=walkers,
             sync=not no_sync,
             on_progress=bar,
             progress_every=0.2,

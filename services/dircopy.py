@@ -59,7 +59,10 @@ STAMP_PATTERN = re.compile(r"^\d{8}T\d{6}Z$")
 # Files up to this size are read in one call; larger ones stream through a reusable buffer per thread.
 SMALL_FILE = 1 << 20
 CHUNK = 1 << 20
-WALKERS = 2  # threads listing directories and linking unchanged files (their system calls overlap)
+# Threads listing directories and linking unchanged files. One (the calling thread) is fastest on a local disk,
+# where each system call takes microseconds and threads mostly trade the interpreter lock; more overlap the round
+# trips of a network file system (NFS), where each lstat waits for the server.
+WALKERS = 1
 DEFAULT_THREADS = 4
 MAX_HEADER_ERRORS = 1000  # errors listed in a manifest's header (all of them are in the log)
 
@@ -858,11 +861,10 @@ class DestinationFull(OSError):
 class _Copier:
     """One run: walk SOURCE, link or copy each entry into the in-progress folder, collect manifest lines.
 
-    Each directory is one task for ``WALKERS`` walking threads: create it, list it, hard-link its unchanged files,
-    hand its changed and new files to the copy pool, and return its subdirectories as new tasks. A directory is
-    filled right after it is created. An incremental run is mostly ``lstat`` and ``link`` calls, which release
-    the interpreter lock: two walkers on different directories overlap them in the kernel (handing one
-    directory's files from a walker to a linking thread does not, the threads mostly wait for each other).
+    Each directory is one task: create it, list it, hard-link its unchanged files, hand its changed and new files
+    to the copy pool, and return its subdirectories as new tasks. A directory is filled right after it is
+    created. With one walker the calling thread does the tasks itself; with more, walking threads share them
+    (their system calls overlap, which pays when each one waits on a network file system).
     """
 
     def __init__(
@@ -873,8 +875,10 @@ class _Copier:
         threads: int,
         on_progress: ProgressCallback | None,
         progress_every: float,
+        walkers: int = WALKERS,
     ):
         self.source = str(source)
+        self.walkers = max(1, walkers)
         self.work = str(work)
         self.previous = str(previous) if previous else None
         self.stats = CopyStats()
@@ -902,26 +906,15 @@ class _Copier:
         self.full: OSError | None = None  # set when the destination cannot take more; everything then stops
 
     def run(self, allow_empty: bool) -> None:
-        with (
-            ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dircopy") as pool,
-            ThreadPoolExecutor(max_workers=WALKERS, thread_name_prefix="dircopy-walk") as walkers,
-        ):
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dircopy") as pool:
             self._copy_pool = pool
-            # Finished walking tasks come back through a queue (one get each; waiting on the set of pending
-            # futures would re-register on all of them every time, which costs more than the walk itself).
-            finished: queue.SimpleQueue[Future[list[_Item]]] = queue.SimpleQueue()
-
-            def walk(directory: _Item | None) -> None:
-                walkers.submit(self._visit, directory).add_done_callback(finished.put)
-
             try:
-                walk(None)
-                outstanding = 1
-                while outstanding:
-                    subdirs = finished.get().result()
-                    outstanding += len(subdirs) - 1
-                    for sub in subdirs:
-                        walk(sub)
+                if self.walkers == 1:
+                    stack: list[_Item | None] = [None]
+                    while stack:
+                        stack.extend(self._visit(stack.pop()))
+                else:
+                    self._walk_in_threads()
             except BaseException:
                 self._stop_copies()
                 raise
@@ -952,6 +945,23 @@ class _Copier:
             1 for path, line in self.previous_lines.items() if line[0] != "d" and path not in self.lines
         )
         self._report(force=True)
+
+    def _walk_in_threads(self) -> None:
+        with ThreadPoolExecutor(max_workers=self.walkers, thread_name_prefix="dircopy-walk") as walkers:
+            # Finished walking tasks come back through a queue (one get each; waiting on the set of pending
+            # futures would re-register on all of them every time, which costs more than the walk itself).
+            finished: queue.SimpleQueue[Future[list[_Item]]] = queue.SimpleQueue()
+
+            def walk(directory: _Item | None) -> None:
+                walkers.submit(self._visit, directory).add_done_callback(finished.put)
+
+            walk(None)
+            outstanding = 1
+            while outstanding:
+                subdirs = finished.get().result()
+                outstanding += len(subdirs) - 1
+                for sub in subdirs:
+                    walk(sub)
 
     def _stop_copies(self) -> None:
         for future in self._copies:
@@ -1264,6 +1274,7 @@ def copy_tree(
     clock: Callable[[], datetime] | None = None,
     ad_hoc: bool = False,
     link_dest: Path | None = None,
+    walkers: int = WALKERS,
 ) -> CopyResult:
     """Copy ``source`` into ``dest_root/<stamp(when)>``, linking unchanged files to the newest complete copy
     (or to ``link_dest``).
@@ -1310,7 +1321,7 @@ def copy_tree(
             started = clock()
             t0 = time.monotonic()
             root_st = source.stat()
-            copier = _Copier(source, work, previous, threads, on_progress, progress_every)
+            copier = _Copier(source, work, previous, threads, on_progress, progress_every, walkers)
             copier.run(allow_empty)
             stats = copier.stats
             stats.duration_seconds = round(time.monotonic() - t0, 3)

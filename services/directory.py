@@ -16,6 +16,7 @@ Example plan::
         path: /mnt/backups/projects      # or  bucket: gs://my-backups/projects
       options:
         threads: 4
+        walkers: 1        # more for a share on NFS, where each lstat waits on the server
       retention: {keep: 48, min_keep: 3}
 """
 
@@ -41,6 +42,7 @@ class Settings:
     dest_path: str | None = None
     dest_bucket: str | None = None  # "gs://bucket/prefix"
     threads: int = dircopy.DEFAULT_THREADS
+    walkers: int = dircopy.WALKERS
     sync: bool = True
     allow_empty: bool = False
     progress_seconds: float = 30.0
@@ -76,6 +78,7 @@ def parse_settings(fields: Fields) -> Settings:
         dest_path=dest_path,
         dest_bucket=dest_bucket.rstrip("/") if dest_bucket else None,
         threads=options.int("threads", dircopy.DEFAULT_THREADS, minimum=1, maximum=64),
+        walkers=options.int("walkers", dircopy.WALKERS, minimum=1, maximum=16),
         sync=options.bool("sync", True),
         allow_empty=options.bool("allow_empty", False),
         progress_seconds=options.float("progress_seconds", 30.0, minimum=1.0),
@@ -139,6 +142,7 @@ def start(plan: Any, target: Target, run: RunContext, rt: Any) -> Outcome:
             Path(dest),
             run.period,
             threads=settings.threads,
+            walkers=settings.walkers,
             sync=settings.sync,
             allow_empty=settings.allow_empty,
             on_progress=_progress_logger(run, source),
