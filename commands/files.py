@@ -156,10 +156,12 @@ def directory_run(
 def _run_to_bucket(rt: Any, source: Path, dest: str, keep: int | None, min_keep: int, threads: int) -> None:
     from services import gcscopy
 
+    from google.api_core.exceptions import GoogleAPIError
+
     client = rt.storage()
     try:
         result = gcscopy.copy_tree_to_bucket(source, client, dest, rt.now(), threads=threads, ad_hoc=True)
-    except (dircopy.CopyError, OSError) as exc:
+    except (dircopy.CopyError, OSError, GoogleAPIError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"copy: {result.url}" + (f" (reusing objects of {result.previous})" if result.previous else ""))
     _print_stats(result.stats)

@@ -690,7 +690,8 @@ def run_plan_copy(plan: Any, settings: Any, source: str, dest: str, run: RunCont
         raise TransientError(str(exc)) from exc
     except dircopy.CopyError as exc:
         raise PermanentError(str(exc)) from exc
-    except (gexc.TooManyRequests, gexc.ServerError, gexc.ServiceUnavailable) as exc:
+    except (gexc.TooManyRequests, gexc.ServerError, gexc.ServiceUnavailable, gexc.RetryError) as exc:
+        # RetryError: the client's own retries of a timeout or 5xx ran out; the queue tries the run again later.
         raise TransientError(f"Cloud Storage: {exc}", rate_limited=isinstance(exc, gexc.TooManyRequests)) from exc
     except gexc.NotFound as exc:
         raise PermanentError(f"destination bucket of {dest} not found: {exc}") from exc

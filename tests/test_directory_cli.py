@@ -64,3 +64,27 @@ def test_restore_filestore_reports_the_safety_backup(filestore_fake: FilestoreFa
     assert result.exit_code == 0, result.output
     assert "safety backup projects/proj-one/locations/us-central1/backups/pre-restore-home-" in result.output
     assert filestore_fake.restores[0]["sourceBackup"] == backup
+
+
+def test_run_verify_and_restore_a_bucket_copy_from_the_command_line(files_bucket, tmp_path: Path):
+    from services.runtime import Runtime, Settings
+
+    src = tmp_path / "share"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "a.txt").write_text("alpha")
+    rt = Runtime(Settings.from_env({}))
+    rt.client("storage", lambda: files_bucket)
+    runner = CliRunner()
+
+    ran = runner.invoke(directory_group, ["run", str(src), "gs://dir-copies/share"], obj={"runtime": rt})
+    url = ran.output.split("copy: ")[1].split()[0]
+    verified = runner.invoke(directory_group, ["verify", url], obj={"runtime": rt})
+    refused = runner.invoke(directory_group, ["restore", url, str(src), "--overwrite"], obj={"runtime": rt})
+    restored = runner.invoke(directory_group, ["restore", url, str(tmp_path / "out")], obj={"runtime": rt})
+
+    assert ran.exit_code == 0, ran.output
+    assert "cost: 7 requests, 1 objects written" in ran.output
+    assert verified.exit_code == 0 and "OK, 1 files" in verified.output
+    assert refused.exit_code == 1 and "--safety-dest" in refused.output
+    assert restored.exit_code == 0, restored.output
+    assert (tmp_path / "out" / "docs" / "a.txt").read_text() == "alpha"
