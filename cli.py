@@ -6,6 +6,7 @@ run would do), list runs, restore. Kind-specific commands live in ``commands/``.
 
 from __future__ import annotations
 
+import getpass
 import importlib
 import json
 import pkgutil
@@ -17,7 +18,7 @@ import commands
 from commands import current_runtime
 from services.catalog import Catalog
 from services.errors import BackupError
-from services.fanout import dry_run, fan_out, manual_period
+from services.fanout import dry_run, manual_period
 from services.queue import make_queue
 
 
@@ -57,10 +58,14 @@ def run_plan(plan_name: str, dry_run_only: bool) -> None:
                 click.echo(line)
             click.echo(f"{result.targets} target(s); nothing was changed")
             return
-        result = fan_out(rt, make_queue(rt.settings), plan, period)
+        from services.worker import trigger_plan
+
+        answer = trigger_plan(rt, Catalog(rt.datastore()), make_queue(rt.settings), plan, by=f"cli:{getpass.getuser()}")
     except BackupError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(json.dumps(result.to_json()))
+    click.echo(json.dumps(answer.body))
+    if answer.body.get("status") == "failed":
+        sys.exit(1)
 
 
 @backup.command("runs")

@@ -11,6 +11,8 @@ from services.catalog import Catalog
 from services.queue import make_queue
 from services.runtime import Runtime, Settings
 
+MAX_REQUEST_BYTES = 1 << 20  # task bodies and admin requests are small; nothing here uploads data
+
 
 def create_app(runtime: Runtime | None = None, queue: Any = None, catalog: Catalog | None = None) -> Flask:
     """Build the app. Plans are loaded and validated here, so a bad plans.yaml stops start-up with its error.
@@ -22,6 +24,7 @@ def create_app(runtime: Runtime | None = None, queue: Any = None, catalog: Catal
     if queue is not None:
         rt.client("queue", lambda: queue)  # the one queue for handlers and services (notifications) alike
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.extensions["backup"] = {
         "runtime": rt,
         "queue": (lambda: queue)

@@ -4,11 +4,15 @@ An SRE labels a disk ``backup-generations=7``; every run of a ``disks`` plan sna
 newest READY snapshots made by this service. The flow for one disk:
 
 1. ``enumerate_targets``: ``disks.aggregatedList`` with a label-presence filter, page by page, project by project.
-2. ``start``: check the label value, then ``createSnapshot`` with a name fixed by (plan, disk, period), so a
+   A project that refuses listing is reported as a failure of its own; the other projects go ahead.
+2. ``resolve_target``: a task only names its disk; the disk is read again (it must be in one of the plan's
+   projects and still carry the label), and its own label value, not the task's, says how many to keep.
+3. ``start``: check the label value, then ``createSnapshot`` with a name fixed by (plan, disk, period), so a
    retried task or a second cron fire finds "already exists" instead of making a second snapshot.
-3. ``poll``: follow the zone/region operation, then the snapshot, until the snapshot is READY or failed.
-4. Only once it is READY: list the snapshots carrying our labels for this plan and disk, newest first, and delete
-   those beyond the label's count (never below the plan's floor, never one without our labels).
+4. ``poll``: follow the zone/region operation, then the snapshot, until the snapshot is READY or failed.
+5. Only once it is READY: read the disk's label again, list the snapshots carrying our labels for this plan and
+   disk, and delete those beyond the newest N by creation time (never below the plan's floor, never one without
+   our labels). A confirmation that arrives late never deletes a newer snapshot.
 
 Compute has no emulator; tests run the real googleapiclient against a stateful fake at the HTTP edge
 (tests/fakes_compute.py), and the API endpoint can be overridden per plan or by ``BACKUP_COMPUTE_ENDPOINT``.
@@ -35,7 +39,7 @@ from googleapiclient.errors import HttpError
 
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fields import Fields
-from services.kinds import Done, Outcome, Pending, RunContext, Target, TargetPage
+from services.kinds import Done, ListingProblem, Outcome, Pending, RunContext, Target, TargetPage
 from services.plans import Plan
 from services.requests_http import discovery_client
 from services.runtime import Runtime
@@ -59,6 +63,8 @@ SNAPSHOT_POLL_SECONDS = 30.0
 RESTORE_POLL_SECONDS = 2.0  # the CLI waits in-process (not in a request), so a short sleep is fine
 
 GCE_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+ZONE_OR_REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]+(?:-[a-z])?$")
+COUNT = re.compile(r"^[0-9]{1,4}$")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 PROJECT_ID = re.compile(r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 SNAPSHOT_PREFIX = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
@@ -175,6 +181,11 @@ class DiskRef:
             raise PermanentError(f"task for {target.key}: {exc}") from None
         if (disk.zone is None) == (disk.region is None):
             raise PermanentError(f"task for {target.key}: expected exactly one of params.zone or params.region")
+        for what, value in (("zone", disk.zone), ("region", disk.region)):
+            if value is not None and not ZONE_OR_REGION.match(str(value)):
+                raise PermanentError(f"task for {target.key}: params.{what} {str(value)[:80]!r} is not a {what} name")
+        if not GCE_NAME.match(disk.name) or not PROJECT_ID.match(disk.project):
+            raise PermanentError(f"task for {target.key}: not a disk name and project id")
         return disk
 
 
@@ -188,7 +199,7 @@ def _required_str(params: dict[str, Any], key: str) -> str:
 def snapshots_to_keep(disk: DiskRef, label_key: str) -> int:
     """The label's value as a count of snapshots to keep; anything but a whole number 1..1000 is refused."""
     value = disk.label_value.strip()
-    if value.isdigit() and KEEP_MIN <= int(value) <= KEEP_MAX:
+    if COUNT.match(value) and KEEP_MIN <= int(value) <= KEEP_MAX:
         return int(value)
     raise PermanentError(
         f"disk {disk.key}: label {label_key}={disk.label_value!r} is not a number of snapshots to keep"
@@ -338,11 +349,14 @@ def enumerate_targets(plan: Plan, page_token: str | None, rt: Runtime) -> Target
         maxResults=min(plan.fanout_page_size, API_MAX_RESULTS),
         pageToken=api_token or None,
     )
+    following = _encode_page_token(settings.projects[index + 1], "") if index + 1 < len(settings.projects) else None
     try:
         response = _execute(request, project, f"listing disks labelled {settings.label_key}")
-    except TargetGone as exc:
-        # A missing project is a plan mistake, not a vanished target: fail the fan-out loudly.
-        raise PermanentError(f"plan {plan.name}: project {project} not found or not visible: {exc}") from exc
+    except (TargetGone, PermanentError) as exc:
+        # One project the service cannot list (not found, permission denied) is that project's failure: it is
+        # recorded, and the plan's other projects are still listed and backed up.
+        problem = ListingProblem(f"projects/{project}", f"plan {plan.name}: cannot list disks of {project}: {exc}")
+        return TargetPage(targets=[], next_page_token=following, problems=[problem])
     targets = []
     for scope_key in sorted(response.get("items", {})):
         for disk in response["items"][scope_key].get("disks", []):
@@ -354,11 +368,45 @@ def enumerate_targets(plan: Plan, page_token: str | None, rt: Runtime) -> Target
         log.warning("plan %s: project %s: zones unreachable: %s", plan.name, project, response["unreachables"])
     if response.get("nextPageToken"):
         next_token: str | None = _encode_page_token(project, response["nextPageToken"])
-    elif index + 1 < len(settings.projects):
-        next_token = _encode_page_token(settings.projects[index + 1], "")
     else:
-        next_token = None
+        next_token = following
     return TargetPage(targets=targets, next_page_token=next_token)
+
+
+_DISK_KEY = re.compile(r"^projects/([^/]+)/(zones|regions)/([^/]+)/disks/([^/]+)$")
+
+
+def resolve_target(plan: Plan, key: str, rt: Runtime) -> Target:
+    """The disk ``key`` names, read again: it must be in one of the plan's projects and carry the plan's label
+    now. Its id and label value come from Compute, never from a task body."""
+    settings: DiskSettings = plan.settings
+    found = _DISK_KEY.match(key)
+    if not found:
+        raise PermanentError(f"refused: {key[:200]!r} is not a disk path projects/P/zones/Z/disks/NAME")
+    project, scope, location, name = found.groups()
+    if project not in settings.projects:
+        raise PermanentError(f"refused: project {project[:80]!r} is not one of plan {plan.name}'s projects")
+    if not ZONE_OR_REGION.match(location) or not GCE_NAME.match(name):
+        raise PermanentError(f"refused: {key[:200]!r} does not name a zone or region and a disk")
+    disk = _read_disk(_compute(plan, rt), project, location if scope == "zones" else None, location, name)
+    if disk is None:
+        raise TargetGone(f"disk {key} no longer exists")
+    ref = _disk_ref(project, disk, settings.label_key)
+    if ref is None:
+        raise TargetGone(f"disk {key} no longer carries the label {settings.label_key}")
+    return ref.to_target()
+
+
+def _read_disk(compute: Any, project: str, zone: str | None, location: str, name: str) -> dict[str, Any] | None:
+    """The disk as Compute has it now, or None when it is gone."""
+    if zone:
+        request = compute.disks().get(project=project, zone=zone, disk=name)
+    else:
+        request = compute.regionDisks().get(project=project, region=location, disk=name)
+    try:
+        return _execute(request, project, f"reading disk {name}", passthrough=(404,))
+    except HttpError:
+        return None
 
 
 def _disk_ref(project: str, disk: dict[str, Any], label_key: str) -> DiskRef | None:
@@ -426,23 +474,21 @@ def start(plan: Plan, target: Target, run: RunContext, rt: Runtime) -> Outcome:
         if problem.reason != "alreadyExists" and "already exists" not in problem.message:
             raise api_error(exc, disk.project, doing) from exc
         run.log(f"snapshot {name} already exists (an earlier delivery created it); checking it")
-        return _check_snapshot(plan, disk, keep, {"snapshot": name, "operation": None}, run, compute)
+        return _check_snapshot(plan, disk, {"snapshot": name, "operation": None}, run, compute)
     run.log(f"creating snapshot {name} of {disk.key} (keep {keep}); operation {operation.get('name')}")
     state = {"snapshot": name, "operation": operation.get("name")}
-    return _after_operation(plan, disk, keep, state, operation, run, compute)
+    return _after_operation(plan, disk, state, operation, run, compute)
 
 
 def poll(plan: Plan, target: Target, state: dict[str, Any], run: RunContext, rt: Runtime) -> Outcome:
     """Follow the snapshot's operation, then the snapshot itself, until it is READY (prune, Done) or failed."""
-    settings: DiskSettings = plan.settings
     disk = DiskRef.from_target(target)
-    keep = snapshots_to_keep(disk, settings.label_key)
     if not isinstance(state.get("snapshot"), str):
         raise PermanentError(f"poll for {disk.key}: state has no snapshot name: {state!r}")
     compute = _compute(plan, rt)
     operation_name = state.get("operation")
     if not operation_name:
-        return _check_snapshot(plan, disk, keep, state, run, compute)
+        return _check_snapshot(plan, disk, state, run, compute)
     if disk.zone:
         request = compute.zoneOperations().get(project=disk.project, zone=disk.zone, operation=operation_name)
     else:
@@ -451,14 +497,13 @@ def poll(plan: Plan, target: Target, state: dict[str, Any], run: RunContext, rt:
         operation = _execute(request, disk.project, f"checking operation {operation_name}", passthrough=(404,))
     except HttpError:
         # Operations are only kept for a while; the snapshot itself still tells us how it went.
-        return _check_snapshot(plan, disk, keep, {**state, "operation": None}, run, compute)
-    return _after_operation(plan, disk, keep, state, operation, run, compute)
+        return _check_snapshot(plan, disk, {**state, "operation": None}, run, compute)
+    return _after_operation(plan, disk, state, operation, run, compute)
 
 
 def _after_operation(
     plan: Plan,
     disk: DiskRef,
-    keep: int,
     state: dict[str, Any],
     operation: dict[str, Any],
     run: RunContext,
@@ -470,12 +515,10 @@ def _after_operation(
     if errors:
         detail = "; ".join(f"{e.get('code', '?')}: {e.get('message', '')}" for e in errors)
         raise PermanentError(f"snapshot {state['snapshot']} of {disk.key} failed: {detail}; nothing pruned")
-    return _check_snapshot(plan, disk, keep, {**state, "operation": None}, run, compute)
+    return _check_snapshot(plan, disk, {**state, "operation": None}, run, compute)
 
 
-def _check_snapshot(
-    plan: Plan, disk: DiskRef, keep: int, state: dict[str, Any], run: RunContext, compute: Any
-) -> Outcome:
+def _check_snapshot(plan: Plan, disk: DiskRef, state: dict[str, Any], run: RunContext, compute: Any) -> Outcome:
     name = state["snapshot"]
     request = compute.snapshots().get(project=disk.project, snapshot=name)
     try:
@@ -492,7 +535,12 @@ def _check_snapshot(
         return Pending(state=state, delay_seconds=SNAPSHOT_POLL_SECONDS)
     if status != "READY":
         raise PermanentError(f"snapshot {name} of {disk.key} ended {status}; nothing pruned")
-    result = prune_snapshots(compute, plan, disk, keep, newest=snapshot, run=run)
+    live_keep = _keep_from_live_label(plan, disk, compute, run)
+    result = (
+        prune_snapshots(compute, plan, disk, live_keep, newest=snapshot, run=run)
+        if live_keep is not None
+        else PruneResult(keep=0)
+    )
     message = f"snapshot {name} READY; kept {result.kept}, deleted {len(result.deleted)}"
     if result.errors:
         message += f"; could not delete {len(result.errors)}: {'; '.join(result.errors)}"
@@ -542,15 +590,33 @@ def _created(snapshot: dict[str, Any]) -> datetime:
 
 
 def split_by_retention(
-    snapshots: list[dict[str, Any]], newest: dict[str, Any] | None, keep: int
+    snapshots: list[dict[str, Any]], confirmed: dict[str, Any] | None, keep: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(kept, to delete) among the READY snapshots, newest first. Others (CREATING, FAILED) are in neither list
-    and never deleted here: one may be another run's snapshot still in flight."""
+    """(kept, to delete) among the READY snapshots: the newest ``keep`` by creation time are kept. Others
+    (CREATING, FAILED) are in neither list and never deleted here: one may be another run's snapshot in flight.
+    ``confirmed`` (the snapshot just found READY) counts even when the listing does not show it yet, in its place
+    by age: a confirmation that arrives after a newer snapshot never pushes that newer one out."""
     ready = [s for s in snapshots if s.get("status") == "READY"]
-    if newest is not None:
-        # Count the snapshot we just confirmed even if the listing does not show it yet.
-        ready = [newest] + [s for s in ready if s.get("name") != newest.get("name")]
+    if confirmed is not None and all(s.get("name") != confirmed.get("name") for s in ready):
+        ready.append(confirmed)
+    ready.sort(key=lambda s: (_created(s), s.get("name", "")), reverse=True)
     return ready[:keep], ready[keep:]
+
+
+def _keep_from_live_label(plan: Plan, disk: DiskRef, compute: Any, run: RunContext) -> int | None:
+    """How many snapshots to keep, from the disk's label as it is now (it may have changed since the snapshot
+    started); None when nothing may be pruned (the disk or its label is gone, or the label is not a count)."""
+    settings: DiskSettings = plan.settings
+    live = _read_disk(compute, disk.project, disk.zone, disk.zone or disk.region or "", disk.name)
+    ref = _disk_ref(disk.project, live, settings.label_key) if live is not None else None
+    if ref is None or ref.disk_id != disk.disk_id:
+        run.log(f"{disk.key} is gone or no longer carries {settings.label_key}: nothing pruned")
+        return None
+    try:
+        return snapshots_to_keep(ref, settings.label_key)
+    except PermanentError as exc:
+        run.log(f"{exc}; the new snapshot is kept, nothing pruned")
+        return None
 
 
 def prune_snapshots(

@@ -39,7 +39,7 @@ from googleapiclient.errors import HttpError
 
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fields import Fields
-from services.kinds import Done, Outcome, Pending, RunContext, Target, TargetPage
+from services.kinds import Done, ListingProblem, Outcome, Pending, RunContext, Target, TargetPage
 from services.requests_http import discovery_client
 
 KIND = "filestore"
@@ -199,12 +199,15 @@ class InstanceRef:
         return cls(*found.groups())
 
 
+COUNT = re.compile(r"^[0-9]{1,4}$")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+
+
 def backups_to_keep(labels: dict[str, str], label_key: str, instance: str) -> int:
     """The label's value as a count; PermanentError (nothing created or deleted) when it is not 1..1000."""
     raw = labels.get(label_key)
     if raw is None:
         raise PermanentError(f"instance {instance}: label {label_key} was removed; nothing backed up or deleted")
-    if not raw.isdigit() or not KEEP_MIN <= int(raw) <= KEEP_MAX:
+    if not COUNT.match(raw) or not KEEP_MIN <= int(raw) <= KEEP_MAX:
         raise PermanentError(
             f"instance {instance}: label {label_key}={raw!r} is not a whole number from {KEEP_MIN} to {KEEP_MAX};"
             " nothing backed up or deleted. Fix the label to the number of backups to keep."
@@ -276,12 +279,18 @@ def enumerate_targets(plan: Any, page_token: str | None, rt: Any) -> TargetPage:
     }
     if api_token:
         kwargs["pageToken"] = api_token
-    page = _execute(
-        api.projects().locations().instances().list(**kwargs),
-        project,
-        f"listing Filestore instances of project {project}",
-        "file.instances.list",
-    )
+    following = _encode_page_token(projects[index + 1], "") if index + 1 < len(projects) else None
+    try:
+        page = _execute(
+            api.projects().locations().instances().list(**kwargs),
+            project,
+            f"listing Filestore instances of project {project}",
+            "file.instances.list",
+        )
+    except (PermanentError, TargetGone) as exc:
+        # That project's failure alone: recorded, and the plan's other projects are still backed up.
+        problem = ListingProblem(f"projects/{project}", f"plan {plan.name}: cannot list instances of {project}: {exc}")
+        return TargetPage([], following, problems=[problem])
     if page.get("unreachable"):
         log.warning(
             "filestore: locations unreachable in %s, their instances are missing: %s", project, page["unreachable"]
@@ -301,9 +310,19 @@ def enumerate_targets(plan: Any, page_token: str | None, rt: Any) -> TargetPage:
         )
     if page.get("nextPageToken"):
         return TargetPage(targets, _encode_page_token(project, page["nextPageToken"]))
-    if index + 1 < len(projects):
-        return TargetPage(targets, _encode_page_token(projects[index + 1], ""))
-    return TargetPage(targets)
+    return TargetPage(targets, following)
+
+
+def resolve_target(plan: Any, key: str, rt: Any) -> Target:
+    """The instance ``key`` names, if it is in one of the plan's projects. ``start`` reads the instance itself
+    (labels, shares), so nothing of a task body but the name is used."""
+    try:
+        instance = InstanceRef.parse(key)
+    except ValueError as exc:
+        raise PermanentError(f"refused: {str(exc)[:200]}") from None
+    if instance.project not in _projects(plan, rt):
+        raise PermanentError(f"refused: project {instance.project!r} is not one of plan {plan.name}'s projects")
+    return Target(key=instance.name)
 
 
 def describe(plan: Any, target: Target, rt: Any) -> str:

@@ -6,6 +6,9 @@ A kind is a module (``services/datastore.py``, ``services/disks.py`` ...) that d
 - ``parse_settings(fields: Fields) -> Settings``: its part of a plan (``select``, ``destination``, ``options``),
   validated into a frozen dataclass; errors name the plan and field.
 - ``enumerate_targets(plan, page_token, rt) -> TargetPage``: one page of targets; ``next_page_token`` when more.
+- optionally ``resolve_target(plan, key, rt) -> Target``: the target called ``key``, looked up again from the plan
+  and the live resource (a task body only names a target; it is never trusted for what to back up or where).
+  Without it, the plan's targets are enumerated until ``key`` is found.
 - ``start(plan, target, run, rt) -> Outcome``: begin one backup (idempotent for the same run).
 - ``poll(plan, target, state, run, rt) -> Outcome``: check a long operation started by ``start``.
 - optionally ``describe(plan, target, rt) -> str``: what a run would do, for ``--dry-run``.
@@ -22,7 +25,7 @@ from datetime import datetime
 from types import ModuleType
 from typing import Any
 
-from services.errors import ConfigError
+from services.errors import ConfigError, TargetGone
 
 KIND_MODULES: dict[str, str] = {
     "datastore": "services.datastore",
@@ -55,10 +58,22 @@ class Target:
         return cls(key=raw["key"], params=params)
 
 
+@dataclass(frozen=True)
+class ListingProblem:
+    """A part of a plan (``where``, e.g. ``projects/p1``) whose targets could not be listed, and why."""
+
+    where: str
+    error: str
+
+
 @dataclass
 class TargetPage:
+    """One page of targets. ``problems`` are parts of the plan that could not be listed (a project that refuses
+    listing): each is recorded as a failed run of its own while the rest of the plan goes ahead."""
+
     targets: list[Target]
     next_page_token: str | None = None
+    problems: list[ListingProblem] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +114,7 @@ class RunContext:
     attempt: int = 0
     log_lines: list[str] = field(default_factory=list)
     on_log: Callable[[str], None] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # from the admin trigger's record, never a task body
 
     def log(self, message: str) -> None:
         self.log_lines.append(message)
@@ -113,3 +129,23 @@ def kind_module(name: str) -> ModuleType:
     except KeyError:
         raise ConfigError(f"unknown kind {name!r} (known kinds: {', '.join(sorted(KIND_MODULES))})") from None
     return importlib.import_module(module_path)
+
+
+def resolve_target(plan: Any, key: str, rt: Any) -> Target:
+    """The target of ``plan`` called ``key``, as the plan and the live resource say now. A kind with its own
+    ``resolve_target`` looks the one target up directly; otherwise the plan's targets are listed until ``key`` is
+    found. A key that is not (or no longer) one of the plan's targets raises TargetGone."""
+    module = kind_module(plan.kind)
+    own = getattr(module, "resolve_target", None)
+    if own is not None:
+        target: Target = own(plan, key, rt)
+        return target
+    token: str | None = None
+    while True:
+        page = module.enumerate_targets(plan, token, rt)
+        for target in page.targets:
+            if target.key == key:
+                return target
+        token = page.next_page_token
+        if not token:
+            raise TargetGone(f"{key!r} is not a target of plan {plan.name} (deleted since listing, or never one)")

@@ -83,10 +83,20 @@ class Settings:
         transport = env.get("BACKUP_TASKS_TRANSPORT", "grpc")
         if transport not in ("grpc", "rest"):
             raise ConfigError(f"BACKUP_TASKS_TRANSPORT: expected 'grpc' or 'rest', got {transport!r}")
-        if on_app_engine and env.get("BACKUP_LOCAL_TOKEN"):
+        on_cloud_run = bool(env.get("K_SERVICE"))
+        if (on_app_engine or on_cloud_run) and env.get("BACKUP_LOCAL_TOKEN"):
+            where = "App Engine" if on_app_engine else "Cloud Run"
             raise ConfigError(
-                "BACKUP_LOCAL_TOKEN is set on App Engine: it is for local runs only; admins use IAP or a Google ID"
-                " token (BACKUP_ADMIN_EMAILS). Remove it from app.yaml"
+                f"BACKUP_LOCAL_TOKEN is set on {where}: it is for local runs only (make run); admins use IAP or a"
+                " Google ID token (BACKUP_ADMIN_EMAILS). Remove it from the deployment's environment"
+            )
+        if on_app_engine and not (env.get("BACKUP_SERVICE_URL") or env.get("BACKUP_TASKS_AUDIENCE")):
+            # Google ID tokens are checked against this audience; a default would accept tokens minted for
+            # another service (or a well-known local address) and refuse the ones minted for this one.
+            raise ConfigError(
+                "BACKUP_SERVICE_URL is not set: on App Engine it must be this service's own URL"
+                " (e.g. https://PROJECT_ID.REGION_ID.r.appspot.com), the audience admins and queues mint ID tokens"
+                " for. Set it in app.yaml env_variables (docs/deploy.md)"
             )
         return cls(
             project=project,

@@ -156,11 +156,17 @@ def test_enumeration_pages_through_every_project_zonal_and_regional(compute_fake
     assert shared.params["region"] == "us-east1" and shared.params["label_value"] == "2"
 
 
-def test_a_project_that_does_not_exist_fails_the_enumeration_naming_it(compute_fake, compute_clock):
-    plan = make_plan(projects=("proj-missing",))
+def test_a_project_that_does_not_exist_is_reported_as_that_projects_problem(compute_fake, compute_clock):
+    compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
+    plan = make_plan(projects=("proj-missing", "proj-alpha"))
+    rt = make_runtime(compute_clock)
 
-    with pytest.raises(PermanentError, match="project proj-missing not found"):
-        disks.enumerate_targets(plan, None, make_runtime(compute_clock))
+    first = disks.enumerate_targets(plan, None, rt)
+    second = disks.enumerate_targets(plan, first.next_page_token, rt)
+
+    assert first.targets == [] and [p.where for p in first.problems] == ["projects/proj-missing"]
+    assert "not found in project proj-missing" in first.problems[0].error
+    assert [t.key for t in second.targets] == ["projects/proj-alpha/zones/us-east1-b/disks/web"]
 
 
 def test_a_page_token_from_another_source_is_refused(compute_fake, compute_clock):

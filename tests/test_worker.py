@@ -13,7 +13,7 @@ import pytest
 from main import create_app
 from services import kinds
 from services.catalog import FAILED, PENDING, RUNNING, SKIPPED, SUCCEEDED, Catalog
-from services.fanout import backup_task
+from services.fanout import backup_task, current_period
 from services.kinds import Target
 from services.plans import parse_plan
 from services.queue import LocalQueue
@@ -48,7 +48,7 @@ def deliver(env, task, retry=0, queue_name=None):
 
 
 def task_for(env, key):
-    return backup_task(env.plan, Target(key, {"do": key.split("-")[0]}), env.clock())
+    return backup_task(env.plan, Target(key, {"do": key.split("-")[0]}), current_period(env.rt, env.plan))
 
 
 @pytest.mark.parametrize(
