@@ -35,6 +35,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from google.api_core.exceptions import RetryError
+from google.api_core.retry import Retry
 from googleapiclient.errors import HttpError
 
 from services.errors import PermanentError, TargetGone, TransientError
@@ -61,6 +63,8 @@ API_MAX_RESULTS = 500  # Compute refuses a larger maxResults
 OPERATION_POLL_SECONDS = 20.0
 SNAPSHOT_POLL_SECONDS = 30.0
 RESTORE_POLL_SECONDS = 2.0  # the CLI waits in-process (not in a request), so a short sleep is fine
+# A restore's API calls are retried on 429 / 5xx for up to five minutes, backing off from 1 s to 30 s.
+RESTORE_RETRY = Retry(predicate=lambda exc: isinstance(exc, TransientError), initial=1.0, maximum=30.0, timeout=300.0)
 
 GCE_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 ZONE_OR_REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]+(?:-[a-z])?$")
@@ -693,31 +697,35 @@ def restore_disk(
     timeout_seconds: float = 1800.0,
     sleep: Callable[[float], None] = time.sleep,
     on_progress: Callable[[str], None] | None = None,
+    retry: Retry | None = None,
 ) -> RestoredDisk:
     """Create the new disk ``name`` from ``snapshot`` and wait until it is READY. Never replaces an existing
-    disk: a name already taken is an error, so a restore cannot destroy anything."""
+    disk: a name already taken is an error, so a restore cannot destroy anything. Every call is retried on a
+    transient answer (429, 5xx, a dropped connection) with ``retry``'s backoff; a restore runs once, by hand,
+    and should not fail on the first busy moment of the API."""
     if not GCE_NAME.match(name):
         raise PermanentError(f"--name {name!r}: expected a disk name (1-63 lowercase letters, digits, '-')")
     say = on_progress or (lambda _msg: None)
     compute = compute_client(rt, compute_endpoint(endpoint, rt))
+    patient = retry or RESTORE_RETRY
+
+    def call(request: Any, doing: str, passthrough: tuple[int, ...] = ()) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = patient(_execute)(request, project, doing, passthrough)
+        except RetryError as exc:
+            raise TransientError(f"{doing}: still failing when retries ran out: {exc.cause}") from exc
+        return result
+
     try:
-        source = _execute(
-            compute.snapshots().get(project=project, snapshot=snapshot),
-            project,
-            f"reading snapshot {snapshot}",
-            passthrough=(404,),
+        source = call(
+            compute.snapshots().get(project=project, snapshot=snapshot), f"reading snapshot {snapshot}", (404,)
         )
     except HttpError:
         raise PermanentError(f"snapshot {snapshot} not found in project {project}") from None
     if source.get("status") != "READY":
         raise PermanentError(f"snapshot {snapshot} is {source.get('status')}, not READY; cannot restore from it")
     try:
-        _execute(
-            compute.disks().get(project=project, zone=zone, disk=name),
-            project,
-            f"checking disk {name}",
-            passthrough=(404,),
-        )
+        call(compute.disks().get(project=project, zone=zone, disk=name), f"checking disk {name}", (404,))
     except HttpError:
         pass  # the name is free, which is what we want
     else:
@@ -732,14 +740,12 @@ def restore_disk(
     }
     if disk_type:
         body["type"] = f"projects/{project}/zones/{zone}/diskTypes/{disk_type}"
+    # The same requestId on a retried insert makes Compute answer with the first call's operation.
     request_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"projects/{project}/zones/{zone}/disks/{name}<-{snapshot}"))
     doing = f"creating disk {name} from snapshot {snapshot}"
     try:
-        operation = _execute(
-            compute.disks().insert(project=project, zone=zone, body=body, requestId=request_id),
-            project,
-            doing,
-            passthrough=(409,),
+        operation = call(
+            compute.disks().insert(project=project, zone=zone, body=body, requestId=request_id), doing, (409,)
         )
     except HttpError:
         raise PermanentError(f"disk {name} already exists in zone {zone}; restore never overwrites a disk") from None
@@ -749,18 +755,16 @@ def restore_disk(
         if time.monotonic() > deadline:
             raise TransientError(f"{doing}: still running after {timeout_seconds:.0f}s (operation {operation['name']})")
         sleep(RESTORE_POLL_SECONDS)
-        operation = _execute(
-            compute.zoneOperations().get(project=project, zone=zone, operation=operation["name"]), project, doing
-        )
+        operation = call(compute.zoneOperations().get(project=project, zone=zone, operation=operation["name"]), doing)
     errors = (operation.get("error") or {}).get("errors") or []
     if errors:
         raise PermanentError(f"{doing} failed: " + "; ".join(str(e.get("message", e)) for e in errors))
-    disk = _execute(compute.disks().get(project=project, zone=zone, disk=name), project, f"reading disk {name}")
+    disk = call(compute.disks().get(project=project, zone=zone, disk=name), f"reading disk {name}")
     while disk.get("status") not in ("READY", "FAILED"):
         if time.monotonic() > deadline:
             raise TransientError(f"{doing}: disk is {disk.get('status')} after {timeout_seconds:.0f}s")
         sleep(RESTORE_POLL_SECONDS)
-        disk = _execute(compute.disks().get(project=project, zone=zone, disk=name), project, f"reading disk {name}")
+        disk = call(compute.disks().get(project=project, zone=zone, disk=name), f"reading disk {name}")
     if disk.get("status") != "READY":
         raise PermanentError(f"{doing}: disk ended {disk.get('status')}")
     return RestoredDisk(
