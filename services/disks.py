@@ -20,10 +20,7 @@ Compute has no emulator; tests run the real googleapiclient against a stateful f
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 import logging
 import re
 import time
@@ -34,13 +31,13 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
 from google.api_core.exceptions import RetryError
 from google.api_core.retry import Retry
 from googleapiclient.errors import HttpError
 
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fields import Fields
+from services.gcp_errors import classify, decode_page_token, execute, next_page_token, problem_of
 from services.kinds import Done, ListingProblem, Outcome, Pending, RunContext, Target, TargetPage
 from services.plans import Plan
 from services.requests_http import discovery_client
@@ -73,8 +70,6 @@ LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 PROJECT_ID = re.compile(r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 SNAPSHOT_PREFIX = re.compile(r"^[a-z][a-z0-9-]{0,11}$")
 STORAGE_LOCATION = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
-RATE_LIMIT_REASONS = {"rateLimitExceeded", "userRateLimitExceeded"}
-PERMISSION = re.compile(r"'((?:compute|iam|resourcemanager)\.[A-Za-z0-9_.]+)'")
 
 log = logging.getLogger(__name__)
 
@@ -252,69 +247,12 @@ def _compute(plan: Plan, rt: Runtime) -> Any:
     return compute_client(rt, compute_endpoint(plan.settings.endpoint, rt))
 
 
-@dataclass(frozen=True)
-class ApiProblem:
-    status: int
-    reason: str
-    message: str
-
-
-def api_problem(exc: HttpError) -> ApiProblem:
-    """Status, first error reason and message of a Compute API error, whatever shape its body has."""
-    status = int(exc.resp.status)
-    reason, message = "", ""
-    try:
-        error = json.loads(exc.content).get("error", {})
-        message = str(error.get("message", ""))
-        details = error.get("errors") or []
-        if details and isinstance(details[0], dict):
-            reason = str(details[0].get("reason", ""))
-    except (ValueError, AttributeError):
-        message = exc.content.decode("utf-8", "replace")[:300] if isinstance(exc.content, bytes) else str(exc)
-    return ApiProblem(status, reason, message or f"HTTP {status}")
-
-
-def api_error(exc: HttpError, project: str, doing: str) -> Exception:
-    """The one mapping from a Compute API error to retry (TransientError) or stop (Permanent/TargetGone)."""
-    problem = api_problem(exc)
-    status, reason, message = problem.status, problem.reason, problem.message
-    if status == 429 or (status == 403 and reason in RATE_LIMIT_REASONS):
-        retry_after = exc.resp.get("retry-after")
-        seconds = float(retry_after) if retry_after and retry_after.isdigit() else None
-        return TransientError(
-            f"{doing}: rate limited in project {project}: {message}", rate_limited=True, retry_after=seconds
-        )
-    if status >= 500 or status == 408:
-        return TransientError(f"{doing}: Compute API answered {status}: {message}")
-    if status == 400 and reason == "resourceNotReady":
-        return TransientError(f"{doing}: resource busy, will retry: {message}")
-    if status == 409 and reason != "alreadyExists":
-        return TransientError(f"{doing}: conflicting operation in progress: {message}")
-    if status == 404:
-        return TargetGone(f"{doing}: not found in project {project}: {message}")
-    if status in (401, 403):
-        if reason in ("forbidden", "insufficientPermissions") or "permission" in message.lower():
-            found = PERMISSION.search(message)
-            missing = found.group(1) if found else "(the API did not name it)"
-            return PermanentError(
-                f"{doing}: permission denied in project {project}: missing {missing}."
-                f" Grant the service account a role with it on {project}. API said: {message}"
-            )
-        return PermanentError(f"{doing}: refused in project {project} ({status} {reason}): {message}")
-    return PermanentError(f"{doing}: Compute API answered {status} {reason}: {message}")
-
-
 def _execute(request: Any, project: str, doing: str, passthrough: tuple[int, ...] = ()) -> dict[str, Any]:
-    """Run one API request. Errors become service errors, except statuses in ``passthrough``, which the caller
-    handles itself (raised as the original HttpError)."""
-    try:
-        return request.execute(num_retries=0)
-    except HttpError as exc:
-        if int(exc.resp.status) in passthrough:
-            raise
-        raise api_error(exc, project, doing) from exc
-    except requests.RequestException as exc:
-        raise TransientError(f"{doing}: cannot reach the Compute API: {exc}") from exc
+    """One Compute call; errors judged by services/gcp_errors.py (a 404 means the thing is gone)."""
+    result: dict[str, Any] = execute(
+        request, doing, where=f"in project {project}", gone_means_skip=True, passthrough=passthrough
+    )
+    return result
 
 
 def _last_segment(url_or_name: str) -> str:
@@ -324,27 +262,11 @@ def _last_segment(url_or_name: str) -> str:
 # --- enumeration -------------------------------------------------------------------------------------------
 
 
-def _encode_page_token(project: str, api_token: str) -> str:
-    raw = json.dumps({"project": project, "api_token": api_token}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def _decode_page_token(token: str, projects: tuple[str, ...]) -> tuple[int, str]:
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token.encode()))
-        project, api_token = raw["project"], raw["api_token"]
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise PermanentError(f"disks page token {token[:40]!r} is not one this service issued") from None
-    if project not in projects:
-        raise PermanentError(f"disks page token names project {project!r}, which the plan no longer lists")
-    return projects.index(project), str(api_token)
-
-
 def enumerate_targets(plan: Plan, page_token: str | None, rt: Runtime) -> TargetPage:
     """One page of labelled disks: one ``aggregatedList`` call (zonal and regional disks together). The page
     token carries (project, API page token), so the fan-out continues across projects page by page."""
     settings: DiskSettings = plan.settings
-    index, api_token = _decode_page_token(page_token, settings.projects) if page_token else (0, "")
+    index, api_token = decode_page_token(page_token, settings.projects, "disks") if page_token else (0, "")
     project = settings.projects[index]
     compute = _compute(plan, rt)
     request = compute.disks().aggregatedList(
@@ -353,7 +275,7 @@ def enumerate_targets(plan: Plan, page_token: str | None, rt: Runtime) -> Target
         maxResults=min(plan.fanout_page_size, API_MAX_RESULTS),
         pageToken=api_token or None,
     )
-    following = _encode_page_token(settings.projects[index + 1], "") if index + 1 < len(settings.projects) else None
+    following = next_page_token(settings.projects, index, None)
     try:
         response = _execute(request, project, f"listing disks labelled {settings.label_key}")
     except (TargetGone, PermanentError) as exc:
@@ -370,11 +292,7 @@ def enumerate_targets(plan: Plan, page_token: str | None, rt: Runtime) -> Target
     if response.get("unreachables"):
         # Disks in an unreachable zone are missing from this run; say so rather than pretend the list is whole.
         log.warning("plan %s: project %s: zones unreachable: %s", plan.name, project, response["unreachables"])
-    if response.get("nextPageToken"):
-        next_token: str | None = _encode_page_token(project, response["nextPageToken"])
-    else:
-        next_token = following
-    return TargetPage(targets=targets, next_page_token=next_token)
+    return TargetPage(targets, next_page_token(settings.projects, index, response.get("nextPageToken")))
 
 
 _DISK_KEY = re.compile(r"^projects/([^/]+)/(zones|regions)/([^/]+)/disks/([^/]+)$")
@@ -474,9 +392,8 @@ def start(plan: Plan, target: Target, run: RunContext, rt: Runtime) -> Outcome:
     try:
         operation = _execute(request, disk.project, doing, passthrough=(409,))
     except HttpError as exc:
-        problem = api_problem(exc)
-        if problem.reason != "alreadyExists" and "already exists" not in problem.message:
-            raise api_error(exc, disk.project, doing) from exc
+        if not problem_of(exc).already_exists:
+            raise classify(exc, doing, True, where=f"in project {disk.project}") from exc
         run.log(f"snapshot {name} already exists (an earlier delivery created it); checking it")
         return _check_snapshot(plan, disk, {"snapshot": name, "operation": None}, run, compute)
     run.log(f"creating snapshot {name} of {disk.key} (keep {keep}); operation {operation.get('name')}")

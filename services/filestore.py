@@ -21,10 +21,7 @@ Connect, local fakes).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import json
 import logging
 import re
 import time
@@ -34,11 +31,11 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
 from googleapiclient.errors import HttpError
 
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fields import Fields
+from services.gcp_errors import decode_page_token, execute, next_page_token
 from services.kinds import Done, ListingProblem, Outcome, Pending, RunContext, Target, TargetPage
 from services.requests_http import discovery_client
 
@@ -61,7 +58,6 @@ PROJECT_ID = re.compile(r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 ZONE = re.compile(r"^([a-z]+-[a-z]+[0-9]+)-[a-z]$")
 INSTANCE_NAME = re.compile(r"^projects/([^/]+)/locations/([^/]+)/instances/([^/]+)$")
 BACKUP_NAME = re.compile(r"^projects/([^/]+)/locations/([^/]+)/backups/([^/]+)$")
-PERMISSION = re.compile(r"'(file\.[A-Za-z0-9_.]+)'")
 
 log = logging.getLogger(__name__)
 
@@ -118,58 +114,20 @@ def _client(plan: Any, rt: Any) -> Any:
     return file_client(rt, file_endpoint(plan.settings.endpoint, rt))
 
 
-@dataclass(frozen=True)
-class ApiProblem:
-    status: int
-    code: str  # google.rpc status name, e.g. RESOURCE_EXHAUSTED
-    message: str
-
-
-def api_problem(exc: HttpError) -> ApiProblem:
-    status = int(exc.resp.status)
-    code, message = "", ""
-    try:
-        error = json.loads(exc.content).get("error", {})
-        message = str(error.get("message", ""))
-        code = str(error.get("status", ""))
-    except (ValueError, AttributeError):
-        message = exc.content.decode("utf-8", "replace")[:300] if isinstance(exc.content, bytes) else str(exc)
-    return ApiProblem(status, code, message or f"HTTP {status}")
-
-
-def api_error(exc: HttpError, project: str, doing: str, permission: str) -> Exception:
-    """The one mapping from a Filestore API error to retry (TransientError) or stop (PermanentError/TargetGone).
-    ``permission`` is the IAM permission the call needs, named when the API does not name it itself."""
-    problem = api_problem(exc)
-    status, message = problem.status, problem.message
-    if status == 429 or problem.code == "RESOURCE_EXHAUSTED":
-        return TransientError(f"{doing}: rate limited in project {project}: {message}", rate_limited=True)
-    if status >= 500 or status == 408:
-        return TransientError(f"{doing}: Filestore API answered {status}: {message}")
-    if status == 404:
-        return TargetGone(f"{doing}: not found in project {project}: {message}")
-    if status in (401, 403):
-        found = PERMISSION.search(message)
-        missing = found.group(1) if found else permission
-        return PermanentError(
-            f"{doing}: permission denied in project {project}: needs {missing}"
-            f" (e.g. roles/file.editor on {project}). API said: {message}"
-        )
-    return PermanentError(f"{doing}: Filestore API answered {status} {problem.code}: {message}")
-
-
 def _execute(
     request: Any, project: str, doing: str, permission: str, passthrough: tuple[int, ...] = ()
 ) -> dict[str, Any]:
-    """Run one request; errors become service errors, except statuses in ``passthrough`` (re-raised as is)."""
-    try:
-        return request.execute(num_retries=0)
-    except HttpError as exc:
-        if int(exc.resp.status) in passthrough:
-            raise
-        raise api_error(exc, project, doing, permission) from exc
-    except requests.RequestException as exc:
-        raise TransientError(f"{doing}: cannot reach the Filestore API: {exc}") from exc
+    """One Filestore call; errors judged by services/gcp_errors.py. ``permission`` is what the call needs, named
+    when the API does not name it itself."""
+    result: dict[str, Any] = execute(
+        request,
+        doing,
+        where=f"in project {project}",
+        permission=permission,
+        gone_means_skip=True,
+        passthrough=passthrough,
+    )
+    return result
 
 
 # --- names -------------------------------------------------------------------------------------------------
@@ -250,26 +208,11 @@ def _projects(plan: Any, rt: Any) -> tuple[str, ...]:
     return plan.settings.projects or (rt.settings.project,)
 
 
-def _encode_page_token(project: str, api_token: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"p": project, "t": api_token}).encode()).decode()
-
-
-def _decode_page_token(token: str, projects: tuple[str, ...]) -> tuple[int, str]:
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token.encode()))
-        project, api_token = str(raw["p"]), str(raw["t"])
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise PermanentError(f"filestore page token {token[:40]!r} is not one this service issued") from None
-    if project not in projects:
-        raise PermanentError(f"filestore page token names project {project!r}, which the plan no longer lists")
-    return projects.index(project), api_token
-
-
 def enumerate_targets(plan: Any, page_token: str | None, rt: Any) -> TargetPage:
     """One page of labelled instances across every location of one project (one ``instances.list`` call)."""
     settings: FilestoreSettings = plan.settings
     projects = _projects(plan, rt)
-    index, api_token = _decode_page_token(page_token, projects) if page_token else (0, "")
+    index, api_token = decode_page_token(page_token, projects, "filestore") if page_token else (0, "")
     project = projects[index]
     api = _client(plan, rt)
     kwargs: dict[str, Any] = {
@@ -279,7 +222,7 @@ def enumerate_targets(plan: Any, page_token: str | None, rt: Any) -> TargetPage:
     }
     if api_token:
         kwargs["pageToken"] = api_token
-    following = _encode_page_token(projects[index + 1], "") if index + 1 < len(projects) else None
+    following = next_page_token(projects, index, None)
     try:
         page = _execute(
             api.projects().locations().instances().list(**kwargs),
@@ -308,9 +251,7 @@ def enumerate_targets(plan: Any, page_token: str | None, rt: Any) -> TargetPage:
                 },
             )
         )
-    if page.get("nextPageToken"):
-        return TargetPage(targets, _encode_page_token(project, page["nextPageToken"]))
-    return TargetPage(targets, following)
+    return TargetPage(targets, next_page_token(projects, index, page.get("nextPageToken")))
 
 
 def resolve_target(plan: Any, key: str, rt: Any) -> Target:
