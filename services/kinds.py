@@ -19,6 +19,7 @@ Adding a kind means adding a module and one line to ``KIND_MODULES``.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -115,6 +116,15 @@ class RunContext:
     log_lines: list[str] = field(default_factory=list)
     on_log: Callable[[str], None] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # from the admin trigger's record, never a task body
+    deadline: float | None = None  # time.monotonic() by which a job must checkpoint and answer Pending
+
+    def time_left(self) -> float:
+        """Seconds of this task's budget left (infinite when there is no budget: the CLI runs a job in one go)."""
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def out_of_time(self, reserve: float = 0.0) -> bool:
+        """True once less than ``reserve`` seconds of the budget are left: save a checkpoint and return Pending."""
+        return self.time_left() <= reserve
 
     def log(self, message: str) -> None:
         self.log_lines.append(message)

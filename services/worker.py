@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -177,7 +178,7 @@ def run_backup_task(
     if record.final or record.state is not None:
         return _duplicate(rt, queue, plan, record)
     module = kind_module(plan.kind)
-    run = _run_context(record, delivery, trigger.options if trigger else {})
+    run = _run_context(rt, plan, record, delivery, trigger.options if trigger else {})
     record.attempts += 1
 
     def start() -> Outcome:
@@ -221,7 +222,7 @@ def run_poll_task(
     _log_delivery(rt, plan_name, delivery, f"poll of {record.target}")
     module = kind_module(plan.kind)
     target = Target(record.target, record.params)
-    run = _run_context(record, delivery, {})
+    run = _run_context(rt, plan, record, delivery, {})
     state = record.state
     return _settle(rt, catalog, queue, plan, record, run, delivery, lambda: module.poll(plan, target, state, run, rt))
 
@@ -332,7 +333,12 @@ def _parse_backup_claim(payload: Any) -> tuple[str, datetime, str]:
     return identifier, period, Target.from_json(payload.get("target")).key
 
 
-def _run_context(record: RunRecord, delivery: Delivery, options: dict[str, Any]) -> RunContext:
+def _is_job(plan: Plan) -> bool:
+    """A job kind's work is done by our own code, in budgeted chunks; an operation kind's by a cloud operation."""
+    return getattr(kind_module(plan.kind), "EXECUTION", "operation") == "job"
+
+
+def _run_context(rt: Runtime, plan: Plan, record: RunRecord, delivery: Delivery, options: dict[str, Any]) -> RunContext:
     def on_log(line: str) -> None:
         log.info("%s: %s", record.target, line, extra={"plan": record.plan, "run_id": record.run_id})
 
@@ -345,15 +351,18 @@ def _run_context(record: RunRecord, delivery: Delivery, options: dict[str, Any])
         log_lines=record.log,
         on_log=on_log,
         options=options,
+        deadline=time.monotonic() + rt.settings.job_budget_seconds if _is_job(plan) else None,
     )
 
 
 def _enqueue_poll(rt: Runtime, queue: TaskQueue, plan: Plan, record: RunRecord, delay: float) -> None:
+    """The follow-up task: a poll of a cloud operation (the shared polls queue), or a job's next chunk (the plan's
+    own queue, so it runs where the job's tools are)."""
     polls = int((record.state or {}).get("_polls", 0))
     queue.enqueue_many(
         [
             TaskSpec(
-                queue=POLL_QUEUE,
+                queue=plan.queue if _is_job(plan) else POLL_QUEUE,
                 path=f"/tasks/{plan.name}/poll",
                 payload={"run_id": record.run_id, "poll": polls},
                 name=f"{record.run_id}-poll-{polls}",

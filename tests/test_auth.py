@@ -214,6 +214,7 @@ def test_the_local_token_works_only_over_loopback(client_for):
     ("env", "message"),
     [
         ({"K_SERVICE": "backup-worker", "BACKUP_LOCAL_TOKEN": "x"}, "BACKUP_LOCAL_TOKEN is set on Cloud Run"),
+        ({"K_SERVICE": "backup-worker"}, "BACKUP_TASKS_AUDIENCE is not set"),
         ({"GAE_ENV": "standard", "GOOGLE_CLOUD_PROJECT": "p"}, "BACKUP_SERVICE_URL is not set"),
     ],
 )
