@@ -55,6 +55,9 @@ class Settings:
     # client), at worker_url; every other queue's tasks run on App Engine (or service_url for HTTP targets).
     worker_url: str | None = None
     worker_queues: tuple[str, ...] = ("directory", "sqlsync")
+    # The environment as it was read, for the variables plans name (a server URL, a password): read through
+    # Runtime.secrets, never from os.environ further down.
+    environ: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def endpoint(self, api: str) -> str | None:
         """API endpoint override for ``api`` (``compute``, ``sqladmin``, ``file`` ...) from the environment."""
@@ -152,6 +155,7 @@ class Settings:
             worker_queues=tuple(
                 q.strip() for q in env.get("BACKUP_WORKER_QUEUES", "directory,sqlsync").split(",") if q.strip()
             ),
+            environ=env,
         )
 
 
@@ -203,6 +207,16 @@ class Runtime:
 
             self._credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
         return self._credentials
+
+    @property
+    def secrets(self) -> Any:
+        """Environment variables and Secret Manager versions, through one seam (services/secrets.py)."""
+        from services.secrets import Secrets
+
+        return self.client(
+            "secrets",
+            lambda: Secrets(self.settings.environ, self.credentials, self.settings.endpoint("secretmanager")),
+        )
 
     def datastore(self) -> Any:
         from google.cloud import datastore
