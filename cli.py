@@ -95,7 +95,7 @@ def restore_datastore(
     export_url: str, kinds: str, namespaces: str, project: str | None, safety_prefix: str | None
 ) -> None:
     """Import a Datastore export (its folder or .overall_export_metadata URL), after a safety export."""
-    from services import datastore
+    from kinds.datastore import exports as datastore
 
     rt = current_runtime()
     try:

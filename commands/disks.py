@@ -9,7 +9,8 @@ from __future__ import annotations
 import click
 
 from commands import current_runtime
-from services.disks import GCE_NAME, restore_disk
+from kinds.disks.restore import restore_disk
+from kinds.disks.snapshots import GCE_NAME
 from services.errors import BackupError
 
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from services.kinds import ListingProblem, Target, kind_module
+import kinds
+from services.kinds import ListingProblem, Target
 from services.plans import Plan
 from services.queue import TaskQueue, TaskSpec
 from services.runtime import Runtime
@@ -121,9 +122,9 @@ def fan_out(
     page: int = 0,
 ) -> FanoutResult:
     """Enumerate one page of ``plan``'s targets and enqueue a task for each, plus a continuation if more remain."""
-    module = kind_module(plan.kind)
+    kind = kinds.get(plan.kind)
     result = FanoutResult(plan=plan.name, period=period.isoformat())
-    target_page = module.enumerate_targets(plan, page_token, rt)
+    target_page = kind.enumerate(plan, page_token, rt)
     tasks = [backup_task(plan, target, period) for target in target_page.targets]
     created = queue.enqueue_many(tasks) if tasks else []
     result.targets = len(tasks)
@@ -156,18 +157,17 @@ def fan_out(
 
 def dry_run(rt: Runtime, plan: Plan, period: datetime) -> FanoutResult:
     """What a run would do, changing nothing: every page enumerated, each target described by its kind."""
-    module = kind_module(plan.kind)
+    kind = kinds.get(plan.kind)
     result = FanoutResult(plan=plan.name, period=period.isoformat())
     token: str | None = None
     while True:
-        target_page = module.enumerate_targets(plan, token, rt)
+        target_page = kind.enumerate(plan, token, rt)
         for problem in target_page.problems:
             result.problems.append(problem)
             result.dry_run.append(f"{problem.where}: cannot list targets, would record a failure: {problem.error}")
         for target in target_page.targets:
             result.targets += 1
-            describe = getattr(module, "describe", None)
-            result.dry_run.append(describe(plan, target, rt) if describe else f"would back up {target.key}")
+            result.dry_run.append(kind.describe(plan, target, rt))
         token = target_page.next_page_token
         if not token:
             return result

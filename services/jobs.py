@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from google.api_core.exceptions import RetryError
 from google.api_core.retry import Retry
 
 from services.errors import TransientError
-from services.kinds import Done, Outcome, Pending, RunContext, Skipped, Target
+from services.kinds import Done, Outcome, Pending, RunContext, Target
 
 # Like the queue's backoff (queue.yaml), compressed for a person waiting at a terminal: 1 s doubling to 60 s,
 # giving up after 15 minutes of failures in a row.
@@ -35,7 +35,7 @@ def drive(
     sleep: Callable[[float], None] = time.sleep,
     retry: Retry = DRIVE_RETRY,
     on_pending: Callable[[Pending], None] | None = None,
-) -> Done | Skipped:
+) -> Done:
     """Run ``target`` of ``plan`` to the end. ``budget_seconds`` gives each step the time budget a task would
     have (None: no budget, a job runs in one go). PermanentError and TargetGone are raised as they come."""
 
@@ -56,3 +56,27 @@ def drive(
         state = outcome.state
         outcome = step(lambda state=state: kind.poll(plan, target, state, run, rt))  # type: ignore[misc]
     return outcome
+
+
+T = TypeVar("T")
+
+
+def poll_until(
+    fetch: Callable[[], T],
+    finished: Callable[[T], bool],
+    *,
+    what: str,
+    deadline: float,
+    interval: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Wait in this process (a CLI restore, never a request) for ``finished(fetch())``, looking every ``interval``
+    seconds until ``deadline`` (time.monotonic()), then TransientError. For the APIs whose clients have no
+    operation object of their own to wait on (the discovery-based Compute and Filestore clients)."""
+    while True:
+        sleep(interval)
+        current = fetch()
+        if finished(current):
+            return current
+        if time.monotonic() > deadline:
+            raise TransientError(f"{what}: still not finished when the wait ran out")

@@ -24,6 +24,7 @@ from typing import Any
 
 from google.api_core import exceptions as core
 
+import kinds
 from services import notify
 from services.catalog import (
     FAILED,
@@ -38,7 +39,7 @@ from services.catalog import (
 )
 from services.errors import ConfigError, PermanentError, TargetGone, TransientError
 from services.fanout import POLL_QUEUE, FanoutResult, fan_out, manual_period, period_refusal, run_id
-from services.kinds import Done, Outcome, Pending, RunContext, Skipped, Target, kind_module, resolve_target
+from services.kinds import Done, Outcome, Pending, RunContext, Target
 from services.plans import Plan
 from services.queue import QueueConfig, TaskQueue, TaskSpec, load_queue_configs
 from services.runtime import Runtime
@@ -177,15 +178,14 @@ def run_backup_task(
     )
     if record.final or record.state is not None:
         return _duplicate(rt, queue, plan, record)
-    module = kind_module(plan.kind)
+    kind = kinds.get(plan.kind)
     run = _run_context(rt, plan, record, delivery, trigger.options if trigger else {})
     record.attempts += 1
 
     def start() -> Outcome:
-        target = resolve_target(plan, key, rt)
+        target = kind.resolve(plan, key, rt)
         record.params = target.params  # what the poll needs, from the plan and the live resource
-        outcome: Outcome = module.start(plan, target, run, rt)
-        return outcome
+        return kind.start(plan, target, run, rt)
 
     return _settle(rt, catalog, queue, plan, record, run, delivery, start)
 
@@ -220,11 +220,11 @@ def run_poll_task(
         # An older poll task delivered again: the newer one is already queued and does the work.
         return Answer(200, {"status": record.status, "run_id": record.run_id, "duplicate": True})
     _log_delivery(rt, plan_name, delivery, f"poll of {record.target}")
-    module = kind_module(plan.kind)
+    kind = kinds.get(plan.kind)
     target = Target(record.target, record.params)
     run = _run_context(rt, plan, record, delivery, {})
     state = record.state
-    return _settle(rt, catalog, queue, plan, record, run, delivery, lambda: module.poll(plan, target, state, run, rt))
+    return _settle(rt, catalog, queue, plan, record, run, delivery, lambda: kind.poll(plan, target, state, run, rt))
 
 
 @storage_errors_are_transient
@@ -335,7 +335,7 @@ def _parse_backup_claim(payload: Any) -> tuple[str, datetime, str]:
 
 def _is_job(plan: Plan) -> bool:
     """A job kind's work is done by our own code, in budgeted chunks; an operation kind's by a cloud operation."""
-    return getattr(kind_module(plan.kind), "EXECUTION", "operation") == "job"
+    return kinds.get(plan.kind).execution == "job"
 
 
 def _run_context(rt: Runtime, plan: Plan, record: RunRecord, delivery: Delivery, options: dict[str, Any]) -> RunContext:
@@ -399,8 +399,6 @@ def _settle(
         if outcome.message:
             run.log(outcome.message)
         return _finish(rt, catalog, plan, record, SUCCEEDED)
-    if isinstance(outcome, Skipped):
-        return _finish(rt, catalog, plan, record, SKIPPED, error=outcome.reason)
     if isinstance(outcome, Pending):
         polls = int((record.state or {}).get("_polls", -1)) + 1
         record.state = dict(outcome.state) | {"_polls": polls}
@@ -412,7 +410,7 @@ def _settle(
             return _superseded(stale)
         _enqueue_poll(rt, queue, plan, stored, outcome.delay_seconds)
         return Answer(200, {"status": PENDING, "run_id": record.run_id, "poll_in_seconds": outcome.delay_seconds})
-    raise TypeError(f"kind {plan.kind} returned {outcome!r}, not Done, Pending or Skipped")
+    raise TypeError(f"kind {plan.kind} returned {outcome!r}, not Done or Pending")
 
 
 def _retry(

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from services.kinds import Done, Pending, Target, TargetPage
+from pydantic import BaseModel
 
-KIND = "counting"
-DEFAULT_QUEUE = "backups"
-EXECUTION = "job"
+from services.kinds import Done, Execution, Kind, Pending, Target, TargetPage
+from services.plans import STRICT, PlanSections
+
+REGISTRATION = ("tests.counting_job:Sections", "tests.counting_job:KIND")
 
 
 @dataclass(frozen=True)
@@ -19,30 +21,51 @@ class Settings:
     seconds_each: float
 
 
-def parse_settings(fields):
-    select, options = fields.section("select"), fields.section("options")
-    settings = Settings(select.int("items", 10), options.float("seconds_each", 0.01))
-    select.done()
-    options.done()
-    return settings
+class Select(BaseModel):
+    model_config = STRICT
+    items: int = 10
 
 
-def enumerate_targets(plan, page_token, rt):
-    return TargetPage([Target("counter")])
+class Options(BaseModel):
+    model_config = STRICT
+    seconds_each: float = 0.01
 
 
-def start(plan, target, run, rt):
-    return poll(plan, target, {"next": 0, "chunks": []}, run, rt)
+class Sections(PlanSections[Settings]):
+    select: Select
+    options: Options
+
+    def settings(self) -> Settings:
+        return Settings(self.select.items, self.options.seconds_each)
 
 
-def poll(plan, target, state, run, rt):
-    done_here = []
-    position = state["next"]
-    while position < plan.settings.items:
-        if run.out_of_time(reserve=plan.settings.seconds_each) and done_here:
-            return Pending({"next": position, "chunks": [*state["chunks"], done_here]}, delay_seconds=0)
-        time.sleep(plan.settings.seconds_each)
-        done_here.append(position)
-        position += 1
-    chunks = [*state["chunks"], done_here]
-    return Done(output=f"mem://counted-{position}", stats={"chunks": chunks})
+class Counting:
+    name = "counting"
+    default_queue = "backups"
+    execution: Execution = "job"
+
+    def enumerate(self, plan, page_token, rt):
+        return TargetPage([Target("counter")])
+
+    def resolve(self, plan, key, rt):
+        return Target("counter")
+
+    def start(self, plan, target, run, rt):
+        return self.poll(plan, target, {"next": 0, "chunks": []}, run, rt)
+
+    def poll(self, plan, target, state, run, rt):
+        done_here = []
+        position = state["next"]
+        while position < plan.settings.items:
+            if run.out_of_time(reserve=plan.settings.seconds_each) and done_here:
+                return Pending({"next": position, "chunks": [*state["chunks"], done_here]}, delay_seconds=0)
+            time.sleep(plan.settings.seconds_each)
+            done_here.append(position)
+            position += 1
+        return Done(output=f"mem://counted-{position}", stats={"chunks": [*state["chunks"], done_here]})
+
+    def describe(self, plan, target, rt):
+        return f"would count {plan.settings.items} items"
+
+
+KIND: Kind[Any] = Counting()

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from google.auth.credentials import AnonymousCredentials
 
 from commands.disks import restore_disk_command
-from services import disks
+from kinds.disks import restore as disks
 from services.errors import PermanentError
 from services.runtime import Runtime, Settings
 from tests.fixtures.compute import FAKE_COMPUTE_ENDPOINT

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+import kinds
 from main import create_app
-from services import jobs, kinds
+from services import jobs
 from services.catalog import SUCCEEDED, Catalog
 from services.fanout import backup_task, current_period
 from services.kinds import Done, RunContext, Target
@@ -22,7 +23,7 @@ AUTH = {"Authorization": f"Bearer {LOCAL_TOKEN}"}
 
 @pytest.fixture
 def counting(monkeypatch):
-    monkeypatch.setitem(kinds.KIND_MODULES, "counting", "tests.counting_job")
+    monkeypatch.setitem(kinds.REGISTRY, "counting", counting_job.REGISTRATION)
     return parse_plan("counter", {"kind": "counting", "select": {"items": 12}, "options": {"seconds_each": 0.05}})
 
 
@@ -53,8 +54,10 @@ def test_the_driver_runs_the_same_chunks_in_one_process(tmp_path, counting):
     rt = make_runtime(tmp_path, plans={"counter": counting})
     run = RunContext(run_id="r", plan="counter", target_key="counter", period=Clock()())
 
-    outcome = jobs.drive(counting_job, counting, Target("counter"), run, rt, budget_seconds=0.2, sleep=lambda s: None)
-    unbudgeted = jobs.drive(counting_job, counting, Target("counter"), run, rt)
+    outcome = jobs.drive(
+        counting_job.KIND, counting, Target("counter"), run, rt, budget_seconds=0.2, sleep=lambda s: None
+    )
+    unbudgeted = jobs.drive(counting_job.KIND, counting, Target("counter"), run, rt)
 
     assert isinstance(outcome, Done) and len(outcome.stats["chunks"]) >= 3
     assert [i for chunk in outcome.stats["chunks"] for i in chunk] == list(range(12))

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from google.auth.credentials import AnonymousCredentials
 
+import kinds
 from main import create_app
-from services import kinds
 from services.catalog import FAILED, PENDING, SUCCEEDED, Catalog
 from services.fanout import backup_task, current_period, run_id
 from services.kinds import Pending, Target
@@ -288,7 +288,7 @@ def test_a_run_id_that_does_not_match_its_claim_is_refused(dir_service):
 
 @pytest.fixture
 def scripted_service(tmp_path, datastore, monkeypatch):
-    monkeypatch.setitem(kinds.KIND_MODULES, "scripted", "tests.scripted_kind")
+    monkeypatch.setitem(kinds.REGISTRY, "scripted", scripted_kind.REGISTRATION)
     scripted_kind.calls.clear()
     scripted_kind.hooks.clear()
     plans = {
