@@ -62,10 +62,11 @@ def run_id(plan: str, target_key: str, period: datetime) -> str:
 
 
 def schedules(rt: Runtime) -> dict[str, Schedule]:
-    return rt.client("cron-schedules", lambda: plan_schedules(load_cron(rt.settings.cron_yaml)))
+    found: dict[str, Schedule] = rt.client("cron-schedules", lambda: plan_schedules(load_cron(rt.settings.cron_yaml)))
+    return found
 
 
-def current_period(rt: Runtime, plan: Plan) -> datetime:
+def current_period(rt: Runtime, plan: Plan[Any]) -> datetime:
     """The schedule period of ``now`` for a cron-triggered run (a plan without a cron entry: the UTC day)."""
     schedule = schedules(rt).get(plan.name)
     now = rt.now()
@@ -74,7 +75,7 @@ def current_period(rt: Runtime, plan: Plan) -> datetime:
     return schedule.period_start(now)
 
 
-def previous_period(rt: Runtime, plan: Plan) -> datetime:
+def previous_period(rt: Runtime, plan: Plan[Any]) -> datetime:
     """The schedule period before the current one: a task enqueued just before a period ended may arrive after."""
     current = current_period(rt, plan)
     schedule = schedules(rt).get(plan.name)
@@ -88,7 +89,7 @@ def manual_period(rt: Runtime) -> datetime:
     return rt.now().astimezone(UTC).replace(microsecond=0)
 
 
-def period_refusal(rt: Runtime, plan: Plan, period: datetime, triggered: bool) -> str | None:
+def period_refusal(rt: Runtime, plan: Plan[Any], period: datetime, triggered: bool) -> str | None:
     """Why a task for ``period`` must not run, or None when it may. A task body only claims its period: the
     period names the backup and decides what retention keeps, so only the plan's current or previous schedule
     period, or a period an authenticated admin started (``triggered``: a ManualTrigger is recorded), is accepted."""
@@ -103,7 +104,7 @@ def period_refusal(rt: Runtime, plan: Plan, period: datetime, triggered: bool) -
     )
 
 
-def backup_task(plan: Plan, target: Target, period: datetime) -> TaskSpec:
+def backup_task(plan: Plan[Any], target: Target, period: datetime) -> TaskSpec:
     identifier = run_id(plan.name, target.key, period)
     return TaskSpec(
         queue=plan.queue,
@@ -116,7 +117,7 @@ def backup_task(plan: Plan, target: Target, period: datetime) -> TaskSpec:
 def fan_out(
     rt: Runtime,
     queue: TaskQueue,
-    plan: Plan,
+    plan: Plan[Any],
     period: datetime,
     page_token: str | None = None,
     page: int = 0,
@@ -155,7 +156,7 @@ def fan_out(
     return result
 
 
-def dry_run(rt: Runtime, plan: Plan, period: datetime) -> FanoutResult:
+def dry_run(rt: Runtime, plan: Plan[Any], period: datetime) -> FanoutResult:
     """What a run would do, changing nothing: every page enumerated, each target described by its kind."""
     kind = kinds.get(plan.kind)
     result = FanoutResult(plan=plan.name, period=period.isoformat())

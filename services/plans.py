@@ -143,7 +143,7 @@ def _plan_validator(registry: Mapping[str, type[PlanSections[Any]]]) -> TypeAdap
     them chosen by ``kind``. Built from the registry at run time, so mypy sees only ``Any`` here."""
     models: list[Any] = []
     for name, sections in sorted(registry.items()):
-        tag: Any = Literal[name]  # type: ignore[valid-type]
+        tag: Any = Literal[name]
         models.append(create_model(f"{name}_plan", __base__=(CommonFields, sections), kind=(tag, ...)))
     if len(models) == 1:
         return TypeAdapter(models[0])

@@ -61,7 +61,7 @@ class RetryPolicy:
             interval = self.min_backoff * 2**retry_count
         else:
             interval = self.min_backoff * 2**self.max_doublings * (retry_count - self.max_doublings + 1)
-        return min(interval, self.max_backoff)
+        return float(min(interval, self.max_backoff))
 
     def gives_up_after(self, attempts: int, first_attempt: datetime, now: datetime) -> bool:
         """True when a task that has failed ``attempts`` times must not be tried again."""
@@ -358,7 +358,8 @@ class LocalQueue:
 
     def pending_count(self) -> int:
         with self._connect() as db:
-            return db.execute("SELECT COUNT(*) FROM tasks WHERE state IN ('pending', 'running')").fetchone()[0]
+            count: int = db.execute("SELECT COUNT(*) FROM tasks WHERE state IN ('pending', 'running')").fetchone()[0]
+            return count
 
 
 class LocalDispatcher:

@@ -9,9 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.errors import ConfigError
+
+if TYPE_CHECKING:
+    from services.plans import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -180,7 +183,7 @@ class Runtime:
         return self.clock()
 
     @property
-    def plans(self) -> dict[str, Any]:
+    def plans(self) -> dict[str, Plan[Any]]:
         if self._plans is None:
             from services.plans import load_plans
 

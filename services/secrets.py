@@ -80,7 +80,7 @@ class Secrets:
         with self._lock:
             if self._client is None:
                 from google.api_core.client_options import ClientOptions
-                from google.cloud import secretmanager  # type: ignore[attr-defined]
+                from google.cloud import secretmanager
 
                 options = ClientOptions(api_endpoint=self._endpoint) if self._endpoint else None
                 self._client = secretmanager.SecretManagerServiceClient(

@@ -63,7 +63,7 @@ class Answer:
 
 
 def _queue_config(rt: Runtime, name: str) -> QueueConfig:
-    configs = rt.client("queue-configs", lambda: load_queue_configs(rt.settings.queue_yaml))
+    configs: dict[str, QueueConfig] = rt.client("queue-configs", lambda: load_queue_configs(rt.settings.queue_yaml))
     return configs.get(name, QueueConfig(name))
 
 
@@ -106,7 +106,7 @@ def record_bad_task(rt: Runtime, catalog: Catalog, plan_name: str, payload: Any,
     return Answer(200, {"status": FAILED, "run_id": identifier, "error": problem})
 
 
-def _known_plan(rt: Runtime, catalog: Catalog, plan_name: str, payload: Any) -> Plan | Answer:
+def _known_plan(rt: Runtime, catalog: Catalog, plan_name: str, payload: Any) -> Plan[Any] | Answer:
     """The plan a task names, or the recorded 2xx answer for a plan that is no longer in plans.yaml."""
     plan = rt.plans.get(plan_name)
     if plan is None:
@@ -190,7 +190,7 @@ def run_backup_task(
     return _settle(rt, catalog, queue, plan, record, run, delivery, start)
 
 
-def _duplicate(rt: Runtime, queue: TaskQueue, plan: Plan, record: RunRecord) -> Answer:
+def _duplicate(rt: Runtime, queue: TaskQueue, plan: Plan[Any], record: RunRecord) -> Answer:
     """A delivery of a run another delivery already started or finished: it must not start a second backup."""
     if record.status == PENDING and record.state is not None:
         _enqueue_poll(rt, queue, plan, record, delay=0)  # make sure the operation in flight is followed
@@ -250,7 +250,7 @@ def run_fanout_task(
 
 
 def trigger_plan(
-    rt: Runtime, catalog: Catalog, queue: TaskQueue, plan: Plan, by: str, options: dict[str, Any] | None = None
+    rt: Runtime, catalog: Catalog, queue: TaskQueue, plan: Plan[Any], by: str, options: dict[str, Any] | None = None
 ) -> Answer:
     """Start ``plan`` by hand now (an admin's HTTP call or the CLI): record who did, so workers accept the manual
     period (and any ``options``, such as a sqlsync step range), then fan out."""
@@ -259,7 +259,7 @@ def trigger_plan(
     return answer_fanout(rt, catalog, lambda: fan_out(rt, queue, plan, period), plan)
 
 
-def answer_fanout(rt: Runtime, catalog: Catalog, step: Callable[[], Any], plan: Plan) -> Answer:
+def answer_fanout(rt: Runtime, catalog: Catalog, step: Callable[[], Any], plan: Plan[Any]) -> Answer:
     """Run a fan-out step; a permanent failure is recorded against the plan so a stale check can see it, and so is
     each part of the plan that could not be listed (the other parts are backed up)."""
     try:
@@ -295,7 +295,7 @@ def answer_fanout(rt: Runtime, catalog: Catalog, step: Callable[[], Any], plan: 
 
 
 def _record_listing_problem(
-    rt: Runtime, catalog: Catalog, plan: Plan, period: datetime, where: str, error: str
+    rt: Runtime, catalog: Catalog, plan: Plan[Any], period: datetime, where: str, error: str
 ) -> None:
     target = f"{where} (listing)"
     now = rt.now()
@@ -333,12 +333,14 @@ def _parse_backup_claim(payload: Any) -> tuple[str, datetime, str]:
     return identifier, period, Target.from_json(payload.get("target")).key
 
 
-def _is_job(plan: Plan) -> bool:
+def _is_job(plan: Plan[Any]) -> bool:
     """A job kind's work is done by our own code, in budgeted chunks; an operation kind's by a cloud operation."""
     return kinds.get(plan.kind).execution == "job"
 
 
-def _run_context(rt: Runtime, plan: Plan, record: RunRecord, delivery: Delivery, options: dict[str, Any]) -> RunContext:
+def _run_context(
+    rt: Runtime, plan: Plan[Any], record: RunRecord, delivery: Delivery, options: dict[str, Any]
+) -> RunContext:
     def on_log(line: str) -> None:
         log.info("%s: %s", record.target, line, extra={"plan": record.plan, "run_id": record.run_id})
 
@@ -355,7 +357,7 @@ def _run_context(rt: Runtime, plan: Plan, record: RunRecord, delivery: Delivery,
     )
 
 
-def _enqueue_poll(rt: Runtime, queue: TaskQueue, plan: Plan, record: RunRecord, delay: float) -> None:
+def _enqueue_poll(rt: Runtime, queue: TaskQueue, plan: Plan[Any], record: RunRecord, delay: float) -> None:
     """The follow-up task: a poll of a cloud operation (the shared polls queue), or a job's next chunk (the plan's
     own queue, so it runs where the job's tools are)."""
     polls = int((record.state or {}).get("_polls", 0))
@@ -376,7 +378,7 @@ def _settle(
     rt: Runtime,
     catalog: Catalog,
     queue: TaskQueue,
-    plan: Plan,
+    plan: Plan[Any],
     record: RunRecord,
     run: RunContext,
     delivery: Delivery,
@@ -414,7 +416,7 @@ def _settle(
 
 
 def _retry(
-    rt: Runtime, catalog: Catalog, plan: Plan, record: RunRecord, delivery: Delivery, error: str, status: int
+    rt: Runtime, catalog: Catalog, plan: Plan[Any], record: RunRecord, delivery: Delivery, error: str, status: int
 ) -> Answer:
     policy = _queue_config(rt, delivery.queue or plan.queue).retry
     if policy.task_retry_limit is not None and delivery.retry_count >= policy.task_retry_limit:
@@ -441,7 +443,7 @@ def _superseded(stale: StaleRecord) -> Answer:
 
 
 def _finish(
-    rt: Runtime, catalog: Catalog, plan: Plan, record: RunRecord, status: str, error: str | None = None
+    rt: Runtime, catalog: Catalog, plan: Plan[Any], record: RunRecord, status: str, error: str | None = None
 ) -> Answer:
     record.status = status
     record.error = error
