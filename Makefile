@@ -3,13 +3,20 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench stand-ins clean
+.PHONY: run test lint bench stand-ins lock clean
 
+# Every package is pinned with its hashes (requirements*.txt, made by `make lock` from requirements*.in).
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.txt
 	touch $@
+
+# After editing requirements.in or requirements-dev.in: resolve and pin everything again, with hashes.
+lock: $(VENV)/.installed
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		--strip-extras -o requirements.txt requirements.in
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		--strip-extras -o requirements-dev.txt requirements-dev.in
 
 # Local stand-ins that come from package registries (installed only when missing).
 stand-ins: $(VENV)/.installed

@@ -6,6 +6,7 @@ run would do), list runs, restore. Kind-specific commands live in ``commands/``.
 
 from __future__ import annotations
 
+import getpass
 import importlib
 import json
 import sys
@@ -70,7 +71,8 @@ def list_plans() -> None:
 )
 def run_plan(plan_name: str, dry_run_only: bool) -> None:
     """Run PLAN now: enqueue one task per target (the queue's workers do the backups)."""
-    from services.fanout import dry_run, fan_out, manual_period
+    from services.catalog import Catalog
+    from services.fanout import dry_run, manual_period
     from services.queue import make_queue
 
     rt = current_runtime()
@@ -83,10 +85,14 @@ def run_plan(plan_name: str, dry_run_only: bool) -> None:
                 click.echo(line)
             click.echo(f"{result.targets} target(s); nothing was changed")
             return
-        result = fan_out(rt, make_queue(rt.settings), plan, period)
+        from services.worker import trigger_plan
+
+        answer = trigger_plan(rt, Catalog(rt.datastore()), make_queue(rt.settings), plan, by=f"cli:{getpass.getuser()}")
     except BackupError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(json.dumps(result.to_json()))
+    click.echo(json.dumps(answer.body))
+    if answer.body.get("status") == "failed":
+        sys.exit(1)
 
 
 @backup.command("runs")
@@ -118,7 +124,7 @@ def restore_datastore(
     export_url: str, kinds: str, namespaces: str, project: str | None, safety_prefix: str | None
 ) -> None:
     """Import a Datastore export (its folder or .overall_export_metadata URL), after a safety export."""
-    from services import datastore
+    from kinds.datastore import exports as datastore
 
     rt = current_runtime()
     try:

@@ -48,6 +48,14 @@ def wait_for(url: str, what: str, process: subprocess.Popen | None = None, timeo
     sys.exit(f"{what} did not come up at {url} within {timeout:.0f}s")
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only (0600), whatever the umask and an older file say."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
 def start_datastore(port: int) -> subprocess.Popen:
     try:
         command = datastore_emulator_command(port, STATE / "datastore")
@@ -83,11 +91,12 @@ def seed_demo_data() -> None:
 def main() -> None:
     logs.configure(on_app_engine=False)
     logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)  # one line per request is noise here
-    STATE.mkdir(exist_ok=True)
+    STATE.mkdir(mode=0o700, exist_ok=True)
+    STATE.chmod(0o700)  # run records, exports and the token: this user's only
     app_port = int(os.environ.get("PORT", "8080"))
     ds_port, gcs_port = app_port + 1, app_port + 2
     token = os.environ.get("BACKUP_LOCAL_TOKEN") or secrets.token_urlsafe(24)
-    (STATE / "token").write_text(token + "\n")
+    write_private(STATE / "token", token + "\n")
     service_url = f"http://127.0.0.1:{app_port}"
     env = {
         "BACKUP_PROJECT": PROJECT,
@@ -142,7 +151,9 @@ def main() -> None:
         dispatcher = LocalDispatcher(queue, service_url, token, load_queue_configs(ROOT / "queue.yaml")).start()
         cron = LocalCron(load_cron(ROOT / "cron.yaml"), service_url, token).start()
         started = requests.post(
-            f"{service_url}/admin/plans/{DEMO_PLAN}/run", headers={"Authorization": f"Bearer {token}"}, timeout=60
+            f"{service_url}/admin/plans/{DEMO_PLAN}/run",
+            headers={"Authorization": f"Bearer {token}", "X-Backup-Client": "make-run"},
+            timeout=60,
         )
         print(
             f"""
@@ -151,7 +162,8 @@ backup-scheduler is running on {service_url} (app log: .local/app.log)
   status:      curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/api/status
                (the page {service_url}/ wants the same header: e.g. a browser extension that sets it)
   runs:        curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/runs
-  run a plan:  curl -X POST -H "Authorization: Bearer $(cat .local/token)" {service_url}/admin/plans/{DEMO_PLAN}/run
+  run a plan:  curl -X POST -H "Authorization: Bearer $(cat .local/token)" -H "X-Backup-Client: curl" \\
+               {service_url}/admin/plans/{DEMO_PLAN}/run
   CLI:         BACKUP_LOCAL_QUEUE_DB=.local/queue.sqlite3 DATASTORE_EMULATOR_HOST=127.0.0.1:{ds_port} \\
                BACKUP_PROJECT={PROJECT} ./backup runs
   exports:     gs://{DEMO_BUCKET}/datastore/... in the GCS emulator ({env["STORAGE_EMULATOR_HOST"]}), .local/exports

@@ -8,8 +8,11 @@ from flask import Flask, g, jsonify, request
 
 from services import logs
 from services.catalog import Catalog
+from services.deployment import check_deployment_files
 from services.queue import make_queue
 from services.runtime import Runtime, Settings
+
+MAX_REQUEST_BYTES = 1 << 20  # task bodies and admin requests are small; nothing here uploads data
 
 
 def create_app(runtime: Runtime | None = None, queue: Any = None, catalog: Catalog | None = None) -> Flask:
@@ -18,10 +21,12 @@ def create_app(runtime: Runtime | None = None, queue: Any = None, catalog: Catal
     rt = runtime or Runtime(Settings.from_env())
     if runtime is None:
         logs.configure(rt.settings.on_app_engine)
-    rt.plans  # noqa: B018 - load and validate now, not on the first request
+    # Plans, queues and cron jobs are read and checked against each other now, not on the first request.
+    check_deployment_files(rt.plans, rt.settings.queue_yaml, rt.settings.cron_yaml)
     if queue is not None:
         rt.client("queue", lambda: queue)  # the one queue for handlers and services (notifications) alike
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.extensions["backup"] = {
         "runtime": rt,
         "queue": (lambda: queue)

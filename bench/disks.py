@@ -3,7 +3,7 @@
 The fake Compute (tests/fakes_compute.py) runs as a real HTTP server on 127.0.0.1 in a child process and waits
 ~20 ms before answering each call; the real googleapiclient talks to it over HTTP. Compared in the same run:
 
-- backup-scheduler: ``services.disks.enumerate_targets``, one ``disks.aggregatedList`` page (label filter) per
+- backup-scheduler: ``kinds.disks.snapshots.KIND.enumerate``, one ``disks.aggregatedList`` page (label filter) per
   fan-out request, each page turned into task bodies, the page token handed on;
 - naive: what a script would do by hand: per project ``zones.list``, then ``disks.list`` zone by zone, keeping
   the labelled disks, all inside one request.
@@ -73,7 +73,7 @@ def ours(endpoint: str, tasks_endpoint: str, page_size: int) -> dict[str, Any]:
     """The fan-out as the service does it: each loop turn is one fan-out request (list a page, enqueue its tasks)."""
     from datetime import datetime
 
-    from services import disks
+    from kinds.disks import snapshots as disks
     from services.fanout import fan_out
     from services.plans import parse_plan
     from services.queue import CloudTasksQueue
@@ -92,7 +92,7 @@ def ours(endpoint: str, tasks_endpoint: str, page_size: int) -> dict[str, Any]:
             tasks_transport="rest",
         )
     )
-    disks.enumerate_targets(plan, None, rt)  # warm-up: builds the client, opens the connection
+    disks.KIND.enumerate(plan, None, rt)  # warm-up: builds the client, opens the connection
     period = datetime(2026, 11, 23, 2, tzinfo=UTC)
     request_seconds: list[float] = []
     targets, enqueued, token, page, began = 0, 0, None, 0, time.perf_counter()
@@ -134,7 +134,7 @@ class _NoContinuation:
 
 def naive(endpoint: str) -> dict[str, Any]:
     """Zone by zone with disks.list, the loop a user writes first; all of it in one request."""
-    from services import disks
+    from kinds.disks import snapshots as disks
 
     compute = disks.compute_client(runtime(endpoint), endpoint)
     compute.zones().list(project=PROJECTS[0]).execute()  # warm-up, as above

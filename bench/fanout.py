@@ -75,13 +75,14 @@ def _settings(endpoint: str):
 
 def run_ours(endpoint: str, count: int, plan_name: str, out) -> None:
     """The service's own path: fan_out page by page (each page is one cron/continuation request)."""
-    from services import kinds
+    import kinds
+    from bench import synthetic_kind
     from services.fanout import fan_out
     from services.plans import parse_plan
     from services.queue import CloudTasksQueue
     from services.runtime import Runtime
 
-    kinds.KIND_MODULES["synthetic"] = "bench.synthetic_kind"
+    kinds.REGISTRY["synthetic"] = synthetic_kind.REGISTRATION
     plan = parse_plan(plan_name, {"kind": "synthetic", "fanout_page_size": 500, "select": {"count": count}})
     settings = _settings(endpoint)
     rt = Runtime(settings, plans={plan_name: plan})

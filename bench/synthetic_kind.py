@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from services.kinds import Target, TargetPage
+from pydantic import BaseModel, Field
 
-KIND = "synthetic"
-DEFAULT_QUEUE = "backups"
+from services.kinds import Execution, Kind, Target, TargetPage, find_by_listing
+from services.plans import STRICT, PlanSections
+
+REGISTRATION = ("bench.synthetic_kind:Sections", "bench.synthetic_kind:KIND")
 
 
 @dataclass(frozen=True)
@@ -15,15 +18,39 @@ class Settings:
     count: int
 
 
-def parse_settings(fields):
-    select = fields.section("select")
-    settings = Settings(select.int("count", minimum=1))
-    select.done()
-    return settings
+class Select(BaseModel):
+    model_config = STRICT
+    count: int = Field(ge=1)
 
 
-def enumerate_targets(plan, page_token, rt):
-    start = int(page_token or 0)
-    end = min(start + plan.fanout_page_size, plan.settings.count)
-    targets = [Target(f"projects/p/zones/z{i % 100}/disks/disk-{i:06d}", {"n": i}) for i in range(start, end)]
-    return TargetPage(targets, str(end) if end < plan.settings.count else None)
+class Sections(PlanSections[Settings]):
+    select: Select
+
+    def settings(self) -> Settings:
+        return Settings(self.select.count)
+
+
+class Synthetic:
+    name = "synthetic"
+    default_queue = "backups"
+    execution: Execution = "operation"
+
+    def enumerate(self, plan: Any, page_token: str | None, rt: Any) -> TargetPage:
+        start = int(page_token or 0)
+        end = min(start + plan.fanout_page_size, plan.settings.count)
+        targets = [Target(f"projects/p/zones/z{i % 100}/disks/disk-{i:06d}", {"n": i}) for i in range(start, end)]
+        return TargetPage(targets, str(end) if end < plan.settings.count else None)
+
+    def resolve(self, plan: Any, key: str, rt: Any) -> Target:
+        return find_by_listing(self, plan, key, rt)
+
+    def start(self, plan: Any, target: Target, run: Any, rt: Any) -> Any:
+        raise NotImplementedError("the fan-out benchmark only enumerates")
+
+    poll = start  # type: ignore[assignment]
+
+    def describe(self, plan: Any, target: Target, rt: Any) -> str:
+        return f"would back up {target.key}"
+
+
+KIND: Kind[Any] = Synthetic()

@@ -9,14 +9,23 @@ from __future__ import annotations
 import click
 
 from commands import current_runtime
-from services.disks import restore_disk
+from kinds.disks.restore import restore_disk
+from kinds.disks.snapshots import GCE_NAME
 from services.errors import BackupError
+
+
+def _disk_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if not GCE_NAME.match(value):
+        raise click.BadParameter(f"{value!r} is not a disk name (1-63 lowercase letters, digits and '-')")
+    return value
 
 
 @click.command("restore-disk")
 @click.option("--snapshot", required=True, help="Snapshot name (as listed by `gcloud compute snapshots list`).")
 @click.option("--zone", required=True, help="Zone of the new disk, e.g. europe-west1-b.")
-@click.option("--name", "new_disk", required=True, help="Name of the new disk; must not exist yet.")
+@click.option(
+    "--name", "new_disk", required=True, callback=_disk_name, help="Name of the new disk; must not exist yet."
+)
 @click.option("--project", default=None, help="Project of the snapshot and new disk (default: BACKUP_PROJECT).")
 @click.option("--type", "disk_type", default=None, help="Disk type of the new disk, e.g. pd-ssd (default: Compute's).")
 @click.option("--endpoint", default=None, help="Compute API endpoint (default: BACKUP_COMPUTE_ENDPOINT or Google's).")

@@ -62,7 +62,7 @@ def _print_stats(stats: dircopy.CopyStats) -> None:
 @click.option("--timeout", default=3 * 3600.0, show_default=True, help="Seconds to wait for backup and restore.")
 def restore_filestore_command(backup: str, instance: str, share: str, endpoint: str | None, timeout: float) -> None:
     """Restore BACKUP onto SHARE of INSTANCE, after taking a safety backup of that share."""
-    from services.filestore import restore_filestore
+    from kinds.filestore.restore import restore_filestore
 
     rt = current_runtime()
     try:

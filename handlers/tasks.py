@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from handlers import catalog, queue, runtime
 from handlers.auth import queue_only
@@ -30,7 +31,17 @@ def _payload() -> Any:
 
 
 def _answer(handler: Any, plan_name: str):  # type: ignore[no-untyped-def]
-    answer = handler(runtime(), catalog(), queue(), plan_name, _payload(), _delivery())
+    try:
+        payload = _payload()
+    except RequestEntityTooLarge:
+        # Our own tasks are a few hundred bytes: a body this size was not made by this service. Recorded and
+        # answered 2xx, so the queue does not deliver it again and again.
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        answer = worker.record_bad_task(
+            runtime(), catalog(), plan_name, b"", f"task body of {request.content_length} bytes is over {limit}"
+        )
+    else:
+        answer = handler(runtime(), catalog(), queue(), plan_name, payload, _delivery())
     return jsonify(answer.body), answer.status
 
 

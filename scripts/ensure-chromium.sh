@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs Debian's chromium for the status-page browser test (tests/test_status_page.py), and the Playwright
-# Python package that drives it (pinned in requirements-dev.txt). Does nothing when both are present.
+# Installs Debian's chromium for the status-page browser test (tests/test_status_page.py); the Playwright Python
+# package that drives it comes with requirements-dev.txt. Does nothing when chromium is present.
 # Playwright's own browser download is never used: the test launches /usr/bin/chromium.
 set -euo pipefail
 
@@ -11,8 +11,3 @@ if [ ! -x /usr/bin/chromium ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium fonts-dejavu-core
 fi
 
-PYTHON="${PYTHON:-$(dirname "$0")/../.venv/bin/python}"
-[ -x "$PYTHON" ] || PYTHON=python3
-if ! "$PYTHON" -c "import playwright" >/dev/null 2>&1; then
-  "$PYTHON" -m pip install "$(grep -E '^playwright==' "$(dirname "$0")/../requirements-dev.txt")"
-fi

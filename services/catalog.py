@@ -1,22 +1,37 @@
 """Run records: every task's outcome, kept in Datastore in the service's own namespace.
 
 ``BackupRun`` (key: the run id, which is the task name) holds one run of one target; ``TargetState`` (key: plan
-and target) holds the last good and last failed run of a target, so "when was the last good copy?" is one lookup.
-The namespace keeps these bookkeeping kinds out of the user's data and out of Datastore kind discovery.
+and target) holds the last good and last failed run of a target, so "when was the last good copy?" is one lookup;
+``ManualTrigger`` (key: plan and period) records that an authenticated admin started a plan by hand, which is what
+lets a worker accept that period. The namespace keeps these bookkeeping kinds out of the user's data and out of
+Datastore kind discovery.
+
+Every delivery must leave a record, whatever its body says, so keys are never taken on trust: a name Datastore
+would refuse (empty, reserved ``__x__``, over the key size limit) is stored under a derived key with the original
+kept as a property. Records change only in transactions that re-read what is stored (``update``), so a duplicate
+delivery working from an older state can never write over a newer one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 NAMESPACE = "backup-scheduler"
 RUN_KIND = "BackupRun"
 TARGET_KIND = "TargetState"
-BOOKKEEPING_KINDS = frozenset({RUN_KIND, TARGET_KIND})
+TRIGGER_KIND = "ManualTrigger"
+BOOKKEEPING_KINDS = frozenset({RUN_KIND, TARGET_KIND, TRIGGER_KIND})
 MAX_LOG_LINES = 200
+MAX_KEY_BYTES = 500  # Datastore allows 1,500 bytes per key name; run ids are task names (at most 500 characters)
+_RESERVED_NAME = re.compile(r"^__.*__$")
+_CONTENTION_ATTEMPTS = 3
 
 RUNNING, PENDING, SUCCEEDED, FAILED, SKIPPED = "running", "pending", "succeeded", "failed", "skipped"
 FINAL_STATUSES = frozenset({SUCCEEDED, FAILED, SKIPPED})
@@ -40,6 +55,7 @@ class RunRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] | None = None  # a long operation in flight (what poll needs)
     log: list[str] = field(default_factory=list)
+    step: int = 0  # counts state changes (started, each poll, final): a write from an older step is stale
 
     @property
     def final(self) -> bool:
@@ -59,22 +75,71 @@ class TargetState:
     last_status: str | None = None
     last_run_id: str | None = None
     last_run_at: datetime | None = None
+    last_run_period: datetime | None = None
     last_good_run_id: str | None = None
     last_good_at: datetime | None = None
     last_good_output: str | None = None
+    last_good_period: datetime | None = None
     last_failure_run_id: str | None = None
     last_failure_at: datetime | None = None
     last_error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("last_run_at", "last_good_at", "last_failure_at"):
+        for key in ("last_run_at", "last_run_period", "last_good_at", "last_good_period", "last_failure_at"):
             data[key] = data[key].isoformat() if data[key] else None
         return data
 
+    def record_run(self, record: RunRecord) -> None:
+        """Fold a final run into this target's summary. A run of an older period that ends late (a slow poll, a
+        redelivered task) updates the failure fields but never moves "last run" or "last good" back in time."""
+        at = record.ended or record.started
+        if self.last_run_period is None or record.period >= self.last_run_period:
+            self.last_status = record.status
+            self.last_run_id = record.run_id
+            self.last_run_at = at
+            self.last_run_period = record.period
+        if record.status == SUCCEEDED and (self.last_good_period is None or record.period >= self.last_good_period):
+            self.last_good_run_id = record.run_id
+            self.last_good_at = at
+            self.last_good_output = record.output
+            self.last_good_period = record.period
+        elif record.status == FAILED:
+            self.last_failure_run_id = record.run_id
+            self.last_failure_at = at
+            self.last_error = record.error
+
+
+@dataclass(frozen=True)
+class ManualTrigger:
+    """A plan started by hand: who started it, when, and any options the trigger allows (sqlsync step ranges)."""
+
+    plan: str
+    period: datetime
+    by: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class StaleRecord(Exception):
+    """A write lost to a newer state of the same run (written by another delivery). Carries what is stored."""
+
+    def __init__(self, stored: RunRecord):
+        super().__init__(f"run {stored.run_id} moved on to {stored.status} (step {stored.step})")
+        self.stored = stored
+
+
+def key_name(raw: str, prefix: str) -> str:
+    """``raw`` as a Datastore key name, or a derived one when Datastore would refuse ``raw`` (empty, reserved
+    ``__name__``, too long). The derived name is stable, so the same raw value always finds the same entity."""
+    if raw and len(raw.encode()) <= MAX_KEY_BYTES and not _RESERVED_NAME.match(raw):
+        return raw
+    return f"{prefix}-sha256-{hashlib.sha256(raw.encode()).hexdigest()}"
+
 
 _JSON_FIELDS = ("stats", "state", "params")
-_UNINDEXED = ("stats", "state", "params", "log", "error", "output")
+# Only plan, status, kind and the times are filtered or ordered on; everything else stays out of the indexes
+# (an indexed string may not exceed 1,500 bytes, and target keys and ids come from outside).
+_UNINDEXED = ("stats", "state", "params", "log", "error", "output", "target", "run_id")
 
 
 class Catalog:
@@ -85,17 +150,21 @@ class Catalog:
         self.namespace = namespace
 
     def _run_key(self, run_id: str) -> Any:
-        return self.client.key(RUN_KIND, run_id, namespace=self.namespace)
+        return self.client.key(RUN_KIND, key_name(run_id, "run"), namespace=self.namespace)
 
     def _target_key(self, plan: str, target: str) -> Any:
-        return self.client.key(TARGET_KIND, f"{plan}/{target}", namespace=self.namespace)
+        return self.client.key(TARGET_KIND, key_name(f"{plan}/{target}", "target"), namespace=self.namespace)
+
+    def _trigger_key(self, plan: str, period: datetime) -> Any:
+        return self.client.key(
+            TRIGGER_KIND, key_name(f"{plan}/{period.isoformat()}", "trigger"), namespace=self.namespace
+        )
 
     def _to_entity(self, record: RunRecord) -> Any:
         from google.cloud import datastore
 
         entity = datastore.Entity(self._run_key(record.run_id), exclude_from_indexes=_UNINDEXED)
         data = asdict(record)
-        data.pop("run_id")
         for name in _JSON_FIELDS:
             data[name] = json.dumps(data[name]) if data[name] is not None else None
         data["log"] = "\n".join(record.log[-MAX_LOG_LINES:])
@@ -107,7 +176,9 @@ class Catalog:
         for name in _JSON_FIELDS:
             data[name] = json.loads(data[name]) if data.get(name) else (None if name == "state" else {})
         data["log"] = data["log"].split("\n") if data.get("log") else []
-        return RunRecord(run_id=entity.key.name, **data)
+        data.setdefault("run_id", entity.key.name)  # records written before run_id was a property
+        known = RunRecord.__dataclass_fields__
+        return RunRecord(**{k: v for k, v in data.items() if k in known})
 
     def get(self, run_id: str) -> RunRecord | None:
         entity = self.client.get(self._run_key(run_id))
@@ -123,33 +194,75 @@ class Catalog:
             self.client.put(self._to_entity(record))
         return record, True
 
-    def save(self, record: RunRecord) -> None:
-        """Store ``record``; when it is final, also update its target's last good / last failure."""
-        if not record.final:
-            self.client.put(self._to_entity(record))
-            return
-        with self.client.transaction():
-            key = self._target_key(record.plan, record.target)
-            entity = self.client.get(key)
-            state = _target_from_entity(entity) if entity is not None else TargetState(record.plan, record.target)
-            at = record.ended or record.started
-            state.last_status = record.status
-            state.last_run_id = record.run_id
-            state.last_run_at = at
-            if record.status == SUCCEEDED:
-                state.last_good_run_id = record.run_id
-                state.last_good_at = at
-                state.last_good_output = record.output
-            elif record.status == FAILED:
-                state.last_failure_run_id = record.run_id
-                state.last_failure_at = at
-                state.last_error = record.error
-            self.client.put_multi([self._to_entity(record), self._target_entity(key, state)])
+    def save(self, record: RunRecord) -> RunRecord:
+        """Store a record no other delivery writes (a refused task, a failed fan-out). A final record is folded
+        into its target's summary in the same transaction."""
+        return self._write(record.run_id, lambda _stored: record)
+
+    def update(self, record: RunRecord, *, advance: bool) -> RunRecord:
+        """Store ``record``: a change one delivery made to the state it read at ``record.step``. The stored record
+        is read again in the transaction; if another delivery has moved it on since (a later step, or a final
+        status), nothing is written and StaleRecord carries what is stored. ``advance`` marks a change of state
+        (started, pending, final), which takes the next step, so a second delivery working from the same step
+        finds its own write stale. Returns what was stored."""
+        read_at = record.step
+
+        def change(stored: RunRecord | None) -> RunRecord:
+            if stored is not None and (stored.step != read_at or stored.final):
+                raise StaleRecord(stored)
+            return replace(record, step=read_at + 1) if advance else record
+
+        return self._write(record.run_id, change)
+
+    def _write(self, run_id: str, change: Callable[[RunRecord | None], RunRecord]) -> RunRecord:
+        from google.api_core import exceptions as core
+
+        for attempt in range(_CONTENTION_ATTEMPTS):
+            try:
+                with self.client.transaction():
+                    existing = self.client.get(self._run_key(run_id))
+                    record = change(self._from_entity(existing) if existing is not None else None)
+                    entities = [self._to_entity(record)]
+                    if record.final:
+                        key = self._target_key(record.plan, record.target)
+                        found = self.client.get(key)
+                        state = (
+                            _target_from_entity(found) if found is not None else TargetState(record.plan, record.target)
+                        )
+                        state.record_run(record)
+                        entities.append(self._target_entity(key, state))
+                    self.client.put_multi(entities)
+                return record
+            except core.Aborted:
+                # Contention with another delivery's transaction: try again on what it wrote. Past the last
+                # attempt the Aborted goes up and the task is answered 503 (the queue retries it).
+                if attempt + 1 == _CONTENTION_ATTEMPTS:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def record_trigger(self, trigger: ManualTrigger) -> None:
+        """Remember that an authenticated admin started ``trigger.plan`` for ``trigger.period``."""
+        from google.cloud import datastore
+
+        entity = datastore.Entity(self._trigger_key(trigger.plan, trigger.period), exclude_from_indexes=("options",))
+        entity.update(
+            {"plan": trigger.plan, "period": trigger.period, "by": trigger.by, "options": json.dumps(trigger.options)}
+        )
+        self.client.put(entity)
+
+    def trigger(self, plan: str, period: datetime) -> ManualTrigger | None:
+        entity = self.client.get(self._trigger_key(plan, period))
+        if entity is None:
+            return None
+        return ManualTrigger(
+            plan=entity["plan"], period=entity["period"], by=entity["by"], options=json.loads(entity["options"] or "{}")
+        )
 
     def _target_entity(self, key: Any, state: TargetState) -> Any:
         from google.cloud import datastore
 
-        entity = datastore.Entity(key, exclude_from_indexes=("last_error", "last_good_output"))
+        entity = datastore.Entity(key, exclude_from_indexes=("last_error", "last_good_output", "target"))
         entity.update(asdict(state))
         return entity
 

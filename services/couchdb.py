@@ -187,6 +187,14 @@ def enumerate_targets(plan: Any, page_token: str | None, rt: Any) -> TargetPage:
     )
 
 
+def resolve_target(plan: Any, key: str, rt: Any) -> Target:
+    """The database ``key`` names, if the plan's selection covers it (the server is asked when backing up)."""
+    settings: CouchdbSettings = plan.settings
+    if not select_databases(settings.databases, [key]):
+        raise PermanentError(f"refused: database {key[:200]!r} is not selected by plan {plan.name}")
+    return Target(key=key, params={"database": key})
+
+
 def start(plan: Any, target: Target, run: RunContext, rt: Any) -> Outcome:
     """Back up one database now (streamed), confirm the file reads back, then prune older backups."""
     settings: CouchdbSettings = plan.settings

@@ -102,6 +102,15 @@ def enumerate_targets(plan: Any, page_token: str | None, rt: Any) -> TargetPage:
     )
 
 
+def resolve_target(plan: Any, key: str, rt: Any) -> Target:
+    """The source ``key`` names, with its destination as the plan says: only the plan's own paths are copied,
+    and only into the plan's own destination, whatever a task body claims."""
+    settings: Settings = plan.settings
+    if key not in settings.paths:
+        raise PermanentError(f"refused: {key[:200]!r} is not one of plan {plan.name}'s paths")
+    return Target(key=key, params={"source": key, "dest": destination_for(settings, key)})
+
+
 def describe(plan: Any, target: Target, rt: Any) -> str:
     dest = target.params["dest"]
     name = dircopy.stamp(rt.now())
@@ -130,8 +139,8 @@ def _progress_logger(run: RunContext, source: str) -> dircopy.ProgressCallback:
 
 def start(plan: Any, target: Target, run: RunContext, rt: Any) -> Outcome:
     settings: Settings = plan.settings
-    source = target.params.get("source", target.key)
-    dest = target.params.get("dest") or destination_for(settings, source)
+    source = target.params["source"]
+    dest = target.params["dest"]
     if dest.startswith("gs://"):
         from services import gcscopy
 

@@ -11,10 +11,11 @@ import hashlib
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from services.kinds import Target, kind_module
+import kinds
+from services.kinds import ListingProblem, Target
 from services.plans import Plan
 from services.queue import TaskQueue, TaskSpec
 from services.runtime import Runtime
@@ -36,11 +37,13 @@ class FanoutResult:
     already_queued: int = 0
     continuation: bool = False
     dry_run: list[str] = field(default_factory=list)
+    problems: list[ListingProblem] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        if not self.dry_run:
-            data.pop("dry_run")
+        for optional in ("dry_run", "problems"):
+            if not data[optional]:
+                data.pop(optional)
         return data
 
 
@@ -59,10 +62,11 @@ def run_id(plan: str, target_key: str, period: datetime) -> str:
 
 
 def schedules(rt: Runtime) -> dict[str, Schedule]:
-    return rt.client("cron-schedules", lambda: plan_schedules(load_cron(rt.settings.cron_yaml)))
+    found: dict[str, Schedule] = rt.client("cron-schedules", lambda: plan_schedules(load_cron(rt.settings.cron_yaml)))
+    return found
 
 
-def current_period(rt: Runtime, plan: Plan) -> datetime:
+def current_period(rt: Runtime, plan: Plan[Any]) -> datetime:
     """The schedule period of ``now`` for a cron-triggered run (a plan without a cron entry: the UTC day)."""
     schedule = schedules(rt).get(plan.name)
     now = rt.now()
@@ -71,12 +75,36 @@ def current_period(rt: Runtime, plan: Plan) -> datetime:
     return schedule.period_start(now)
 
 
+def previous_period(rt: Runtime, plan: Plan[Any]) -> datetime:
+    """The schedule period before the current one: a task enqueued just before a period ended may arrive after."""
+    current = current_period(rt, plan)
+    schedule = schedules(rt).get(plan.name)
+    if schedule is None:
+        return current - timedelta(days=1)
+    return schedule.period_start(current - timedelta(microseconds=1))
+
+
 def manual_period(rt: Runtime) -> datetime:
     """A run started by hand is its own period (to the second): it runs even if cron already ran today."""
     return rt.now().astimezone(UTC).replace(microsecond=0)
 
 
-def backup_task(plan: Plan, target: Target, period: datetime) -> TaskSpec:
+def period_refusal(rt: Runtime, plan: Plan[Any], period: datetime, triggered: bool) -> str | None:
+    """Why a task for ``period`` must not run, or None when it may. A task body only claims its period: the
+    period names the backup and decides what retention keeps, so only the plan's current or previous schedule
+    period, or a period an authenticated admin started (``triggered``: a ManualTrigger is recorded), is accepted."""
+    if period > rt.now():
+        return f"period {period.isoformat()} is in the future"
+    allowed = (current_period(rt, plan), previous_period(rt, plan))
+    if period in allowed or triggered:
+        return None
+    return (
+        f"period {period.isoformat()} is neither the current ({allowed[0].isoformat()}) nor the previous"
+        f" ({allowed[1].isoformat()}) schedule period of plan {plan.name}, nor one an admin started"
+    )
+
+
+def backup_task(plan: Plan[Any], target: Target, period: datetime) -> TaskSpec:
     identifier = run_id(plan.name, target.key, period)
     return TaskSpec(
         queue=plan.queue,
@@ -89,20 +117,21 @@ def backup_task(plan: Plan, target: Target, period: datetime) -> TaskSpec:
 def fan_out(
     rt: Runtime,
     queue: TaskQueue,
-    plan: Plan,
+    plan: Plan[Any],
     period: datetime,
     page_token: str | None = None,
     page: int = 0,
 ) -> FanoutResult:
     """Enumerate one page of ``plan``'s targets and enqueue a task for each, plus a continuation if more remain."""
-    module = kind_module(plan.kind)
+    kind = kinds.get(plan.kind)
     result = FanoutResult(plan=plan.name, period=period.isoformat())
-    target_page = module.enumerate_targets(plan, page_token, rt)
+    target_page = kind.enumerate(plan, page_token, rt)
     tasks = [backup_task(plan, target, period) for target in target_page.targets]
     created = queue.enqueue_many(tasks) if tasks else []
     result.targets = len(tasks)
     result.enqueued = sum(created)
     result.already_queued = len(created) - result.enqueued
+    result.problems = list(target_page.problems)
     if target_page.next_page_token:
         token = target_page.next_page_token
         token_hash = hashlib.sha256(token.encode()).hexdigest()[:10]
@@ -127,17 +156,19 @@ def fan_out(
     return result
 
 
-def dry_run(rt: Runtime, plan: Plan, period: datetime) -> FanoutResult:
+def dry_run(rt: Runtime, plan: Plan[Any], period: datetime) -> FanoutResult:
     """What a run would do, changing nothing: every page enumerated, each target described by its kind."""
-    module = kind_module(plan.kind)
+    kind = kinds.get(plan.kind)
     result = FanoutResult(plan=plan.name, period=period.isoformat())
     token: str | None = None
     while True:
-        target_page = module.enumerate_targets(plan, token, rt)
+        target_page = kind.enumerate(plan, token, rt)
+        for problem in target_page.problems:
+            result.problems.append(problem)
+            result.dry_run.append(f"{problem.where}: cannot list targets, would record a failure: {problem.error}")
         for target in target_page.targets:
             result.targets += 1
-            describe = getattr(module, "describe", None)
-            result.dry_run.append(describe(plan, target, rt) if describe else f"would back up {target.key}")
+            result.dry_run.append(kind.describe(plan, target, rt))
         token = target_page.next_page_token
         if not token:
             return result

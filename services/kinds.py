@@ -1,43 +1,46 @@
-"""The one interface every kind of target implements, and the registry of kinds.
+"""The contract every kind of target keeps with the scheduler core, checked by mypy.
 
-A kind is a module (``services/datastore.py``, ``services/disks.py`` ...) that defines:
+A kind (``kinds/<name>/``) registers one object (``KIND``) that satisfies the ``Kind`` protocol below, for its own
+settings type ``S`` (the typed ``select`` / ``destination`` / ``options`` of its plans, see services/plans.py):
 
-- ``KIND``: its name in plans.yaml; ``DEFAULT_QUEUE``: the queue.yaml queue its workers use.
-- ``parse_settings(fields: Fields) -> Settings``: its part of a plan (``select``, ``destination``, ``options``),
-  validated into a frozen dataclass; errors name the plan and field.
-- ``enumerate_targets(plan, page_token, rt) -> TargetPage``: one page of targets; ``next_page_token`` when more.
-- ``start(plan, target, run, rt) -> Outcome``: begin one backup (idempotent for the same run).
-- ``poll(plan, target, state, run, rt) -> Outcome``: check a long operation started by ``start``.
-- optionally ``describe(plan, target, rt) -> str``: what a run would do, for ``--dry-run``.
+- ``enumerate``: one page of the plan's targets; ``next_page_token`` when more remain, ``problems`` for parts
+  that could not be listed (a project that refuses listing fails alone).
+- ``resolve``: the target called ``key``, looked up again from the plan and the live resource. A task body only
+  names its target; what to back up, where to, and how much to keep never come from it.
+- ``start`` / ``poll``: one step of one backup, idempotent for the same run. An ``operation`` kind starts a cloud
+  operation and polls it; a ``job`` kind does the work itself, within ``run.deadline``, and answers ``Pending``
+  with a checkpoint that the next ``poll`` resumes from.
+- ``describe``: what a run would do (``--dry-run``), read-only.
 
-Adding a kind means adding a module and one line to ``KIND_MODULES``.
+Outcomes are ``Done`` (confirmed good) or ``Pending`` (follow up later with this state). A target that is gone is
+one outcome too: the kind raises ``TargetGone`` from wherever it finds out (services/errors.py), as it raises
+``TransientError`` or ``PermanentError``.
+
+Kinds whose backups can be checked and restored also satisfy ``Restorable``.
 """
 
 from __future__ import annotations
 
-import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-from services.errors import ConfigError
+from services.errors import TargetGone
 
-KIND_MODULES: dict[str, str] = {
-    "datastore": "services.datastore",
-    "couchdb": "services.couchdb",
-    "directory": "services.directory",
-    "disks": "services.disks",
-    "filestore": "services.filestore",
-    "sqlsync": "services.sqlsync",
-}
+if TYPE_CHECKING:
+    from services.plans import Plan
+    from services.runtime import Runtime
+
+Execution = Literal["operation", "job"]
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
 class Target:
-    """One thing to back up. ``key`` is unique within a plan and readable by a person; ``params`` is all a
-    worker needs (JSON-serialisable), so a task body is self-contained."""
+    """One thing to back up. ``key`` is unique within a plan and readable by a person; ``params`` is what the
+    kind found when it listed or resolved the target (stored with the run, so a poll needs only the run id)."""
 
     key: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -55,10 +58,22 @@ class Target:
         return cls(key=raw["key"], params=params)
 
 
+@dataclass(frozen=True)
+class ListingProblem:
+    """A part of a plan (``where``, e.g. ``projects/p1``) whose targets could not be listed, and why."""
+
+    where: str
+    error: str
+
+
 @dataclass
 class TargetPage:
+    """One page of targets. ``problems`` are parts of the plan that could not be listed (a project that refuses
+    listing): each is recorded as a failed run of its own while the rest of the plan goes ahead."""
+
     targets: list[Target]
     next_page_token: str | None = None
+    problems: list[ListingProblem] = field(default_factory=list)
 
 
 @dataclass
@@ -72,20 +87,14 @@ class Done:
 
 @dataclass
 class Pending:
-    """An operation is running; poll again after ``delay_seconds`` with ``state`` (JSON-serialisable)."""
+    """Not finished: follow up after ``delay_seconds`` with ``state`` (JSON-serialisable): an operation to poll,
+    or a job's checkpoint to resume from."""
 
     state: dict[str, Any]
     delay_seconds: float = 30.0
 
 
-@dataclass
-class Skipped:
-    """Nothing to do for this target (it vanished, or its own settings say so)."""
-
-    reason: str
-
-
-Outcome = Done | Pending | Skipped
+Outcome = Done | Pending
 
 
 @dataclass
@@ -99,6 +108,16 @@ class RunContext:
     attempt: int = 0
     log_lines: list[str] = field(default_factory=list)
     on_log: Callable[[str], None] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # from the admin trigger's record, never a task body
+    deadline: float | None = None  # time.monotonic() by which a job must checkpoint and answer Pending
+
+    def time_left(self) -> float:
+        """Seconds of this task's budget left (infinite when there is no budget: the CLI runs a job in one go)."""
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def out_of_time(self, reserve: float = 0.0) -> bool:
+        """True once less than ``reserve`` seconds of the budget are left: save a checkpoint and return Pending."""
+        return self.time_left() <= reserve
 
     def log(self, message: str) -> None:
         self.log_lines.append(message)
@@ -106,10 +125,56 @@ class RunContext:
             self.on_log(message)
 
 
-def kind_module(name: str) -> ModuleType:
-    """Import the module of kind ``name``; ConfigError listing the known kinds if there is none."""
-    try:
-        module_path = KIND_MODULES[name]
-    except KeyError:
-        raise ConfigError(f"unknown kind {name!r} (known kinds: {', '.join(sorted(KIND_MODULES))})") from None
-    return importlib.import_module(module_path)
+class Kind(Protocol[S]):
+    """What the scheduler core needs of a kind of target (see the module docstring)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def default_queue(self) -> str: ...
+
+    @property
+    def execution(self) -> Execution: ...
+
+    def enumerate(self, plan: Plan[S], page_token: str | None, rt: Runtime) -> TargetPage: ...
+
+    def resolve(self, plan: Plan[S], key: str, rt: Runtime) -> Target: ...
+
+    def start(self, plan: Plan[S], target: Target, run: RunContext, rt: Runtime) -> Outcome: ...
+
+    def poll(self, plan: Plan[S], target: Target, state: dict[str, Any], run: RunContext, rt: Runtime) -> Outcome: ...
+
+    def describe(self, plan: Plan[S], target: Target, rt: Runtime) -> str: ...
+
+
+@dataclass
+class Check:
+    """What a verification found: ``ok`` and, line by line, what was checked and what was wrong."""
+
+    ok: bool
+    checked: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+class Restorable(Protocol[S]):
+    """A kind whose backups can be checked and restored. ``backup`` is where a backup is, as its run recorded it
+    (the run's ``output``); ``into`` names where to restore (a scratch place for a drill)."""
+
+    def verify(self, plan: Plan[S], backup: str, rt: Runtime) -> Check: ...
+
+    def restore(self, plan: Plan[S], backup: str, into: str, run: RunContext, rt: Runtime) -> Outcome: ...
+
+
+def find_by_listing(kind: Kind[S], plan: Plan[S], key: str, rt: Runtime) -> Target:
+    """``resolve`` for kinds whose targets are cheap to list: the plan's targets are listed until ``key`` is
+    found; a key that is not (or no longer) among them is gone."""
+    token: str | None = None
+    while True:
+        page = kind.enumerate(plan, token, rt)
+        for target in page.targets:
+            if target.key == key:
+                return target
+        token = page.next_page_token
+        if not token:
+            raise TargetGone(f"{key!r} is not a target of plan {plan.name} (deleted since listing, or never one)")

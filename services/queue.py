@@ -61,7 +61,7 @@ class RetryPolicy:
             interval = self.min_backoff * 2**retry_count
         else:
             interval = self.min_backoff * 2**self.max_doublings * (retry_count - self.max_doublings + 1)
-        return min(interval, self.max_backoff)
+        return float(min(interval, self.max_backoff))
 
     def gives_up_after(self, attempts: int, first_attempt: datetime, now: datetime) -> bool:
         """True when a task that has failed ``attempts`` times must not be tried again."""
@@ -158,7 +158,12 @@ class CloudTasksQueue:
 
         body = json.dumps(spec.payload, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"}
-        if self.settings.tasks_target == "appengine":
+        on_worker = spec.queue in self.settings.worker_queues
+        if on_worker and not self.settings.worker_url:
+            raise ConfigError(
+                f"queue {spec.queue!r} runs on the Cloud Run worker, and BACKUP_WORKER_URL is not set (docs/deploy.md)"
+            )
+        if self.settings.tasks_target == "appengine" and not on_worker:
             task = tasks_v2.Task(
                 app_engine_http_request=tasks_v2.AppEngineHttpRequest(
                     http_method=tasks_v2.HttpMethod.POST,
@@ -171,15 +176,18 @@ class CloudTasksQueue:
         else:
             if not self.settings.tasks_service_account:
                 raise ConfigError("BACKUP_TASKS_SERVICE_ACCOUNT is required for HTTP task targets (OIDC identity)")
+            base = self.settings.worker_url if on_worker else self.settings.service_url
+            assert base is not None
             task = tasks_v2.Task(
                 http_request=tasks_v2.HttpRequest(
                     http_method=tasks_v2.HttpMethod.POST,
-                    url=self.settings.service_url + spec.path,
+                    url=base + spec.path,
                     headers=headers,
                     body=body,
                     oidc_token=tasks_v2.OidcToken(
                         service_account_email=self.settings.tasks_service_account,
-                        audience=self.settings.tasks_audience or self.settings.service_url,
+                        # The worker checks tokens against its own URL; the app against its audience setting.
+                        audience=base if on_worker else self.settings.tasks_audience or self.settings.service_url,
                     ),
                 )
             )
@@ -350,13 +358,15 @@ class LocalQueue:
 
     def pending_count(self) -> int:
         with self._connect() as db:
-            return db.execute("SELECT COUNT(*) FROM tasks WHERE state IN ('pending', 'running')").fetchone()[0]
+            count: int = db.execute("SELECT COUNT(*) FROM tasks WHERE state IN ('pending', 'running')").fetchone()[0]
+            return count
 
 
 class LocalDispatcher:
     """Delivers due tasks of a ``LocalQueue`` over HTTP to the local server, as Cloud Tasks would: the same
     ``X-AppEngine-*`` headers, and retries with the backoff of the task's queue in queue.yaml. Because App Engine
-    headers are never trusted off App Engine, it also authenticates with the local token."""
+    headers are never trusted off App Engine, it also authenticates with the local token. Tasks of the queues in
+    ``routes`` go to that queue's own server (the local stand-in of the Cloud Run worker)."""
 
     def __init__(
         self,
@@ -367,9 +377,11 @@ class LocalDispatcher:
         concurrency: int = 4,
         poll_interval: float = 0.2,
         request_timeout: float = 600.0,
+        routes: dict[str, str] | None = None,
     ):
         self.queue = queue
         self.base_url = base_url.rstrip("/")
+        self.routes = {name: url.rstrip("/") for name, url in (routes or {}).items()}
         self.token = token
         self.configs = configs
         self.concurrency = concurrency
@@ -427,8 +439,9 @@ class LocalDispatcher:
         status: int | None = None
         error: str | None = None
         try:
+            base = self.routes.get(task["queue"], self.base_url)
             response = requests.post(
-                self.base_url + task["path"], data=task["payload"], headers=headers, timeout=self.request_timeout
+                base + task["path"], data=task["payload"], headers=headers, timeout=self.request_timeout
             )
             status = response.status_code
             if 200 <= status < 300:

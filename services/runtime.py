@@ -9,9 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.errors import ConfigError
+
+if TYPE_CHECKING:
+    from services.plans import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +51,16 @@ class Settings:
     export_local_root: Path | None = None  # emulator exports land on local disk, mirrored into the bucket
     retry_error_threshold: int = 3
     endpoints: dict[str, str] = field(default_factory=dict)
+    # A job's task (our own code doing the work) stops, checkpoints and continues in a follow-up task after this
+    # long: below App Engine's 10-minute request deadline, with room to save the checkpoint.
+    job_budget_seconds: float = 480.0
+    # Queues whose tasks run on the Cloud Run worker (the tools App Engine lacks: a mounted share, the mariadb
+    # client), at worker_url; every other queue's tasks run on App Engine (or service_url for HTTP targets).
+    worker_url: str | None = None
+    worker_queues: tuple[str, ...] = ("directory", "sqlsync")
+    # The environment as it was read, for the variables plans name (a server URL, a password): read through
+    # Runtime.secrets, never from os.environ further down.
+    environ: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def endpoint(self, api: str) -> str | None:
         """API endpoint override for ``api`` (``compute``, ``sqladmin``, ``file`` ...) from the environment."""
@@ -74,6 +87,19 @@ class Settings:
         threshold = env.get("BACKUP_RETRY_ERROR_THRESHOLD", "3")
         if not threshold.isdigit():
             raise ConfigError(f"BACKUP_RETRY_ERROR_THRESHOLD: expected a whole number, got {threshold!r}")
+        budget_text = env.get("BACKUP_JOB_BUDGET_SECONDS", "480")
+        try:
+            budget = float(budget_text)
+        except ValueError:
+            budget = -1.0
+        if not 0.5 <= budget <= 3300:
+            raise ConfigError(
+                f"BACKUP_JOB_BUDGET_SECONDS: expected seconds from 0.5 to 3300 (under the request deadline), got"
+                f" {budget_text!r}"
+            )
+        worker_url = (env.get("BACKUP_WORKER_URL") or "").rstrip("/") or None
+        if worker_url is not None and not worker_url.startswith(("https://", "http://")):
+            raise ConfigError(f"BACKUP_WORKER_URL: expected the worker's https:// URL, got {worker_url!r}")
         backend = env.get("BACKUP_QUEUE_BACKEND") or ("cloudtasks" if on_app_engine else "local")
         if backend not in ("cloudtasks", "local"):
             raise ConfigError(f"BACKUP_QUEUE_BACKEND: expected 'cloudtasks' or 'local', got {backend!r}")
@@ -83,10 +109,25 @@ class Settings:
         transport = env.get("BACKUP_TASKS_TRANSPORT", "grpc")
         if transport not in ("grpc", "rest"):
             raise ConfigError(f"BACKUP_TASKS_TRANSPORT: expected 'grpc' or 'rest', got {transport!r}")
-        if on_app_engine and env.get("BACKUP_LOCAL_TOKEN"):
+        on_cloud_run = bool(env.get("K_SERVICE"))
+        if (on_app_engine or on_cloud_run) and env.get("BACKUP_LOCAL_TOKEN"):
+            where = "App Engine" if on_app_engine else "Cloud Run"
             raise ConfigError(
-                "BACKUP_LOCAL_TOKEN is set on App Engine: it is for local runs only; admins use IAP or a Google ID"
-                " token (BACKUP_ADMIN_EMAILS). Remove it from app.yaml"
+                f"BACKUP_LOCAL_TOKEN is set on {where}: it is for local runs only (make run); admins use IAP or a"
+                " Google ID token (BACKUP_ADMIN_EMAILS). Remove it from the deployment's environment"
+            )
+        if on_cloud_run and not env.get("BACKUP_TASKS_AUDIENCE"):
+            raise ConfigError(
+                "BACKUP_TASKS_AUDIENCE is not set: on the Cloud Run worker it must be the worker's own URL, the"
+                " audience of the OIDC tokens its queues send (docs/deploy.md)"
+            )
+        if on_app_engine and not (env.get("BACKUP_SERVICE_URL") or env.get("BACKUP_TASKS_AUDIENCE")):
+            # Google ID tokens are checked against this audience; a default would accept tokens minted for
+            # another service (or a well-known local address) and refuse the ones minted for this one.
+            raise ConfigError(
+                "BACKUP_SERVICE_URL is not set: on App Engine it must be this service's own URL"
+                " (e.g. https://PROJECT_ID.REGION_ID.r.appspot.com), the audience admins and queues mint ID tokens"
+                " for. Set it in app.yaml env_variables (docs/deploy.md)"
             )
         return cls(
             project=project,
@@ -112,6 +153,12 @@ class Settings:
             export_local_root=Path(env["BACKUP_EXPORT_LOCAL_ROOT"]) if env.get("BACKUP_EXPORT_LOCAL_ROOT") else None,
             retry_error_threshold=int(threshold),
             endpoints=endpoints,
+            job_budget_seconds=budget,
+            worker_url=worker_url,
+            worker_queues=tuple(
+                q.strip() for q in env.get("BACKUP_WORKER_QUEUES", "directory,sqlsync").split(",") if q.strip()
+            ),
+            environ=env,
         )
 
 
@@ -136,7 +183,7 @@ class Runtime:
         return self.clock()
 
     @property
-    def plans(self) -> dict[str, Any]:
+    def plans(self) -> dict[str, Plan[Any]]:
         if self._plans is None:
             from services.plans import load_plans
 
@@ -163,6 +210,16 @@ class Runtime:
 
             self._credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
         return self._credentials
+
+    @property
+    def secrets(self) -> Any:
+        """Environment variables and Secret Manager versions, through one seam (services/secrets.py)."""
+        from services.secrets import Secrets
+
+        return self.client(
+            "secrets",
+            lambda: Secrets(self.settings.environ, self.credentials, self.settings.endpoint("secretmanager")),
+        )
 
     def datastore(self) -> Any:
         from google.cloud import datastore

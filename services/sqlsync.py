@@ -274,6 +274,14 @@ def enumerate_targets(plan: Any, page_token: str | None, rt: Runtime) -> TargetP
     return TargetPage([Target(key=f"{settings.staging.role}-{settings.staging.database}", params={})])
 
 
+def resolve_target(plan: Any, key: str, rt: Runtime) -> Target:
+    """The one sync of the plan; a task names it, nothing in its body changes what it does."""
+    target = enumerate_targets(plan, None, rt).targets[0]
+    if key != target.key:
+        raise PermanentError(f"refused: {key[:200]!r} is not plan {plan.name}'s sync ({target.key})")
+    return target
+
+
 def describe(plan: Any, target: Target, rt: Runtime) -> str:
     settings: SyncSettings = plan.settings
     lines = [
@@ -310,11 +318,15 @@ def _step_summary(settings: SyncSettings, step: str) -> str:
 
 
 def start(plan: Any, target: Target, run: RunContext, rt: Runtime) -> Done | Pending:
-    """Run ``check`` (or the step named by ``target.params['start_at']``) and hand the chain on."""
-    first = target.params.get("start_at", STEPS[0])
-    if first not in STEPS:
-        raise PermanentError(f"start_at: unknown step {first!r} (steps: {', '.join(STEPS)})")
-    state = {"step": first, "stop_at": target.params.get("stop_at"), "timings": {}}
+    """Run ``check`` (or the step an admin's trigger named, ``run.options['start_at']``) and hand the chain on.
+    Step ranges come only from the trigger's record or the CLI, never from a task body: skipping ``mask`` would
+    load unmasked production data into staging."""
+    first = run.options.get("start_at") or STEPS[0]
+    stop_at = run.options.get("stop_at")
+    for name, step in (("start_at", first), ("stop_at", stop_at)):
+        if step is not None and step not in STEPS:
+            raise PermanentError(f"{name}: unknown step {step!r} (steps: {', '.join(STEPS)})")
+    state: dict[str, Any] = {"step": first, "stop_at": stop_at, "timings": {}}
     run.log(f"sqlsync {plan.name}: starting at step {first}")
     return run_step(plan, state, run, rt)
 
@@ -826,8 +838,8 @@ def drive(
     if start_at and stop_at and STEPS.index(stop_at) < STEPS.index(start_at):
         raise PermanentError(f"--stop-at {stop_at} comes before --start-at {start_at}")
     target = enumerate_targets(plan, None, rt).targets[0]
-    params = {k: v for k, v in (("start_at", start_at), ("stop_at", stop_at)) if v}
-    outcome = start(plan, Target(key=target.key, params=params), run, rt)
+    run.options = {k: v for k, v in (("start_at", start_at), ("stop_at", stop_at)) if v}
+    outcome = start(plan, target, run, rt)
     while isinstance(outcome, Pending):
         if outcome.delay_seconds:
             sleep(outcome.delay_seconds)

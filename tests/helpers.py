@@ -63,4 +63,18 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 def make_runtime(
     tmp_path: Path, plans: dict[str, Any] | None = None, clock: Any = None, credentials: Any = None, **overrides: Any
 ) -> Runtime:
+    if plans is not None and "cron_yaml" not in overrides:
+        overrides["cron_yaml"] = cron_for(tmp_path, plans)
     return Runtime(make_settings(tmp_path, **overrides), plans=plans, clock=clock or Clock(), credentials=credentials)
+
+
+def cron_for(tmp_path: Path, plans: dict[str, Any]) -> Path:
+    """The project's cron.yaml with only the entries for ``plans`` (and the service's own checks), as a deploy
+    of just those plans would have it."""
+    import yaml
+
+    entries = yaml.safe_load((ROOT / "cron.yaml").read_text())["cron"]
+    kept = [e for e in entries if e["url"].startswith("/cron/_") or e["url"].removeprefix("/cron/") in plans]
+    path = tmp_path / "cron-for-plans.yaml"
+    path.write_text(yaml.safe_dump({"cron": kept}))
+    return path

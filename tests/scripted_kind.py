@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
 
 from services.errors import PermanentError, TargetGone, TransientError
-from services.kinds import Done, Pending, Target, TargetPage
+from services.kinds import Done, Execution, Kind, Pending, Target, TargetPage, find_by_listing
+from services.plans import STRICT, NonEmptyStr, PlanSections
 
-KIND = "scripted"
-DEFAULT_QUEUE = "backups"
 calls: Counter = Counter()
+hooks: dict = {}  # key -> function(call number) returning an outcome, for targets whose params say "hook"
+REGISTRATION = ("tests.scripted_kind:Sections", "tests.scripted_kind:KIND")
 
 
 @dataclass(frozen=True)
@@ -19,18 +23,16 @@ class Settings:
     targets: tuple[str, ...]
 
 
-def parse_settings(fields):
-    select = fields.section("select")
-    settings = Settings(tuple(select.str_list("targets")))
-    select.done()
-    return settings
+class Select(BaseModel):
+    model_config = STRICT
+    targets: list[NonEmptyStr]
 
 
-def enumerate_targets(plan, page_token, rt):
-    start = int(page_token or 0)
-    names = plan.settings.targets[start : start + plan.fanout_page_size]
-    more = start + plan.fanout_page_size < len(plan.settings.targets)
-    return TargetPage([Target(n, {"do": n.split("-")[0]}) for n in names], str(start + len(names)) if more else None)
+class Sections(PlanSections[Settings]):
+    select: Select
+
+    def settings(self) -> Settings:
+        return Settings(tuple(self.select.targets))
 
 
 def _act(what: str, key: str):
@@ -49,12 +51,35 @@ def _act(what: str, key: str):
     raise RuntimeError(f"{key}: a bug")
 
 
-def start(plan, target, run, rt):
-    calls[("start", target.key)] += 1
-    return _act(target.params["do"], target.key)
+class Scripted:
+    name = "scripted"
+    default_queue = "backups"
+    execution: Execution = "operation"
+
+    def enumerate(self, plan, page_token, rt):
+        start = int(page_token or 0)
+        names = plan.settings.targets[start : start + plan.fanout_page_size]
+        more = start + plan.fanout_page_size < len(plan.settings.targets)
+        return TargetPage(
+            [Target(n, {"do": n.split("-")[0]}) for n in names], str(start + len(names)) if more else None
+        )
+
+    def resolve(self, plan, key, rt):
+        return find_by_listing(self, plan, key, rt)
+
+    def start(self, plan, target, run, rt):
+        calls[("start", target.key)] += 1
+        if target.params["do"] == "hook":
+            return hooks[target.key](calls[("start", target.key)])
+        return _act(target.params["do"], target.key)
+
+    def poll(self, plan, target, state, run, rt):
+        calls[("poll", target.key)] += 1
+        polls = state["_polls"]
+        return Done(output=f"mem://{target.key}", stats={"polls": polls}) if polls >= 1 else Pending(state, 30)
+
+    def describe(self, plan, target, rt):
+        return f"would run {target.key}"
 
 
-def poll(plan, target, state, run, rt):
-    calls[("poll", target.key)] += 1
-    polls = state["_polls"]
-    return Done(output=f"mem://{target.key}", stats={"polls": polls}) if polls >= 1 else Pending(state, 30)
+KIND: Kind[Any] = Scripted()

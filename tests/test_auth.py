@@ -163,3 +163,101 @@ def test_unreachable_signing_keys_are_a_503_not_a_crash(tmp_path, datastore):
 
     assert response.status_code == 503
     assert "cannot fetch token signing keys" in response.get_json()["error"]
+
+
+def test_email_verified_must_be_true_not_just_truthy(client_for, issuer):
+    client = client_for()
+    as_string = issuer.token(ADMIN, SERVICE_URL, verified="false")
+
+    response = call(client, "GET", "/admin/plans", {"Authorization": f"Bearer {as_string}"})
+
+    assert response.status_code == 403
+    assert "not verified" in response.get_json()["error"]
+
+
+def test_iap_identities_are_admins_only_when_allowlisted_by_email_or_domain(client_for, issuer, tmp_path):
+    iap = "/projects/1/apps/test-project"
+    stranger = issuer.token("intern@elsewhere.com", iap, issuer="https://cloud.google.com/iap")
+    colleague = issuer.token("ops@example.com", iap, issuer="https://cloud.google.com/iap")
+
+    denied = call(client_for(), "GET", "/admin/plans", {"X-Goog-IAP-JWT-Assertion": stranger})
+    not_listed = call(client_for(), "GET", "/admin/plans", {"X-Goog-IAP-JWT-Assertion": colleague})
+
+    assert denied.status_code == 403 and "not on the admin allowlist" in denied.get_json()["error"]
+    assert not_listed.status_code == 403
+    from services.queue import LocalQueue
+
+    rt = make_runtime(
+        tmp_path,
+        admin_emails=("@example.com",),
+        iap_audience=iap,
+        endpoints={"iap_certs": issuer.certs_url},
+    )
+    by_domain = create_app(rt, queue=LocalQueue(tmp_path / "q2.sqlite3")).test_client()
+    assert call(by_domain, "GET", "/admin/plans", {"X-Goog-IAP-JWT-Assertion": colleague}).status_code == 200
+    assert call(by_domain, "GET", "/admin/plans", {"X-Goog-IAP-JWT-Assertion": stranger}).status_code == 403
+
+
+def test_the_local_token_works_only_over_loopback(client_for):
+    client = client_for()
+    token = {"Authorization": f"Bearer {LOCAL_TOKEN}"}
+
+    from_afar = client.get("/admin/plans", headers=token, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    forwarded = client.get("/admin/plans", headers=token | {"X-Forwarded-For": "203.0.113.9"})
+    local = client.get("/admin/plans", headers=token)
+
+    assert from_afar.status_code == 403 and forwarded.status_code == 403
+    assert local.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"K_SERVICE": "backup-worker", "BACKUP_LOCAL_TOKEN": "x"}, "BACKUP_LOCAL_TOKEN is set on Cloud Run"),
+        ({"K_SERVICE": "backup-worker"}, "BACKUP_TASKS_AUDIENCE is not set"),
+        ({"GAE_ENV": "standard", "GOOGLE_CLOUD_PROJECT": "p"}, "BACKUP_SERVICE_URL is not set"),
+    ],
+)
+def test_deployed_settings_that_would_weaken_auth_stop_start_up(env, message):
+    from services.errors import ConfigError
+    from services.runtime import Settings
+
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_refusals_do_not_tell_the_caller_what_would_be_accepted(client_for, issuer):
+    wrong_audience = issuer.token(ADMIN, "https://elsewhere.example.com")
+
+    response = call(client_for(), "GET", "/admin/plans", {"Authorization": f"Bearer {wrong_audience}"})
+
+    assert response.status_code == 403
+    body = response.get_data(as_text=True)
+    assert "wrong audience" in body
+    assert SERVICE_URL not in body and "projects/1" not in body
+
+
+def test_starting_a_plan_refuses_cross_site_requests(client_for):
+    client = client_for()
+    token = {"Authorization": f"Bearer {LOCAL_TOKEN}"}
+    path = "/admin/plans/datastore-nightly/run?dry_run=1"
+
+    form = client.post(path, headers=token, data={"x": "1"})
+    cross_site = client.post(path, headers=token | {"Sec-Fetch-Site": "cross-site"}, json={})
+    foreign_origin = client.post(path, headers=token | {"Origin": "https://evil.example"}, json={})
+
+    assert [r.status_code for r in (form, cross_site, foreign_origin)] == [403, 403, 403]
+    assert "X-Backup-Client" in form.get_json()["error"]
+
+
+@pytest.mark.parametrize("query", ["dry_run=yes", "dry_run", "dry-run=1", "dry_run=2", "dryrun=true"])
+def test_dry_run_accepts_only_known_spellings(client_for, query):
+    client = client_for()
+
+    response = client.post(
+        f"/admin/plans/datastore-nightly/run?{query}",
+        headers={"Authorization": f"Bearer {LOCAL_TOKEN}", "X-Backup-Client": "test"},
+    )
+
+    assert response.status_code == 400
+    assert "dry_run" in response.get_json()["error"]

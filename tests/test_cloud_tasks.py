@@ -101,3 +101,29 @@ def test_permission_denied_is_not_swallowed(tmp_path):
 
     with pytest.raises(Forbidden, match="cloudtasks.tasks.create"):
         tasks_queue(tmp_path).enqueue_many([TaskSpec("backups", "/tasks/p", {}, name="x")])
+
+
+@responses.activate
+def test_worker_queues_become_http_tasks_to_the_cloud_run_worker(tmp_path):
+    directory_url = TASKS_URL.replace("/queues/backups/", "/queues/directory/")
+    responses.add_callback(responses.POST, directory_url, callback=echo_task)
+    responses.add_callback(responses.POST, TASKS_URL, callback=echo_task)
+    queue = tasks_queue(
+        tmp_path,
+        worker_url="https://backup-worker-abc-ew.a.run.app",
+        tasks_service_account="tasks@test-project.iam.gserviceaccount.com",
+    )
+
+    queue.enqueue_many([TaskSpec("directory", "/tasks/share", {}, name="d1"), TaskSpec("backups", "/tasks/p", {})])
+
+    to_worker = json.loads(responses.calls[0].request.body)["task"]["httpRequest"]
+    assert to_worker["url"] == "https://backup-worker-abc-ew.a.run.app/tasks/share"
+    assert to_worker["oidcToken"]["audience"] == "https://backup-worker-abc-ew.a.run.app"
+    assert "appEngineHttpRequest" in json.loads(responses.calls[1].request.body)["task"]
+
+
+def test_a_worker_queue_without_a_worker_url_is_a_clear_configuration_error(tmp_path):
+    from services.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="BACKUP_WORKER_URL is not set"):
+        tasks_queue(tmp_path).build_task(TaskSpec("directory", "/tasks/share", {}))

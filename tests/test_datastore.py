@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from google.cloud import datastore as ds
 
-from services import datastore as kind
+from kinds.datastore import exports as kind
 from services.catalog import NAMESPACE as CATALOG_NAMESPACE
 from services.errors import PermanentError, TargetGone
 from services.kinds import Done, RunContext, Target
@@ -46,7 +46,7 @@ def test_discovers_kinds_in_every_namespace_and_skips_bookkeeping(rt, datastore)
     seed(datastore, "Invoice", namespace="acme")
     seed(datastore, "BackupRun", namespace=CATALOG_NAMESPACE)
 
-    page = kind.enumerate_targets(plan_of(), None, rt)
+    page = kind.KIND.enumerate(plan_of(), None, rt)
 
     assert sorted(t.key for t in page.targets) == ["Customer", "Order", "acme/Invoice"]
     assert page.next_page_token is None
@@ -59,7 +59,7 @@ def test_explicit_kinds_and_namespaces_are_used_as_given(rt, datastore):
     seed(datastore, "Order")
 
     plan = plan_of(select={"kinds": ["Order"], "namespaces": [""]})
-    page = kind.enumerate_targets(plan, None, rt)
+    page = kind.KIND.enumerate(plan, None, rt)
 
     assert [t.key for t in page.targets] == ["Order"]
 
@@ -83,10 +83,10 @@ def test_export_of_one_kind_lands_under_the_timestamped_prefix(rt, datastore, gc
     seed(datastore, "Order", count=5)
     make_bucket(gcs, "exports-bucket", location="us-central1")
     plan = plan_of()
-    target = next(t for t in kind.enumerate_targets(plan, None, rt).targets if t.key == "Customer")
+    target = next(t for t in kind.KIND.enumerate(plan, None, rt).targets if t.key == "Customer")
     run = RunContext(run_id="r1", plan=plan.name, target_key=target.key, period=Clock()())
 
-    outcome = kind.start(plan, target, run, rt)
+    outcome = kind.KIND.start(plan, target, run, rt)
 
     assert isinstance(outcome, Done)
     assert outcome.output.startswith("gs://exports-bucket/nightly/20261123t020005z/Customer/")
@@ -103,7 +103,7 @@ def test_kind_that_vanished_since_enumeration_is_skipped(rt, datastore, gcs):
     run = RunContext(run_id="r2", plan=plan.name, target_key="Ghost", period=Clock()())
 
     with pytest.raises(TargetGone, match="Ghost"):
-        kind.start(plan, target, run, rt)
+        kind.KIND.start(plan, target, run, rt)
 
 
 @pytest.mark.parametrize(

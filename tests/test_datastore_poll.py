@@ -12,7 +12,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import datastore_admin_v1
 from google.protobuf import any_pb2
 
-from services import datastore as kind
+from kinds.datastore import exports as kind
 from services.errors import PermanentError, TransientError
 from services.kinds import Done, Pending, RunContext, Target
 from services.plans import parse_plan
@@ -65,8 +65,8 @@ def test_poll_until_done_then_record_counts_and_output(env):
     responses.add(responses.GET, url, json=operation_json(done=False, entities=10))
     responses.add(responses.GET, url, json=operation_json(done=True, entities=1234))
 
-    first = kind.poll(plan, target, {"operation": OPERATION}, run, rt)
-    second = kind.poll(plan, target, {"operation": OPERATION}, run, rt)
+    first = kind.KIND.poll(plan, target, {"operation": OPERATION}, run, rt)
+    second = kind.KIND.poll(plan, target, {"operation": OPERATION}, run, rt)
 
     assert isinstance(first, Pending) and first.delay_seconds == kind.POLL_SECONDS
     assert isinstance(second, Done)
@@ -81,7 +81,7 @@ def test_failed_export_is_permanent_with_the_api_message(env):
     responses.add(responses.GET, f"{ADMIN}/v1/{OPERATION}", json=operation_json(done=True, error=error))
 
     with pytest.raises(PermanentError, match="does not have permission to write to gs://b"):
-        kind.poll(plan, target, {"operation": OPERATION}, run, rt)
+        kind.KIND.poll(plan, target, {"operation": OPERATION}, run, rt)
 
 
 @responses.activate
@@ -91,4 +91,4 @@ def test_a_503_while_polling_is_transient(env):
     responses.add(responses.GET, f"{ADMIN}/v1/{OPERATION}", json=unavailable, status=503)
 
     with pytest.raises(TransientError, match="backend unavailable"):
-        kind.poll(plan, target, {"operation": OPERATION}, run, rt)
+        kind.KIND.poll(plan, target, {"operation": OPERATION}, run, rt)

@@ -53,7 +53,7 @@ def test_restore_filestore_reports_the_safety_backup(filestore_fake: FilestoreFa
     from services.runtime import Runtime, Settings
 
     rt = Runtime(Settings.from_env(), credentials=AnonymousCredentials())
-    monkeypatch.setattr("services.filestore.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("kinds.filestore.restore.time.sleep", lambda seconds: None)
 
     result = CliRunner().invoke(
         restore_filestore_command,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from google.auth.credentials import AnonymousCredentials
 
-from services import disks
+from kinds.disks import snapshots as disks
 from services.errors import ConfigError, PermanentError, TargetGone, TransientError
 from services.kinds import Done, Pending, RunContext, Target
 from services.plans import Plan, parse_plan
@@ -38,7 +38,7 @@ def make_runtime(compute_clock: Clock) -> Runtime:
 def all_targets(plan: Plan, rt: Runtime) -> list[Target]:
     targets, token = [], None
     while True:
-        page = disks.enumerate_targets(plan, token, rt)
+        page = disks.KIND.enumerate(plan, token, rt)
         targets.extend(page.targets)
         token = page.next_page_token
         if token is None:
@@ -58,7 +58,11 @@ def run_like_queue(plan: Plan, target: Target, period: datetime, rt: Runtime, ma
     state: dict[str, Any] | None = None
     for _ in range(max_deliveries):
         try:
-            outcome = disks.start(plan, target, run, rt) if state is None else disks.poll(plan, target, state, run, rt)
+            outcome = (
+                disks.KIND.start(plan, target, run, rt)
+                if state is None
+                else disks.KIND.poll(plan, target, state, run, rt)
+            )
         except TransientError:
             continue  # the queue redelivers the same task
         except PermanentError as exc:
@@ -156,18 +160,24 @@ def test_enumeration_pages_through_every_project_zonal_and_regional(compute_fake
     assert shared.params["region"] == "us-east1" and shared.params["label_value"] == "2"
 
 
-def test_a_project_that_does_not_exist_fails_the_enumeration_naming_it(compute_fake, compute_clock):
-    plan = make_plan(projects=("proj-missing",))
+def test_a_project_that_does_not_exist_is_reported_as_that_projects_problem(compute_fake, compute_clock):
+    compute_fake.add_disk("proj-alpha", "web", zone="us-east1-b", labels={LABEL: "1"})
+    plan = make_plan(projects=("proj-missing", "proj-alpha"))
+    rt = make_runtime(compute_clock)
 
-    with pytest.raises(PermanentError, match="project proj-missing not found"):
-        disks.enumerate_targets(plan, None, make_runtime(compute_clock))
+    first = disks.KIND.enumerate(plan, None, rt)
+    second = disks.KIND.enumerate(plan, first.next_page_token, rt)
+
+    assert first.targets == [] and [p.where for p in first.problems] == ["projects/proj-missing"]
+    assert "not found in project proj-missing" in first.problems[0].error
+    assert [t.key for t in second.targets] == ["projects/proj-alpha/zones/us-east1-b/disks/web"]
 
 
 def test_a_page_token_from_another_source_is_refused(compute_fake, compute_clock):
     plan = make_plan()
 
     with pytest.raises(PermanentError, match="page token"):
-        disks.enumerate_targets(plan, "not-a-token", make_runtime(compute_clock))
+        disks.KIND.enumerate(plan, "not-a-token", make_runtime(compute_clock))
 
 
 # --- retention over several runs ---------------------------------------------------------------------------
@@ -309,7 +319,7 @@ def test_a_worker_retried_after_create_makes_one_snapshot(compute_fake, compute_
     plan, rt = make_plan(), make_runtime(compute_clock)
     (target,) = all_targets(plan, rt)
     run = RunContext(run_id="r1", plan=plan.name, target_key=target.key, period=compute_clock())
-    first = disks.start(plan, target, run, rt)  # the worker dies here, before recording anything
+    first = disks.KIND.start(plan, target, run, rt)  # the worker dies here, before recording anything
     if not request_id_remembered:
         compute_fake.forget_request_ids()  # the retry comes late: Compute answers 409 alreadyExists
 
@@ -352,7 +362,7 @@ def test_injected_rate_limits_and_5xx_still_end_with_every_disks_snapshot(comput
         token = None
         while True:
             try:
-                page = disks.enumerate_targets(plan, token, rt)
+                page = disks.KIND.enumerate(plan, token, rt)
             except TransientError:
                 continue  # the fan-out task is retried with the same token
             targets.extend(page.targets)
@@ -407,7 +417,7 @@ def test_api_errors_map_to_retry_or_stop(compute_fake, compute_clock, status, re
     compute_fake.faults = [Fault(share=1.0, status=status, reason=reason)]
 
     with pytest.raises(expected) as caught:
-        disks.start(plan, target, RunContext("r", plan.name, target.key, compute_clock()), rt)
+        disks.KIND.start(plan, target, RunContext("r", plan.name, target.key, compute_clock()), rt)
 
     assert reason in str(caught.value)
     assert getattr(caught.value, "rate_limited", False) == ("RateLimit" in reason or "rateLimit" in reason)
@@ -455,7 +465,7 @@ def test_describe_says_what_would_be_created_and_deleted_and_changes_nothing(com
     oldest = min(name for _p, name in compute_fake.snapshots)
     snapshots_before, calls_before = dict(compute_fake.snapshots), len(compute_fake.calls)
 
-    lines = {t.params["name"]: disks.describe(plan, t, rt) for t in all_targets(plan, rt)}
+    lines = {t.params["name"]: disks.KIND.describe(plan, t, rt) for t in all_targets(plan, rt)}
 
     assert "would create snapshot bk-web-" in lines["web"] and f"would delete {oldest}" in lines["web"]
     assert "would FAIL" in lines["odd"] and "'abc'" in lines["odd"]
@@ -468,7 +478,7 @@ def test_start_refuses_a_task_without_its_disk_params(compute_fake, compute_cloc
     target = Target(key="projects/proj-alpha/zones/us-east1-b/disks/web", params={"project": "proj-alpha"})
 
     with pytest.raises(PermanentError, match="params.name"):
-        disks.start(plan, target, RunContext("r", plan.name, target.key, compute_clock()), rt)
+        disks.KIND.start(plan, target, RunContext("r", plan.name, target.key, compute_clock()), rt)
 
 
 def test_done_reports_what_was_pruned(compute_fake, compute_clock):

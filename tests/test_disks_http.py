@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from google.auth.credentials import AnonymousCredentials
 
-from services import disks
+from kinds.disks import snapshots as disks
 from services.kinds import Done, Pending, RunContext
 from services.plans import parse_plan
 from services.runtime import Runtime, Settings
@@ -26,11 +26,11 @@ def test_a_run_over_real_http_snapshots_and_prunes(compute_clock):
         outputs = []
         for _ in range(2):
             period = compute_clock.advance(hours=1)
-            (target,) = disks.enumerate_targets(plan, None, rt).targets
+            (target,) = disks.KIND.enumerate(plan, None, rt).targets
             run = RunContext(run_id="r", plan=plan.name, target_key=target.key, period=period)
-            outcome = disks.start(plan, target, run, rt)
+            outcome = disks.KIND.start(plan, target, run, rt)
             while isinstance(outcome, Pending):
-                outcome = disks.poll(plan, target, outcome.state, run, rt)
+                outcome = disks.KIND.poll(plan, target, outcome.state, run, rt)
             assert isinstance(outcome, Done)
             outputs.append(outcome.output)
 

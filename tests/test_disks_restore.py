@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from google.auth.credentials import AnonymousCredentials
 
 from commands.disks import restore_disk_command
-from services import disks
+from kinds.disks import restore as disks
 from services.errors import PermanentError
 from services.runtime import Runtime, Settings
 from tests.fixtures.compute import FAKE_COMPUTE_ENDPOINT
@@ -70,3 +70,33 @@ def test_restore_refuses_an_invalid_disk_name_before_calling_the_api(compute_fak
         disks.restore_disk(rt, project="proj-alpha", zone="us-east1-c", snapshot=snapshot["name"], name="Web_Restored")
 
     assert compute_fake.calls == []
+
+
+def test_a_bad_name_on_the_command_line_exits_2_like_every_usage_error(compute_fake, rt, snapshot):
+    result = CliRunner().invoke(
+        restore_disk_command,
+        ["--snapshot", snapshot["name"], "--zone", "us-east1-c", "--name", "Web_Restored"],
+        obj={"runtime": rt},
+    )
+
+    assert result.exit_code == 2
+    assert "'Web_Restored' is not a disk name" in result.output
+    assert compute_fake.calls == []
+
+
+def test_restore_rides_out_rate_limits_and_server_errors(compute_fake, rt, snapshot):
+    from google.api_core.retry import Retry
+
+    from services.errors import TransientError
+    from tests.fakes_compute import Fault
+
+    compute_fake.faults = [Fault(share=0.4, status=503, reason="backendError"), Fault(share=0.2, status=429, reason="")]
+    quick = Retry(predicate=lambda exc: isinstance(exc, TransientError), initial=0.001, maximum=0.01, timeout=30)
+
+    restored = disks.restore_disk(
+        rt, project="proj-alpha", zone="us-east1-c", snapshot=snapshot["name"], name="web-restored", retry=quick
+    )
+
+    assert restored.status == "READY"
+    assert compute_fake.injected > 0  # the faults did fire, and were retried
+    assert ("proj-alpha", "zones/us-east1-c", "web-restored") in compute_fake.disks

@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from google.auth.credentials import AnonymousCredentials
 
-from services import filestore
+from kinds.filestore import backups as filestore
+from kinds.filestore import restore as filestore_restore
 from services.errors import ConfigError, PermanentError, TargetGone, TransientError
 from services.kinds import Done, Pending, RunContext, Target
 from services.plans import parse_plan
@@ -43,18 +44,18 @@ def runtime(env: dict[str, str] | None = None) -> Runtime:
 def run_once(plan, target: Target, rt: Runtime, when: datetime):
     """What the worker does: start, then poll while Pending (the fake moves one step per read)."""
     run = RunContext(run_id=f"run-{when:%d%H}", plan=plan.name, target_key=target.key, period=when)
-    outcome = filestore.start(plan, target, run, rt)
+    outcome = filestore.KIND.start(plan, target, run, rt)
     for _ in range(30):
         if not isinstance(outcome, Pending):
             return outcome
-        outcome = filestore.poll(plan, target, outcome.state, run, rt)
+        outcome = filestore.KIND.poll(plan, target, outcome.state, run, rt)
     raise AssertionError(f"still pending after 30 polls: {outcome}")
 
 
 def all_targets(plan, rt) -> list[Target]:
     targets, token = [], None
     while True:
-        page = filestore.enumerate_targets(plan, token, rt)
+        page = filestore.KIND.enumerate(plan, token, rt)
         targets += page.targets
         token = page.next_page_token
         if not token:
@@ -196,9 +197,9 @@ def test_a_pending_delete_elsewhere_in_the_chain_makes_prune_wait(filestore_fake
     rt = runtime()
     [target] = all_targets(plan, rt)
     run = RunContext(run_id="r", plan=plan.name, target_key=target.key, period=T0)
-    outcome = filestore.start(plan, target, run, rt)
+    outcome = filestore.KIND.start(plan, target, run, rt)
     while outcome.state.get("phase") != "prune":
-        outcome = filestore.poll(plan, target, outcome.state, run, rt)
+        outcome = filestore.KIND.poll(plan, target, outcome.state, run, rt)
 
     assert isinstance(outcome, Pending)
     assert f"{region}/old" in fake.backups
@@ -268,7 +269,7 @@ def test_restore_takes_a_safety_backup_of_the_target_first(filestore_fake: Files
     good = run_once(plan, target, rt, T0).output
     messages: list[str] = []
 
-    result = filestore.restore_filestore(
+    result = filestore_restore.restore_filestore(
         rt, backup=good, instance=home, share="vol1", sleep=lambda s: None, on_progress=messages.append
     )
 
@@ -291,7 +292,7 @@ def test_restore_does_nothing_when_the_safety_backup_fails(filestore_fake: Files
     fake.failing_instances.add(home)
 
     with pytest.raises(PermanentError, match="safety backup"):
-        filestore.restore_filestore(rt, backup=good, instance=home, share="vol1", sleep=lambda s: None)
+        filestore_restore.restore_filestore(rt, backup=good, instance=home, share="vol1", sleep=lambda s: None)
 
     assert fake.restores == []
     assert not [c for c in fake.calls if c[1].endswith(":restore")]
@@ -303,7 +304,7 @@ def test_restore_refuses_an_unknown_share_before_creating_anything(filestore_fak
     fake.add_backup("projects/proj-one/locations/us-central1/backups/b1", home, {})
 
     with pytest.raises(PermanentError, match="no file share 'data'"):
-        filestore.restore_filestore(
+        filestore_restore.restore_filestore(
             runtime(), backup="projects/proj-one/locations/us-central1/backups/b1", instance=home, share="data"
         )
 
@@ -317,7 +318,7 @@ def test_restore_waits_out_the_rate_limit(filestore_fake: FilestoreFake):
     fake.injected.append(("POST", ":restore", 429))
     slept: list[float] = []
 
-    filestore.restore_filestore(
+    filestore_restore.restore_filestore(
         runtime(),
         backup="projects/proj-one/locations/us-central1/backups/b1",
         instance=home,

@@ -75,3 +75,22 @@ def test_app_start_up_stops_on_an_invalid_plans_file(tmp_path):
 
     with pytest.raises(ConfigError, match="plan 'nightly', field 'options.location': is required"):
         create_app(make_runtime(tmp_path, plans_path=path))
+
+
+def test_start_up_refuses_plans_queues_and_cron_jobs_that_do_not_agree(tmp_path):
+    from services.deployment import check_deployment_files
+    from services.runtime import ROOT
+
+    plans = parse_plans(datastore_plan())
+    stray_cron = tmp_path / "cron.yaml"
+    stray_cron.write_text("cron:\n- url: /cron/weekly\n  schedule: every monday 09:00\n")
+    no_polls = tmp_path / "queue.yaml"
+    no_polls.write_text("queue:\n- name: fanout\n- name: notify\n- name: datastore-exports\n")
+    odd_queue = parse_plans(datastore_plan(queue="nowhere"))
+
+    with pytest.raises(ConfigError, match=r"cron.yaml: entry 1 \(/cron/weekly\): no plan named 'weekly'"):
+        check_deployment_files(plans, ROOT / "queue.yaml", stray_cron)
+    with pytest.raises(ConfigError, match="queue.yaml: queue 'polls' is missing"):
+        check_deployment_files(plans, no_polls, ROOT / "cron.yaml")
+    with pytest.raises(ConfigError, match="field 'queue': 'nowhere' is not a queue in queue.yaml"):
+        check_deployment_files(odd_queue, ROOT / "queue.yaml", tmp_path / "none.yaml")

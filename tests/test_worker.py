@@ -10,10 +10,10 @@ from datetime import timedelta
 
 import pytest
 
+import kinds
 from main import create_app
-from services import kinds
 from services.catalog import FAILED, PENDING, RUNNING, SKIPPED, SUCCEEDED, Catalog
-from services.fanout import backup_task
+from services.fanout import backup_task, current_period
 from services.kinds import Target
 from services.plans import parse_plan
 from services.queue import LocalQueue
@@ -25,7 +25,7 @@ AUTH = {"Authorization": f"Bearer {LOCAL_TOKEN}"}
 
 @pytest.fixture
 def env(tmp_path, datastore, monkeypatch):
-    monkeypatch.setitem(kinds.KIND_MODULES, "scripted", "tests.scripted_kind")
+    monkeypatch.setitem(kinds.REGISTRY, "scripted", scripted_kind.REGISTRATION)
     scripted_kind.calls.clear()
     targets = ["done-a", "pending-b", "transient-c", "limited-d", "permanent-e", "gone-f", "crash-g"]
     plan = parse_plan("scripted", {"kind": "scripted", "fanout_page_size": 3, "select": {"targets": targets}})
@@ -48,7 +48,7 @@ def deliver(env, task, retry=0, queue_name=None):
 
 
 def task_for(env, key):
-    return backup_task(env.plan, Target(key, {"do": key.split("-")[0]}), env.clock())
+    return backup_task(env.plan, Target(key, {"do": key.split("-")[0]}), current_period(env.rt, env.plan))
 
 
 @pytest.mark.parametrize(

@@ -16,59 +16,20 @@ from typing import Any
 
 from google.api_core import exceptions as core
 
+from kinds.datastore.plan import Settings
 from services.catalog import NAMESPACE as CATALOG_NAMESPACE
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fanout import period_stamp
-from services.fields import Fields
 from services.gcp_errors import classify
-from services.kinds import Done, Outcome, Pending, RunContext, Target, TargetPage
+from services.kinds import Done, Execution, Kind, Outcome, Pending, RunContext, Target, TargetPage, find_by_listing
+from services.plans import Plan
 from services.runtime import Runtime
 
-KIND = "datastore"
-DEFAULT_QUEUE = "datastore-exports"
 MAX_COMBINATIONS = 100  # kind x namespace pairs Datastore accepts in one export request
 COLD_CLASSES = ("NEARLINE", "COLDLINE", "ARCHIVE")
 POLL_SECONDS = 60.0
 # Multi-region buckets and the Datastore locations they contain (region prefixes and multi-region ids).
 _MULTI_REGIONS = {"US": ("us-", "nam"), "EU": ("europe-", "eur"), "ASIA": ("asia-",)}
-
-
-@dataclass(frozen=True)
-class Settings:
-    project: str | None  # None: the service's own project
-    location: str  # where the Datastore database lives, e.g. us-central1 or nam5
-    bucket: str
-    prefix: str
-    kinds: tuple[str, ...] | None  # None: every kind found
-    namespaces: tuple[str, ...] | None  # None: every namespace found ("" is the default namespace)
-    grouped: bool
-
-
-def parse_settings(fields: Fields) -> Settings:
-    select = fields.section("select")
-    destination = fields.section("destination", required=True)
-    options = fields.section("options")
-    kinds = select.str_list("kinds", None)
-    namespaces = select.any("namespaces", "all")
-    if namespaces == "all":
-        namespaces = None
-    elif not isinstance(namespaces, list) or not all(isinstance(n, str) for n in namespaces):
-        raise select.error("namespaces", "expected 'all' or a list of namespace names ('' is the default)", namespaces)
-    bucket = destination.str("bucket")
-    if bucket.startswith("gs://") or "/" in bucket:
-        raise destination.error("bucket", "expected a bucket name without gs:// or a path", bucket)
-    settings = Settings(
-        project=options.str("project", None),
-        location=options.str("location"),
-        bucket=bucket,
-        prefix=destination.str("prefix", "datastore").strip("/"),
-        kinds=tuple(kinds) if kinds else None,
-        namespaces=tuple(namespaces) if namespaces is not None else None,
-        grouped=options.str("grouping", "per-kind", choices=("per-kind", "grouped")) == "grouped",
-    )
-    for section in (select, destination, options):
-        section.done()
-    return settings
 
 
 # ----------------------------------------------------------------------------------------------------- discovery
@@ -90,36 +51,17 @@ def list_kinds(client: Any, namespace: str) -> list[str]:
     return sorted(e.key.name for e in query.fetch() if not e.key.name.startswith("__"))
 
 
-def _project(plan: Any, rt: Runtime) -> str:
+def _project(plan: Plan[Settings], rt: Runtime) -> str:
     return plan.settings.project or rt.settings.project
 
 
-def _client(plan: Any, rt: Runtime) -> Any:
+def _client(plan: Plan[Settings], rt: Runtime) -> Any:
     project = _project(plan, rt)
     if project == rt.settings.project:
         return rt.datastore()
     from google.cloud import datastore
 
     return rt.client(f"datastore:{project}", lambda: datastore.Client(project=project))
-
-
-def enumerate_targets(plan: Any, page_token: str | None, rt: Runtime) -> TargetPage:
-    """Every (namespace, kind) to export, as one target each or packed into groups. Kind lists are small
-    (metadata queries), so everything fits in one page."""
-    settings: Settings = plan.settings
-    client = _client(plan, rt)
-    try:
-        namespaces = list(settings.namespaces) if settings.namespaces is not None else list_namespaces(client)
-        pairs = [
-            (ns, kind)
-            for ns in namespaces
-            for kind in (list(settings.kinds) if settings.kinds else list_kinds(client, ns))
-        ]
-    except core.GoogleAPICallError as exc:
-        raise classify(exc, "listing Datastore kinds") from exc
-    project = _project(plan, rt)
-    groups = group_pairs(pairs) if settings.grouped else [([ns], [kind]) for ns, kind in pairs]
-    return TargetPage([_target(project, namespaces_, kinds) for namespaces_, kinds in groups])
 
 
 def group_pairs(pairs: list[tuple[str, str]]) -> list[tuple[list[str], list[str]]]:
@@ -221,44 +163,7 @@ def _slug(target: Target) -> str:
     return text or hashlib.sha256(target.key.encode()).hexdigest()[:12]
 
 
-def describe(plan: Any, target: Target, rt: Runtime) -> str:
-    settings: Settings = plan.settings
-    return (
-        f"would export {target.key} (namespaces {target.params['namespaces']}, kinds {target.params['kinds']})"
-        f" to gs://{settings.bucket}/{settings.prefix}/<UTC timestamp>/{_slug(target)}"
-    )
-
-
-def start(plan: Any, target: Target, run: RunContext, rt: Runtime) -> Outcome:
-    settings: Settings = plan.settings
-    check_bucket(rt, settings.bucket, settings.location)
-    kinds, namespaces = list(target.params["kinds"]), list(target.params["namespaces"])
-    _refuse_vanished(plan, rt, namespaces, kinds)
-    relative = f"{settings.prefix}/{period_stamp(run.period)}z/{_slug(target)}"
-    prefix = f"gs://{settings.bucket}/{relative}"
-    local_root = rt.settings.export_local_root
-    if local_root is not None:
-        # The emulator writes exports to its own disk; they are mirrored into the bucket when done.
-        prefix = str(Path(local_root) / settings.bucket / relative)
-    request = {
-        "project_id": target.params["project"],
-        "output_url_prefix": prefix,
-        "entity_filter": {"kinds": kinds, "namespace_ids": namespaces},
-        "labels": {"managed-by": "backup-scheduler", "plan": plan.name},
-    }
-    run.log(f"exporting {len(kinds)} kind(s) in {len(namespaces)} namespace(s) to {prefix}")
-    try:
-        operation = admin_client(rt).export_entities(request=request).operation
-    except core.GoogleAPICallError as exc:
-        raise classify(exc, f"starting the export of {target.key}") from exc
-    state = {"operation": operation.name, "prefix": prefix, "relative": relative}
-    if operation.done:
-        return _finished(plan, rt, operation, state, run)
-    run.log(f"export operation {operation.name} started")
-    return Pending(state, delay_seconds=POLL_SECONDS)
-
-
-def _refuse_vanished(plan: Any, rt: Runtime, namespaces: list[str], kinds: list[str]) -> None:
+def _refuse_vanished(plan: Plan[Settings], rt: Runtime, namespaces: list[str], kinds: list[str]) -> None:
     """A kind deleted since enumeration would export nothing and look like success: call it skipped instead."""
     if len(namespaces) * len(kinds) != 1:
         return
@@ -272,21 +177,7 @@ def _refuse_vanished(plan: Any, rt: Runtime, namespaces: list[str], kinds: list[
         raise classify(exc, f"checking kind {kinds[0]}") from exc
 
 
-def poll(plan: Any, target: Target, state: dict[str, Any], run: RunContext, rt: Runtime) -> Outcome:
-    from google.longrunning import operations_pb2
-
-    try:
-        operation = admin_client(rt).get_operation(operations_pb2.GetOperationRequest(name=state["operation"]))
-    except core.NotFound as exc:
-        raise PermanentError(f"export operation {state['operation']} is gone: {exc.message}") from exc
-    except core.GoogleAPICallError as exc:
-        raise classify(exc, f"polling export {state['operation']}") from exc
-    if not operation.done:
-        return Pending(state, delay_seconds=POLL_SECONDS)
-    return _finished(plan, rt, operation, state, run)
-
-
-def _finished(plan: Any, rt: Runtime, operation: Any, state: dict[str, Any], run: RunContext) -> Outcome:
+def _finished(plan: Plan[Settings], rt: Runtime, operation: Any, state: dict[str, Any], run: RunContext) -> Outcome:
     from google.cloud import datastore_admin_v1
 
     if operation.HasField("error") and operation.error.code:
@@ -406,3 +297,86 @@ def restore(
     imported = _wait(rt, imported, "import", timeout)
     metadata = datastore_admin_v1.ImportEntitiesMetadata.deserialize(imported.metadata.value)
     return RestoreResult(safety_output, source, int(metadata.progress_entities.work_completed))
+
+
+class Datastore:
+    """The ``datastore`` kind: a managed export per kind (or per group of kinds) into a bucket, each a long
+    operation polled by follow-up tasks. Targets are cheap to list (metadata queries), so ``resolve`` lists them."""
+
+    name = "datastore"
+    default_queue = "datastore-exports"
+    execution: Execution = "operation"
+
+    def resolve(self, plan: Plan[Settings], key: str, rt: Runtime) -> Target:
+        return find_by_listing(self, plan, key, rt)
+
+    def enumerate(self, plan: Plan[Settings], page_token: str | None, rt: Runtime) -> TargetPage:
+        """Every (namespace, kind) to export, as one target each or packed into groups. Kind lists are small
+        (metadata queries), so everything fits in one page."""
+        settings: Settings = plan.settings
+        client = _client(plan, rt)
+        try:
+            namespaces = list(settings.namespaces) if settings.namespaces is not None else list_namespaces(client)
+            pairs = [
+                (ns, kind)
+                for ns in namespaces
+                for kind in (list(settings.kinds) if settings.kinds else list_kinds(client, ns))
+            ]
+        except core.GoogleAPICallError as exc:
+            raise classify(exc, "listing Datastore kinds") from exc
+        project = _project(plan, rt)
+        groups = group_pairs(pairs) if settings.grouped else [([ns], [kind]) for ns, kind in pairs]
+        return TargetPage([_target(project, namespaces_, kinds) for namespaces_, kinds in groups])
+
+    def describe(self, plan: Plan[Settings], target: Target, rt: Runtime) -> str:
+        settings: Settings = plan.settings
+        return (
+            f"would export {target.key} (namespaces {target.params['namespaces']}, kinds {target.params['kinds']})"
+            f" to gs://{settings.bucket}/{settings.prefix}/<UTC timestamp>/{_slug(target)}"
+        )
+
+    def start(self, plan: Plan[Settings], target: Target, run: RunContext, rt: Runtime) -> Outcome:
+        settings: Settings = plan.settings
+        check_bucket(rt, settings.bucket, settings.location)
+        kinds, namespaces = list(target.params["kinds"]), list(target.params["namespaces"])
+        _refuse_vanished(plan, rt, namespaces, kinds)
+        relative = f"{settings.prefix}/{period_stamp(run.period)}z/{_slug(target)}"
+        prefix = f"gs://{settings.bucket}/{relative}"
+        local_root = rt.settings.export_local_root
+        if local_root is not None:
+            # The emulator writes exports to its own disk; they are mirrored into the bucket when done.
+            prefix = str(Path(local_root) / settings.bucket / relative)
+        request = {
+            "project_id": target.params["project"],
+            "output_url_prefix": prefix,
+            "entity_filter": {"kinds": kinds, "namespace_ids": namespaces},
+            "labels": {"managed-by": "backup-scheduler", "plan": plan.name},
+        }
+        run.log(f"exporting {len(kinds)} kind(s) in {len(namespaces)} namespace(s) to {prefix}")
+        try:
+            operation = admin_client(rt).export_entities(request=request).operation
+        except core.GoogleAPICallError as exc:
+            raise classify(exc, f"starting the export of {target.key}") from exc
+        state = {"operation": operation.name, "prefix": prefix, "relative": relative}
+        if operation.done:
+            return _finished(plan, rt, operation, state, run)
+        run.log(f"export operation {operation.name} started")
+        return Pending(state, delay_seconds=POLL_SECONDS)
+
+    def poll(
+        self, plan: Plan[Settings], target: Target, state: dict[str, Any], run: RunContext, rt: Runtime
+    ) -> Outcome:
+        from google.longrunning import operations_pb2
+
+        try:
+            operation = admin_client(rt).get_operation(operations_pb2.GetOperationRequest(name=state["operation"]))
+        except core.NotFound as exc:
+            raise PermanentError(f"export operation {state['operation']} is gone: {exc.message}") from exc
+        except core.GoogleAPICallError as exc:
+            raise classify(exc, f"polling export {state['operation']}") from exc
+        if not operation.done:
+            return Pending(state, delay_seconds=POLL_SECONDS)
+        return _finished(plan, rt, operation, state, run)
+
+
+KIND: Kind[Settings] = Datastore()

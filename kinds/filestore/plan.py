@@ -1,0 +1,52 @@
+"""A ``filestore`` plan: the projects whose Filestore instances carrying a label are backed up (the label's value:
+how many backups to keep).
+
+Example::
+
+    shares-nightly:
+      kind: filestore
+      select: {projects: [prod-files], label: backup-keep}
+      retention: {min_keep: 2}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from services.plans import STRICT, HttpUrl, LabelKey, PlanSections, ProjectId
+
+DEFAULT_LABEL_KEY = "backup-keep"
+POLL_SECONDS = 60.0  # backups of large shares take many minutes; a minute between looks is plenty
+
+
+@dataclass(frozen=True)
+class FilestoreSettings:
+    projects: tuple[str, ...] = ()  # empty: the service's own project
+    label_key: str = DEFAULT_LABEL_KEY
+    endpoint: str | None = None
+    poll_seconds: float = POLL_SECONDS
+
+
+class Select(BaseModel):
+    model_config = STRICT
+    projects: list[ProjectId] = []
+    label: LabelKey = DEFAULT_LABEL_KEY
+
+
+class Options(BaseModel):
+    model_config = STRICT
+    endpoint: HttpUrl | None = None
+    poll_seconds: float = Field(POLL_SECONDS, ge=1.0)
+
+
+class Sections(PlanSections[FilestoreSettings]):
+    default_queue = "filestore"
+    select: Select
+    options: Options
+
+    def settings(self) -> FilestoreSettings:
+        return FilestoreSettings(
+            tuple(self.select.projects), self.select.label, self.options.endpoint, self.options.poll_seconds
+        )
