@@ -154,9 +154,9 @@ def directory_run(
 
 
 def _run_to_bucket(rt: Any, source: Path, dest: str, keep: int | None, min_keep: int, threads: int) -> None:
-    from services import gcscopy
-
     from google.api_core.exceptions import GoogleAPIError
+
+    from services import gcscopy
 
     client = rt.storage()
     try:
