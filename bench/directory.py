@@ -12,7 +12,7 @@ copy (the hourly situation). The tool that goes first alternates. ``--no-sync`` 
 either; the default adds one syncfs() at the end of a copy. The project's bytecode is compiled first (as pip
 does when installing): this machine sets PYTHONDONTWRITEBYTECODE, which would make every CLI start compile it.
 
-Run: ``flock /work/notes/bench.lock .venv/bin/python bench/directory.py [--files 20000] [--total-mb 1024]
+Run: ``flock "$BENCH_LOCK" .venv/bin/python bench/directory.py [--files 20000] [--total-mb 1024]
 [--rounds 2] [--repeats 3]`` (needs rsync: scripts/ensure-rsync.sh).
 """
 

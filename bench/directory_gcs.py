@@ -10,7 +10,7 @@ counted on the client's HTTP session (services/gcscopy.py ``RequestMeter``), ret
 
 Targets (issue 13): incremental <= 3% of the first copy's requests and <= 0.2x its time.
 
-Run: ``flock /work/notes/bench.lock .venv/bin/python bench/directory_gcs.py [--files 20000] [--total-mb 160]``
+Run: ``flock "$BENCH_LOCK" .venv/bin/python bench/directory_gcs.py [--files 20000] [--total-mb 160]``
 """
 
 from __future__ import annotations
