@@ -4,7 +4,10 @@ One generated tree, both tools on the same file system and the same warm page ca
 
 - ``./backup directory run --no-sync SOURCE DEST`` (the CLI: interpreter start-up, imports, copy, manifest);
 - ``rsync -a --delete [--link-dest=PREVIOUS] SOURCE/ DEST/<n>/``;
-- and, for reference, the engine called in-process (``copy_tree``), as earlier figures were taken.
+- and, for reference, the engine called in-process (``copy_tree``), as earlier figures were taken, and the bare
+  system calls of an incremental copy (``bare_link_copy``: per directory mkdir and a listing, per file the
+  source's lstat, the previous copy's stat and a link; no manifest, no bookkeeping, one thread), the floor
+  for anything written in Python that walks in one thread.
 
 Each round makes a first (full) copy of 20,000 files of mixed sizes (~1 GB) with each tool, then ``--repeats``
 incremental copies: before each, a fresh 1% of the files changes, and every tool links against its own newest
@@ -136,6 +139,39 @@ class Cli:
             time.sleep(0.05)
 
 
+def bare_link_copy(source: Path, previous: Path | None, dest: Path) -> None:
+    """The system calls an incremental copy cannot avoid, in one thread without any bookkeeping: mkdir and list
+    each directory, lstat each source file, stat its previous copy and link it (files the previous copy lacks
+    are left out: they are 1% here). A first copy (no previous) only makes the directories."""
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        here = f"{dest}/{rel}" if rel else str(dest)
+        os.mkdir(here)
+        src_fd = os.open(f"{source}/{rel}", os.O_RDONLY | os.O_DIRECTORY)
+        prev_fd = os.open(f"{previous}/{rel}", os.O_RDONLY | os.O_DIRECTORY) if previous else -1
+        dst_fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with os.scandir(src_fd) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(f"{rel}/{entry.name}" if rel else entry.name)
+                        continue
+                    entry.stat(follow_symlinks=False)
+                    if prev_fd < 0:
+                        continue
+                    try:
+                        os.stat(entry.name, dir_fd=prev_fd, follow_symlinks=False)
+                        os.link(entry.name, entry.name, src_dir_fd=prev_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+                    except OSError:
+                        pass
+        finally:
+            os.close(src_fd)
+            os.close(dst_fd)
+            if prev_fd >= 0:
+                os.close(prev_fd)
+
+
 class Round:
     """One round's three contestants, each copying into its own destination root."""
 
@@ -158,7 +194,13 @@ class Round:
             ("cli", self.cli_step),
             ("rsync", lambda: timed(lambda: run_rsync(self.source, self.dests["rsync"] / f"{n}", previous))),
             ("in-process", lambda: timed(self.in_process)),
+            ("syscalls", lambda: timed(lambda: self.bare(n))),
         ]
+
+    def bare(self, n: int) -> None:
+        """The floor, linked against the in-process engine's newest copy before this step's change."""
+        copies = sorted(p for p in self.dests["in-process"].iterdir() if not p.name.startswith("."))
+        bare_link_copy(self.source, copies[-1] if n > 0 and copies else None, self.dests["syscalls"] / f"{n}")
 
 
 def main() -> None:
@@ -179,7 +221,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-dircopy-", dir=args.dir)).resolve()
     cli = Cli(args.threads)
-    tools = ("cli", "rsync", "in-process")
+    tools = ("cli", "rsync", "in-process", "syscalls")
     try:
         source = work / "source"
         source.mkdir()
@@ -222,7 +264,10 @@ def main() -> None:
             for folder in dests.values():
                 shutil.rmtree(folder)
 
-        print(f"\n{'run':<34}{'cli s':>8}{'rsync s':>9}{'ratio':>7}{'target':>8}{'in-proc s':>11}{'ratio':>7}")
+        print(
+            f"\n{'run':<34}{'cli s':>8}{'rsync s':>9}{'ratio':>7}{'target':>8}{'in-proc s':>11}{'ratio':>7}"
+            f"{'syscalls s':>12}"
+        )
         for label, figures in (
             (f"first copy ({len(paths)} files)", full),
             (f"incremental ({changed} changed)", incr),
@@ -230,15 +275,17 @@ def main() -> None:
             ours = statistics.median(figures["cli"])
             theirs = statistics.median(figures["rsync"])
             inproc = statistics.median(figures["in-process"])
+            floor = statistics.median(figures["syscalls"])
             verdict = "ok" if ours / theirs <= 1.0 else "MISS"
             print(
                 f"{label:<34}{ours:>8.2f}{theirs:>9.2f}{ours / theirs:>7.2f}{'<=1.0':>8}{inproc:>11.2f}"
-                f"{inproc / theirs:>7.2f}  {verdict}"
+                f"{inproc / theirs:>7.2f}{floor:>12.2f}  {verdict}"
             )
             per = [round(c / r, 2) for c, r in zip(figures["cli"], figures["rsync"], strict=True)]
             print(
                 f"  cli {[round(x, 2) for x in figures['cli']]}\n  rsync {[round(x, 2) for x in figures['rsync']]}"
-                f"\n  in-process {[round(x, 2) for x in figures['in-process']]}\n  cli/rsync per pair {per}"
+                f"\n  in-process {[round(x, 2) for x in figures['in-process']]}"
+                f"\n  syscalls only {[round(x, 2) for x in figures['syscalls']]}\n  cli/rsync per pair {per}"
             )
         print(
             f"(medians: first copy over {args.rounds} rounds, incremental over {args.rounds} x {args.repeats} copies;"
