@@ -279,6 +279,13 @@ class Catalog:
                     break
         return records
 
+    def runs_since(self, plan: str, since: datetime) -> list[RunRecord]:
+        """Runs of ``plan`` created at or after ``since``, oldest first (one equality filter: no composite index)."""
+        query = self.client.query(kind=RUN_KIND, namespace=self.namespace)
+        query.add_filter(filter=_eq("plan", plan))
+        runs = [r for r in map(self._from_entity, query.fetch()) if (r.created or r.period) >= since]
+        return sorted(runs, key=lambda r: r.created or r.period)
+
     def runs_for(self, plan: str, target: str) -> list[RunRecord]:
         query = self.client.query(kind=RUN_KIND, namespace=self.namespace)
         query.add_filter(filter=_eq("plan", plan))
