@@ -141,3 +141,104 @@ def test_a_forged_drill_task_is_refused_and_recorded(disk_service, compute_fake)
 
     assert answer.status_code == 200 and "refused" in answer.get_json()["error"]
     assert not [c for c in compute_fake.calls if c[0] == "POST" and c[1].endswith("/disks")]
+
+
+@pytest.fixture
+def ds_service(tmp_path, datastore, gcs, datastore_emulator):
+    from tests.fixtures.emulators import make_bucket
+    from tests.helpers import Clock
+
+    make_bucket(gcs, "exports-bucket", "us-central1")
+    for i in range(6):
+        datastore.put(ds_entity(datastore, "Customer", i))
+    plan = parse_plan(
+        "ds-nightly",
+        {
+            "kind": "datastore",
+            "select": {"namespaces": [""], "kinds": ["Customer"]},
+            "destination": {"bucket": "exports-bucket"},
+            "options": {"location": "us-central1"},
+            "drill": {"every": "1d"},
+        },
+    )
+    return Service(
+        tmp_path,
+        datastore,
+        {"ds-nightly": plan},
+        Clock(),
+        datastore_admin_endpoint=datastore_emulator["url"],
+        export_local_root=tmp_path / "exports",
+    )
+
+
+def ds_entity(client, kind, i):
+    from google.cloud import datastore as ds
+
+    entity = ds.Entity(client.key(kind, f"{kind}-{i}"))
+    entity.update({"n": i})
+    return entity
+
+
+def _scratch_count(project="test-project-drill"):
+    from google.cloud import datastore as ds
+
+    query = ds.Client(project=project).query(kind="Customer")
+    query.keys_only()
+    return len(list(query.fetch()))
+
+
+def test_a_datastore_drill_imports_into_scratch_and_counts_every_kind(ds_service, datastore):
+    assert ds_service.run(ds_service.task("ds-nightly", "Customer")).get_json()["status"] == SUCCEEDED
+    datastore.put(ds_entity(datastore, "Customer", 99))  # the live data moves on; the drill restores the backup
+
+    _scheduled, answers = _drill_all_of(ds_service, "ds-nightly")
+
+    assert [a.get_json()["status"] for a in answers] == [SUCCEEDED]
+    (state,) = ds_service.catalog.target_states("ds-nightly")
+    drill = ds_service.catalog.get(state.last_drill_run_id)
+    assert "Customer: 6 entities restored, the export recorded 6" in drill.stats["checked"]
+    assert state.last_drill_seconds is not None and state.last_drill_seconds > 0
+    assert _scratch_count() == 0  # emptied again
+    query = datastore.query(kind="Customer")
+    query.keys_only()
+    assert len(list(query.fetch())) == 7  # the source was never touched
+
+
+def test_a_datastore_drill_that_restores_fewer_entities_than_recorded_fails(ds_service):
+    task = ds_service.task("ds-nightly", "Customer")
+    assert ds_service.run(task).get_json()["status"] == SUCCEEDED
+    record = ds_service.catalog.get(task.name)
+    record.stats["kinds"]["Customer"]["entities"] = 9  # what the export recorded no longer matches its files
+    ds_service.catalog.save(record)
+
+    _scheduled, answers = _drill_all_of(ds_service, "ds-nightly")
+
+    assert answers[0].get_json()["status"] == FAILED
+    assert "Customer: 6 entities restored where the export recorded 9" in answers[0].get_json()["error"]
+    assert _scratch_count() == 0
+
+
+def test_leftovers_in_the_scratch_are_cleared_before_the_import(ds_service):
+    from google.cloud import datastore as ds
+
+    scratch = ds.Client(project="test-project-drill")
+    for i in range(100, 104):  # a crashed drill's entities, with keys the backup does not have
+        scratch.put(ds_entity(scratch, "Customer", i))
+    assert ds_service.run(ds_service.task("ds-nightly", "Customer")).get_json()["status"] == SUCCEEDED
+
+    _scheduled, answers = _drill_all_of(ds_service, "ds-nightly")
+
+    assert answers[0].get_json()["status"] == SUCCEEDED
+
+
+def _drill_all_of(svc, plan_name):
+    scheduled = [p for p in svc.cron("/cron/_drills").get_json()["plans"] if p["plan"] == plan_name][0]
+    answers = []
+    for task in [t for t in svc.queue.tasks("pending") if t["path"].endswith("/drill")]:
+        svc.queue.settle(task["name"], state="done", status=200, error=None)
+
+        class Spec:
+            name, path, payload = task["name"], task["path"], json.loads(task["payload"])
+
+        answers.append(svc.run(Spec))
+    return scheduled, answers

@@ -22,7 +22,19 @@ from services.catalog import NAMESPACE as CATALOG_NAMESPACE
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fanout import period_stamp
 from services.gcp_errors import classify
-from services.kinds import Done, Execution, Kind, Outcome, Pending, RunContext, Target, TargetPage, find_by_listing
+from services.kinds import (
+    BackupRef,
+    Done,
+    Execution,
+    Kind,
+    Outcome,
+    Pending,
+    Restorable,
+    RunContext,
+    Target,
+    TargetPage,
+    find_by_listing,
+)
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -444,5 +456,21 @@ class Datastore:
             return Pending(state, delay_seconds=POLL_SECONDS)
         return _finished(plan, target, rt, operation, state, run)
 
+    def drill(
+        self,
+        plan: Plan[Settings],
+        target: Target,
+        backup: BackupRef,
+        state: dict[str, Any] | None,
+        run: RunContext,
+        rt: Runtime,
+    ) -> Outcome:
+        """The export imported into a scratch database, counted kind by kind against the export's own counts."""
+        from kinds.datastore import drill
 
-KIND: Kind[Settings] = Datastore()
+        return drill.drill(plan, target, backup, state, run, rt)
+
+
+KIND = Datastore()
+_CONTRACT: Kind[Settings] = KIND  # mypy holds the kind to the contract
+_DRILLS: Restorable[Settings] = KIND

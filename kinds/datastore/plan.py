@@ -43,6 +43,7 @@ class Settings:
     namespaces: tuple[str, ...] | None  # None: every namespace found ("" is the default namespace)
     grouped: bool
     bigquery: BigQueryTarget | None = None  # load each export into BigQuery, a table per kind
+    drill_database: str = "backup-drill"  # the scratch database restore drills import into (never "(default)")
 
 
 class Select(BaseModel):
@@ -86,6 +87,7 @@ class Options(BaseModel):
     project: NonEmptyStr | None = None
     location: NonEmptyStr
     grouping: Literal["per-kind", "grouped"] = "per-kind"
+    drill_database: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{2,62}$")] = "backup-drill"
 
 
 class Sections(PlanSections[Settings]):
@@ -105,4 +107,5 @@ class Sections(PlanSections[Settings]):
             namespaces=None if namespaces == "all" else tuple(namespaces),
             grouped=self.options.grouping == "grouped",
             bigquery=BigQueryTarget(**bigquery.model_dump()) if (bigquery := self.destination.bigquery) else None,
+            drill_database=self.options.drill_database,
         )
