@@ -57,6 +57,12 @@ def poll(plan_name: str):  # type: ignore[no-untyped-def]
     return _answer(worker.run_poll_task, plan_name)
 
 
+@bp.post("/tasks/<plan_name>/drill")
+@queue_only
+def drill(plan_name: str):  # type: ignore[no-untyped-def]
+    return _answer(worker.run_drill_task, plan_name)
+
+
 @bp.post("/tasks/<plan_name>/fanout")
 @queue_only
 def fanout(plan_name: str):  # type: ignore[no-untyped-def]

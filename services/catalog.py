@@ -34,6 +34,7 @@ _RESERVED_NAME = re.compile(r"^__.*__$")
 _CONTENTION_ATTEMPTS = 3
 
 RUNNING, PENDING, SUCCEEDED, FAILED, SKIPPED = "running", "pending", "succeeded", "failed", "skipped"
+BACKUP, DRILL = "backup", "drill"
 FINAL_STATUSES = frozenset({SUCCEEDED, FAILED, SKIPPED})
 
 
@@ -56,6 +57,7 @@ class RunRecord:
     state: dict[str, Any] | None = None  # a long operation in flight (what poll needs)
     log: list[str] = field(default_factory=list)
     step: int = 0  # counts state changes (started, each poll, final): a write from an older step is stale
+    purpose: str = BACKUP  # BACKUP, or DRILL: a restore of the newest good backup into scratch, checked and timed
 
     @property
     def final(self) -> bool:
@@ -83,17 +85,39 @@ class TargetState:
     last_failure_run_id: str | None = None
     last_failure_at: datetime | None = None
     last_error: str | None = None
+    last_drill_run_id: str | None = None
+    last_drill_at: datetime | None = None
+    last_drill_status: str | None = None
+    last_drill_seconds: float | None = None  # how long the restore took
+    last_drill_error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("last_run_at", "last_run_period", "last_good_at", "last_good_period", "last_failure_at"):
+        for key in (
+            "last_run_at",
+            "last_run_period",
+            "last_good_at",
+            "last_good_period",
+            "last_failure_at",
+            "last_drill_at",
+        ):
             data[key] = data[key].isoformat() if data[key] else None
         return data
 
     def record_run(self, record: RunRecord) -> None:
         """Fold a final run into this target's summary. A run of an older period that ends late (a slow poll, a
-        redelivered task) updates the failure fields but never moves "last run" or "last good" back in time."""
+        redelivered task) updates the failure fields but never moves "last run" or "last good" back in time. A
+        drill only updates the drill fields: restoring a backup says nothing about the next backup."""
         at = record.ended or record.started
+        if record.purpose == DRILL:
+            if self.last_drill_at is None or (at is not None and at >= self.last_drill_at):
+                self.last_drill_run_id = record.run_id
+                self.last_drill_at = at
+                self.last_drill_status = record.status
+                seconds = record.stats.get("restored_in_seconds")
+                self.last_drill_seconds = float(seconds) if isinstance(seconds, int | float) else None
+                self.last_drill_error = record.error
+            return
         if self.last_run_period is None or record.period >= self.last_run_period:
             self.last_status = record.status
             self.last_run_id = record.run_id
@@ -278,6 +302,26 @@ class Catalog:
                 if len(records) >= limit:
                     break
         return records
+
+    def target_state(self, plan: str, target: str) -> TargetState | None:
+        entity = self.client.get(self._target_key(plan, target))
+        return _target_from_entity(entity) if entity is not None else None
+
+    def active_drills(self, plan: str) -> list[RunRecord]:
+        """Drills of ``plan`` started and not yet finished (each may hold a scratch restore)."""
+        found: list[RunRecord] = []
+        for status in (RUNNING, PENDING):
+            query = self.client.query(kind=RUN_KIND, namespace=self.namespace)
+            query.add_filter(filter=_eq("status", status))
+            found.extend(r for r in map(self._from_entity, query.fetch()) if r.plan == plan and r.purpose == DRILL)
+        return found
+
+    def runs_since(self, plan: str, since: datetime) -> list[RunRecord]:
+        """Runs of ``plan`` created at or after ``since``, oldest first (one equality filter: no composite index)."""
+        query = self.client.query(kind=RUN_KIND, namespace=self.namespace)
+        query.add_filter(filter=_eq("plan", plan))
+        runs = [r for r in map(self._from_entity, query.fetch()) if (r.created or r.period) >= since]
+        return sorted(runs, key=lambda r: r.created or r.period)
 
     def runs_for(self, plan: str, target: str) -> list[RunRecord]:
         query = self.client.query(kind=RUN_KIND, namespace=self.namespace)

@@ -12,7 +12,7 @@ from services.queue import load_queue_configs
 from services.schedule import load_cron
 
 CORE_QUEUES = ("fanout", "polls", "notify")  # continuations, operation polls, notifications
-OWN_CRON_URLS = ("/cron/_stale", "/cron/_digest")
+OWN_CRON_URLS = ("/cron/_stale", "/cron/_digest", "/cron/_drills")
 
 
 def check_deployment_files(plans: dict[str, Plan[Any]], queue_yaml: Any, cron_yaml: Any) -> None:

@@ -148,22 +148,38 @@ class Kind(Protocol[S]):
     def describe(self, plan: Plan[S], target: Target, rt: Runtime) -> str: ...
 
 
-@dataclass
-class Check:
-    """What a verification found: ``ok`` and, line by line, what was checked and what was wrong."""
+@dataclass(frozen=True)
+class BackupRef:
+    """A good backup as its run recorded it: where it is (``output``) and what it held (``stats``)."""
 
-    ok: bool
-    checked: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    run_id: str
+    output: str
+    stats: dict[str, Any]
+    period: datetime
+
+
+# Label (or name part) of every scratch resource a drill makes: a crashed drill's leftovers are found by it and
+# removed by the next drill, and nothing carrying it is ever mistaken for real data.
+DRILL_LABEL = "backup-scheduler-drill"
 
 
 class Restorable(Protocol[S]):
-    """A kind whose backups can be checked and restored. ``backup`` is where a backup is, as its run recorded it
-    (the run's ``output``); ``into`` names where to restore (a scratch place for a drill)."""
+    """A kind whose backups can be proven by a restore drill: ``drill`` restores ``backup`` into a scratch place
+    (first removing what a crashed drill left behind), checks what came back against what the backup recorded,
+    removes the scratch (unless the plan's drill says to keep it) and answers ``Done`` with ``restored_in_seconds``
+    and ``checked`` (what was compared) in its stats. A mismatch raises PermanentError naming it. Long restores
+    answer ``Pending`` like any step; ``state`` is None on the first step. A drill never touches the source or a
+    real restore target."""
 
-    def verify(self, plan: Plan[S], backup: str, rt: Runtime) -> Check: ...
-
-    def restore(self, plan: Plan[S], backup: str, into: str, run: RunContext, rt: Runtime) -> Outcome: ...
+    def drill(
+        self,
+        plan: Plan[S],
+        target: Target,
+        backup: BackupRef,
+        state: dict[str, Any] | None,
+        run: RunContext,
+        rt: Runtime,
+    ) -> Outcome: ...
 
 
 def find_by_listing(kind: Kind[S], plan: Plan[S], key: str, rt: Runtime) -> Target:

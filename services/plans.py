@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, Union
 from urllib.parse import urlsplit
@@ -88,6 +89,33 @@ class Notify(BaseModel):
     webhook_env: NonEmptyStr | None = None
 
 
+_DURATION = re.compile(r"^([1-9][0-9]{0,4})([hd])$")
+
+
+def _duration(value: str) -> str:
+    if not _DURATION.match(value):
+        raise ValueError("expected a whole number of hours or days, such as 12h or 7d")
+    return value
+
+
+class Drill(BaseModel):
+    """A restore drill on a schedule: the newest good backup of each target is restored into a scratch place,
+    checked and timed, and the scratch removed. ``every`` is how often (``7d``, ``12h``)."""
+
+    model_config = STRICT
+    every: Annotated[str, AfterValidator(_duration)] = "7d"
+    keep_scratch: bool = False  # leave the scratch restore for a person to look at (labelled, cleaned next time)
+    max_bytes: int | None = Field(None, ge=1)  # refuse (as a failed drill) to restore a backup bigger than this
+    max_scratch: int = Field(1, ge=1, le=20)  # drills of this plan in flight at once, each with its scratch
+
+    @property
+    def interval(self) -> timedelta:
+        found = _DURATION.match(self.every)
+        assert found is not None
+        count, unit = int(found.group(1)), found.group(2)
+        return timedelta(hours=count) if unit == "h" else timedelta(days=count)
+
+
 class CommonFields(BaseModel):
     """The fields of every plan, whatever its kind."""
 
@@ -98,6 +126,7 @@ class CommonFields(BaseModel):
     rpo_hours: float | None = Field(None, ge=0.1)
     retention: Retention = Retention()
     notify: Notify = Notify()
+    drill: Drill | None = None
 
 
 class PlanSections(BaseModel, Generic[S]):
@@ -136,6 +165,7 @@ class Plan(Generic[S]):
     rpo_hours: float | None = None
     retention: Retention = field(default_factory=Retention)
     notify: Notify = field(default_factory=Notify)
+    drill: Drill | None = None
 
 
 def _plan_validator(registry: Mapping[str, type[PlanSections[Any]]]) -> TypeAdapter[Any]:
@@ -187,6 +217,7 @@ def parse_plan(name: str, raw: Any, source: str = "plans.yaml") -> Plan[Any]:
         rpo_hours=model.rpo_hours,
         retention=model.retention,
         notify=model.notify,
+        drill=model.drill,
     )
 
 

@@ -25,8 +25,9 @@ from typing import Any
 from google.api_core import exceptions as core
 
 import kinds
-from services import notify
+from services import drills, notify
 from services.catalog import (
+    DRILL,
     FAILED,
     PENDING,
     RUNNING,
@@ -39,7 +40,7 @@ from services.catalog import (
 )
 from services.errors import ConfigError, PermanentError, TargetGone, TransientError
 from services.fanout import POLL_QUEUE, FanoutResult, fan_out, manual_period, period_refusal, run_id
-from services.kinds import Done, Outcome, Pending, RunContext, Target
+from services.kinds import BackupRef, Done, Outcome, Pending, RunContext, Target
 from services.plans import Plan
 from services.queue import QueueConfig, TaskQueue, TaskSpec, load_queue_configs
 from services.runtime import Runtime
@@ -190,6 +191,74 @@ def run_backup_task(
     return _settle(rt, catalog, queue, plan, record, run, delivery, start)
 
 
+@storage_errors_are_transient
+def run_drill_task(
+    rt: Runtime, catalog: Catalog, queue: TaskQueue, plan_name: str, payload: Any, delivery: Delivery
+) -> Answer:
+    """A restore drill of one target: its newest good backup (looked up again, never named by the body) is
+    restored into scratch, checked and timed by the kind."""
+    plan = _known_plan(rt, catalog, plan_name, payload)
+    if isinstance(plan, Answer):
+        return plan
+    try:
+        identifier, period, key = _parse_backup_claim(payload)
+    except ValueError as exc:
+        return record_bad_task(rt, catalog, plan_name, payload, f"malformed drill task: {exc}")
+    kind = kinds.get(plan.kind)
+    if plan.drill is None or not hasattr(kind, "drill"):
+        return record_bad_task(rt, catalog, plan_name, payload, f"refused: plan {plan.name} has no restore drill")
+    if identifier != drills.drill_run_id(plan, key, period):
+        return record_bad_task(rt, catalog, plan_name, payload, f"refused: run id {identifier!r} is not this drill's")
+    existing = catalog.get(identifier)
+    if existing is not None and (existing.final or existing.state is not None):
+        return _duplicate(rt, queue, plan, existing)
+    allowed = period in drills.drill_window(plan, rt.now()) or catalog.trigger(plan.name, period) is not None
+    if not allowed or period > rt.now():
+        return record_bad_task(rt, catalog, plan_name, payload, f"refused: drill period {period.isoformat()}")
+    state = catalog.target_state(plan.name, key)
+    backup = catalog.get(state.last_good_run_id) if state and state.last_good_run_id else None
+    now = rt.now()
+    record, _created = catalog.begin(
+        RunRecord(
+            run_id=identifier,
+            plan=plan.name,
+            target=key,
+            kind=plan.kind,
+            period=period,
+            params={"backup_run_id": backup.run_id if backup else None},
+            created=now,
+            started=now,
+            purpose=DRILL,
+        )
+    )
+    if record.final or record.state is not None:
+        return _duplicate(rt, queue, plan, record)
+    run = _run_context(rt, plan, record, delivery, {})
+    record.attempts += 1
+    if backup is None or backup.status != SUCCEEDED or not backup.output:
+        return _finish(rt, catalog, plan, record, FAILED, error=f"no good backup of {key} to restore")
+    ref = BackupRef(backup.run_id, backup.output, backup.stats, backup.period)
+    target = Target(key, backup.params)
+    restorable: Any = kind
+
+    def first_step() -> Outcome:
+        outcome: Outcome = restorable.drill(plan, target, ref, None, run, rt)
+        return outcome
+
+    return _settle(rt, catalog, queue, plan, record, run, delivery, first_step)
+
+
+def _drill_step(rt: Runtime, catalog: Catalog, plan: Plan[Any], record: RunRecord, run: RunContext) -> Outcome:
+    """The next step of a drill in flight (its poll): the backup it restores is the one recorded when it began."""
+    backup = catalog.get(str(record.params.get("backup_run_id")))
+    if backup is None or not backup.output:
+        raise PermanentError(f"the backup this drill restores ({record.params.get('backup_run_id')}) is gone")
+    ref = BackupRef(backup.run_id, backup.output, backup.stats, backup.period)
+    kind: Any = kinds.get(plan.kind)
+    outcome: Outcome = kind.drill(plan, Target(record.target, backup.params), ref, record.state, run, rt)
+    return outcome
+
+
 def _duplicate(rt: Runtime, queue: TaskQueue, plan: Plan[Any], record: RunRecord) -> Answer:
     """A delivery of a run another delivery already started or finished: it must not start a second backup."""
     if record.status == PENDING and record.state is not None:
@@ -224,6 +293,10 @@ def run_poll_task(
     target = Target(record.target, record.params)
     run = _run_context(rt, plan, record, delivery, {})
     state = record.state
+    if record.purpose == DRILL:
+        return _settle(
+            rt, catalog, queue, plan, record, run, delivery, lambda: _drill_step(rt, catalog, plan, record, run)
+        )
     return _settle(rt, catalog, queue, plan, record, run, delivery, lambda: kind.poll(plan, target, state, run, rt))
 
 

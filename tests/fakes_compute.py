@@ -123,6 +123,8 @@ class ComputeFake:
         self.request_ids: dict[tuple[str, str], tuple[str, str, str]] = {}
         self.denied: set[tuple[str, str]] = set()  # (project, permission)
         self.failing_disks: set[str] = set()  # disk names whose snapshots end FAILED
+        self.damaged_snapshots: set[str] = set()  # snapshot names whose restored disks come back the wrong size
+        self.deleted_disks: list[str] = []
         self.deleted_elsewhere: set[str] = set()  # snapshot names that vanish just before our delete arrives
         self.faults: list[Fault] = []
         self.latency_seconds = 0.0
@@ -247,6 +249,8 @@ class ComputeFake:
             if len(tail) == 2 and tail[0] == "disks" and method == "GET":
                 self._require(project, "compute.disks.get", f"projects/{project}/{scope}/disks/{tail[1]}")
                 return self._disk(project, scope, tail[1])
+            if len(tail) == 2 and tail[0] == "disks" and method == "DELETE":
+                return self._delete_disk(project, scope, tail[1], params)
             if len(tail) == 3 and tail[0] == "disks" and tail[2] == "createSnapshot" and method == "POST":
                 return self._create_snapshot(project, scope, tail[1], payload, params)
             if len(tail) == 2 and tail[0] == "operations" and method == "GET":
@@ -297,6 +301,9 @@ class ComputeFake:
         disk = self.disks.get((project, scope, name))
         if disk is None:
             raise ApiError(404, "notFound", f"The resource 'projects/{project}/{scope}/disks/{name}' was not found")
+        if disk.get("_reads_until_ready"):  # a disk made from a snapshot is CREATING for a few reads
+            disk["_reads_until_ready"] -= 1
+            disk["status"] = "CREATING" if disk["_reads_until_ready"] else "READY"
         return self._public(disk)
 
     def _insert_disk(self, project: str, scope: str, payload: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
@@ -313,10 +320,20 @@ class ComputeFake:
         source = self._snapshot(project, source_name)
         zone = scope.split("/", 1)[1]
         disk = self.add_disk(project, name, zone=zone, labels=payload.get("labels"))
-        disk.update(
-            sizeGb=source.get("diskSizeGb", "10"), sourceSnapshot=source["selfLink"], sourceSnapshotId=source["id"]
-        )
+        size = source.get("diskSizeGb", "10")
+        if source_name in self.damaged_snapshots:  # restores come back short, as from a damaged snapshot
+            size = str(int(size) // 2)
+        disk.update(sizeGb=size, sourceSnapshot=source["selfLink"], sourceSnapshotId=source["id"], status="CREATING")
+        disk["_reads_until_ready"] = self.operation_steps
         return self._new_operation(project, scope, "insert", disk["selfLink"], params)
+
+    def _delete_disk(self, project: str, scope: str, name: str, params: dict[str, str]) -> dict[str, Any]:
+        self._require(project, "compute.disks.delete", f"projects/{project}/{scope}/disks/{name}")
+        disk = self.disks.pop((project, scope, name), None)
+        if disk is None:
+            raise ApiError(404, "notFound", f"The resource 'projects/{project}/{scope}/disks/{name}' was not found")
+        self.deleted_disks.append(name)
+        return self._new_operation(project, scope, "delete", disk["selfLink"], params)
 
     # --- snapshots and operations ----------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.auth.credentials import AnonymousCredentials
 
 import kinds
 from main import create_app
@@ -23,42 +22,13 @@ from services.catalog import FAILED, PENDING, SUCCEEDED, Catalog
 from services.fanout import backup_task, current_period, run_id
 from services.kinds import Pending, Target
 from services.plans import parse_plan
-from services.queue import LocalQueue
 from tests import scripted_kind
 from tests.fixtures.compute import FAKE_COMPUTE_ENDPOINT
-from tests.helpers import LOCAL_TOKEN, make_runtime
+from tests.helpers import LOCAL_TOKEN
+from tests.service_harness import Service
 
 AUTH = {"Authorization": f"Bearer {LOCAL_TOKEN}"}
 LABEL = "backup-generations"
-
-
-class Service:
-    """The app with the local queue, a clock the test moves, and the real catalog in the Datastore emulator."""
-
-    def __init__(self, tmp_path: Path, datastore: Any, plans: dict[str, Any], clock: Any, **settings: Any):
-        self.clock = clock
-        self.rt = make_runtime(tmp_path, plans=plans, clock=clock, credentials=AnonymousCredentials(), **settings)
-        self.queue = LocalQueue(tmp_path / "q.sqlite3", clock=clock)
-        self.client = create_app(self.rt, queue=self.queue).test_client()
-        self.catalog = Catalog(datastore)
-
-    def post(self, path: str, body: Any) -> Any:
-        return self.client.post(path, data=json.dumps(body), headers=AUTH, content_type="application/json")
-
-    def task(self, plan_name: str, key: str, params: dict[str, Any] | None = None, period: Any = None) -> Any:
-        plan = self.rt.plans[plan_name]
-        return backup_task(plan, Target(key, params or {}), period or current_period(self.rt, plan))
-
-    def run(self, task: Any) -> Any:
-        """Deliver a backup task, then every poll it leads to, as the queue would (delays skipped)."""
-        answer = self.post(task.path, task.payload)
-        while True:
-            polls = [t for t in self.queue.tasks("pending") if t["name"].startswith(task.name + "-poll-")]
-            if not polls:
-                return answer
-            for poll in polls:
-                self.queue.settle(poll["name"], state="done", status=200, error=None)
-                answer = self.post(poll["path"], json.loads(poll["payload"]))
 
 
 # --- disks -------------------------------------------------------------------------------------------------

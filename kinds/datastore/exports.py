@@ -16,12 +16,25 @@ from typing import Any
 
 from google.api_core import exceptions as core
 
+from kinds.datastore import bigquery
 from kinds.datastore.plan import Settings
 from services.catalog import NAMESPACE as CATALOG_NAMESPACE
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fanout import period_stamp
 from services.gcp_errors import classify
-from services.kinds import Done, Execution, Kind, Outcome, Pending, RunContext, Target, TargetPage, find_by_listing
+from services.kinds import (
+    BackupRef,
+    Done,
+    Execution,
+    Kind,
+    Outcome,
+    Pending,
+    Restorable,
+    RunContext,
+    Target,
+    TargetPage,
+    find_by_listing,
+)
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -177,7 +190,9 @@ def _refuse_vanished(plan: Plan[Settings], rt: Runtime, namespaces: list[str], k
         raise classify(exc, f"checking kind {kinds[0]}") from exc
 
 
-def _finished(plan: Plan[Settings], rt: Runtime, operation: Any, state: dict[str, Any], run: RunContext) -> Outcome:
+def _finished(
+    plan: Plan[Settings], target: Target, rt: Runtime, operation: Any, state: dict[str, Any], run: RunContext
+) -> Outcome:
     from google.cloud import datastore_admin_v1
 
     if operation.HasField("error") and operation.error.code:
@@ -189,14 +204,75 @@ def _finished(plan: Plan[Settings], rt: Runtime, operation: Any, state: dict[str
         "bytes": int(metadata.progress_bytes.work_completed),
     }
     output = response.output_url
+    per_kind: dict[str, dict[str, int]] = {}
+    namespaces, kinds = list(target.params["namespaces"]), list(target.params["kinds"])
+    if len(namespaces) * len(kinds) == 1:
+        key = f"{namespaces[0]}/{kinds[0]}" if namespaces[0] else kinds[0]
+        per_kind[key] = {"entities": stats["entities"] or 0, "bytes": stats["bytes"] or 0}
     if rt.settings.export_local_root is not None:
         output = _mirror_local_export(rt, plan.settings.bucket, state, output)
-        # The emulator reports no progress counts: count what it wrote instead.
-        files = [p for p in Path(state["prefix"]).rglob("*") if p.is_file()]
-        stats = {"entities": None, "bytes": sum(p.stat().st_size for p in files), "files": len(files)}
-    counted = f"{stats['entities']} entities, " if stats["entities"] is not None else ""
-    run.log(f"export done: {counted}{stats['bytes']} bytes -> {output}")
-    return Done(output=output, stats=stats)
+        # The emulator reports no progress counts: count what it wrote instead (one log record per entity).
+        per_kind = count_local_export(Path(state["prefix"]))
+        stats = {
+            "entities": sum(k["entities"] for k in per_kind.values()),
+            "bytes": sum(k["bytes"] for k in per_kind.values()),
+        }
+    run.log(f"export done: {stats['entities']} entities, {stats['bytes']} bytes -> {output}")
+    done = {**stats, "kinds": per_kind}
+    tables = plan.settings.bigquery
+    if tables is None:
+        return Done(output=output, stats=done)
+    jobs = bigquery.start_loads(rt, tables, _project(plan, rt), output, run.run_id, f"{run.period:%Y%m%d}")
+    run.log(f"loading {len(jobs)} kind(s) into BigQuery dataset {tables.dataset}")
+    state = {**state, "phase": "bigquery", "output": output, "export_stats": done, "jobs": jobs}
+    return Pending(state, delay_seconds=bigquery.POLL_SECONDS)
+
+
+def _loads_finished(plan: Plan[Settings], rt: Runtime, state: dict[str, Any], run: RunContext) -> Outcome:
+    target = plan.settings.bigquery
+    if target is None:  # the plan no longer loads into BigQuery: the export itself is done
+        return Done(output=state["output"], stats=state["export_stats"])
+    loaded = bigquery.poll_loads(rt, target, _project(plan, rt), state["jobs"])
+    if loaded is None:
+        return Pending(state, delay_seconds=bigquery.POLL_SECONDS)
+    for kind, table in sorted(loaded.items()):
+        run.log(f"BigQuery: {kind} -> {table['table']} ({table['rows']} rows)")
+    return Done(output=state["output"], stats={**state["export_stats"], "bigquery": loaded})
+
+
+def count_local_export(root: Path) -> dict[str, dict[str, int]]:
+    """Entities and bytes per kind of an export written on local disk (the emulator's), from its files: every
+    entity is one record of the LevelDB log format the output files use."""
+    found: dict[str, dict[str, int]] = {}
+    for folder in sorted(p for p in root.rglob("kind_*") if p.is_dir()):
+        namespace = folder.parent.name.removeprefix("namespace_") if folder.parent.name.startswith("namespace_") else ""
+        kind = folder.name.removeprefix("kind_")
+        outputs = [p for p in folder.iterdir() if p.name.startswith("output-")]
+        found[f"{namespace}/{kind}" if namespace else kind] = {
+            "entities": sum(leveldb_log_records(p.read_bytes()) for p in outputs),
+            "bytes": sum(p.stat().st_size for p in outputs),
+        }
+    return found
+
+
+def leveldb_log_records(data: bytes, block: int = 32768) -> int:
+    """How many records a LevelDB log holds: 32 KiB blocks of fragments, each behind a 7-byte header (checksum,
+    little-endian length, type); a record is one FULL fragment or a FIRST ... LAST run, so FULL and FIRST count."""
+    count, offset = 0, 0
+    while offset + 7 <= len(data):
+        room = block - offset % block
+        if room < 7:  # a block's tail too short for a header is padding
+            offset += room
+            continue
+        length = int.from_bytes(data[offset + 4 : offset + 6], "little")
+        kind = data[offset + 6]
+        if kind == 0 and length == 0:  # zeroed space after the last record of a block
+            offset += room
+            continue
+        if kind in (1, 2):
+            count += 1
+        offset += 7 + length
+    return count
 
 
 def _mirror_local_export(rt: Runtime, bucket_name: str, state: dict[str, Any], local_metadata: str) -> str:
@@ -359,7 +435,7 @@ class Datastore:
             raise classify(exc, f"starting the export of {target.key}") from exc
         state = {"operation": operation.name, "prefix": prefix, "relative": relative}
         if operation.done:
-            return _finished(plan, rt, operation, state, run)
+            return _finished(plan, target, rt, operation, state, run)
         run.log(f"export operation {operation.name} started")
         return Pending(state, delay_seconds=POLL_SECONDS)
 
@@ -368,6 +444,8 @@ class Datastore:
     ) -> Outcome:
         from google.longrunning import operations_pb2
 
+        if state.get("phase") == "bigquery":
+            return _loads_finished(plan, rt, state, run)
         try:
             operation = admin_client(rt).get_operation(operations_pb2.GetOperationRequest(name=state["operation"]))
         except core.NotFound as exc:
@@ -376,7 +454,23 @@ class Datastore:
             raise classify(exc, f"polling export {state['operation']}") from exc
         if not operation.done:
             return Pending(state, delay_seconds=POLL_SECONDS)
-        return _finished(plan, rt, operation, state, run)
+        return _finished(plan, target, rt, operation, state, run)
+
+    def drill(
+        self,
+        plan: Plan[Settings],
+        target: Target,
+        backup: BackupRef,
+        state: dict[str, Any] | None,
+        run: RunContext,
+        rt: Runtime,
+    ) -> Outcome:
+        """The export imported into a scratch database, counted kind by kind against the export's own counts."""
+        from kinds.datastore import drill
+
+        return drill.drill(plan, target, backup, state, run, rt)
 
 
-KIND: Kind[Settings] = Datastore()
+KIND = Datastore()
+_CONTRACT: Kind[Settings] = KIND  # mypy holds the kind to the contract
+_DRILLS: Restorable[Settings] = KIND

@@ -5,18 +5,32 @@ Example::
     datastore-nightly:
       kind: datastore
       select: {namespaces: all}            # or a list; "" is the default namespace; kinds: [Customer, Order]
-      destination: {bucket: my-exports, prefix: datastore}
+      destination:
+        bucket: my-exports
+        prefix: datastore
+        bigquery: {dataset: datastore_history, table_prefix: "", mode: snapshot}   # optional
       options: {location: us-central1, grouping: per-kind}
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, StringConstraints, field_validator
 
-from services.plans import STRICT, NonEmptyStr, PlanSections
+from services.plans import STRICT, NonEmptyStr, PlanSections, ProjectId
+
+
+@dataclass(frozen=True)
+class BigQueryTarget:
+    """Where exports go in BigQuery (``destination.bigquery`` of a datastore plan)."""
+
+    dataset: str
+    project: str | None = None  # None: the exported project
+    table_prefix: str = ""
+    mode: str = "snapshot"  # "snapshot": a dated table per day; "replace": one table per kind
+    location: str | None = None  # the dataset's location; None lets BigQuery find it
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,8 @@ class Settings:
     kinds: tuple[str, ...] | None  # None: every kind found
     namespaces: tuple[str, ...] | None  # None: every namespace found ("" is the default namespace)
     grouped: bool
+    bigquery: BigQueryTarget | None = None  # load each export into BigQuery, a table per kind
+    drill_database: str = "backup-drill"  # the scratch database restore drills import into (never "(default)")
 
 
 class Select(BaseModel):
@@ -43,10 +59,20 @@ class Select(BaseModel):
         raise ValueError("expected 'all' or a list of namespace names ('' is the default)")
 
 
+class BigQuery(BaseModel):
+    model_config = STRICT
+    dataset: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{1,1024}$")]
+    project: ProjectId | None = None
+    table_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{0,100}$")] = ""
+    mode: Literal["snapshot", "replace"] = "snapshot"
+    location: NonEmptyStr | None = None
+
+
 class Destination(BaseModel):
     model_config = STRICT
     bucket: NonEmptyStr
     prefix: NonEmptyStr = "datastore"
+    bigquery: BigQuery | None = None
 
     @field_validator("bucket")
     @classmethod
@@ -61,6 +87,7 @@ class Options(BaseModel):
     project: NonEmptyStr | None = None
     location: NonEmptyStr
     grouping: Literal["per-kind", "grouped"] = "per-kind"
+    drill_database: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{2,62}$")] = "backup-drill"
 
 
 class Sections(PlanSections[Settings]):
@@ -79,4 +106,6 @@ class Sections(PlanSections[Settings]):
             kinds=tuple(self.select.kinds) if self.select.kinds else None,
             namespaces=None if namespaces == "all" else tuple(namespaces),
             grouped=self.options.grouping == "grouped",
+            bigquery=BigQueryTarget(**bigquery.model_dump()) if (bigquery := self.destination.bigquery) else None,
+            drill_database=self.options.drill_database,
         )

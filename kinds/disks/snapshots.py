@@ -35,7 +35,19 @@ from googleapiclient.errors import HttpError
 from kinds.disks.plan import DiskSettings
 from services.errors import PermanentError, TargetGone
 from services.gcp_errors import classify, decode_page_token, execute, next_page_token, problem_of
-from services.kinds import Done, Execution, Kind, ListingProblem, Outcome, Pending, RunContext, Target, TargetPage
+from services.kinds import (
+    BackupRef,
+    Done,
+    Execution,
+    Kind,
+    ListingProblem,
+    Outcome,
+    Pending,
+    Restorable,
+    RunContext,
+    Target,
+    TargetPage,
+)
 from services.plans import PROJECT_ID, Plan
 from services.requests_http import discovery_client
 from services.retention import Backup, Policy, prune, to_delete
@@ -530,5 +542,21 @@ class Disks:
             f" once it is READY would delete {deletes}"
         )
 
+    def drill(
+        self,
+        plan: Plan[DiskSettings],
+        target: Target,
+        backup: BackupRef,
+        state: dict[str, Any] | None,
+        run: RunContext,
+        rt: Runtime,
+    ) -> Outcome:
+        """A scratch disk from the newest snapshot: READY, the right size and source, then deleted."""
+        from kinds.disks import drill
 
-KIND: Kind[DiskSettings] = Disks()
+        return drill.drill(plan, target, backup, state, run, rt)
+
+
+KIND = Disks()
+_CONTRACT: Kind[DiskSettings] = KIND  # mypy holds the kind to the contract
+_DRILLS: Restorable[DiskSettings] = KIND
