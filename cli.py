@@ -9,27 +9,46 @@ from __future__ import annotations
 import getpass
 import importlib
 import json
+import pkgutil
 import sys
 from typing import Any
 
 import click
 
+import commands
 from commands import LAZY_COMMANDS, current_runtime
 from services.errors import BackupError
 
 
 class _LazyGroup(click.Group):
     """Kind commands (commands/*.py) are imported only when one of them runs: ``--help`` lists them from
-    ``commands.LAZY_COMMANDS``, so no command pays for another kind's client libraries."""
+    ``commands.LAZY_COMMANDS``, so no command pays for another kind's client libraries. A module missing from
+    that table is imported for every command (slower, never lost; tests/test_cli_imports.py asks for a row)."""
+
+    _unlisted_loaded = False
+
+    def _load(self, module_name: str) -> None:
+        for command in getattr(importlib.import_module(module_name), "commands", []):
+            self.add_command(command)
+
+    def _load_unlisted(self) -> None:
+        if not self._unlisted_loaded:
+            self._unlisted_loaded = True
+            listed = {module for module, _ in LAZY_COMMANDS.values()}
+            for info in pkgutil.iter_modules(commands.__path__):
+                if f"commands.{info.name}" not in listed:
+                    self._load(f"commands.{info.name}")
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_unlisted()
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in self.commands and cmd_name in LAZY_COMMANDS:
-            module = importlib.import_module(LAZY_COMMANDS[cmd_name][0])
-            for command in getattr(module, "commands", []):
-                self.add_command(command)
+        if cmd_name not in self.commands:
+            if cmd_name in LAZY_COMMANDS:
+                self._load(LAZY_COMMANDS[cmd_name][0])
+            else:
+                self._load_unlisted()
         return super().get_command(ctx, cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: Any) -> None:

@@ -21,6 +21,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "Restore BACKUP onto SHARE of INSTANCE, after taking a safety backup of that share.",
     ),
     "sqlsync": ("commands.sqlsync", "Copy production into staging with personal data masked (a plan of kind sqlsync)."),
+    "trends": ("commands.trends", "Entities and bytes per kind of a datastore PLAN, one line per day with a good run."),
 }
 
 

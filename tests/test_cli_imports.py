@@ -76,3 +76,18 @@ def test_a_lazy_command_runs_through_the_group():
 
     assert result.exit_code == 2
     assert "SOURCE and DEST are required" in result.output
+
+
+def test_a_command_module_missing_from_the_table_still_works(monkeypatch):
+    from click.testing import CliRunner
+
+    import cli
+
+    monkeypatch.delitem(LAZY_COMMANDS, "trends")
+    group = cli._LazyGroup("backup")
+
+    listed = CliRunner().invoke(group, ["--help"])
+
+    assert listed.exit_code == 0
+    assert "trends" in listed.output
+    assert group.get_command(None, "trends") is not None
