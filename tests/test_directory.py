@@ -3,6 +3,7 @@ verify and restore, through the engine (services/dircopy.py) and the ``directory
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -486,3 +487,30 @@ def test_a_wide_tree_walked_by_two_threads_links_counts_and_lists_every_file(tmp
     )
     assert all(os.stat(copy / name).st_nlink == (1 if name in changed else 2) for name in names)
     assert dircopy.verify_copy(copy).ok
+
+
+def test_a_format_1_copy_is_verified_restored_linked_against_and_pruned(tmp_path):
+    """Copies made before format 2 (only backslash, tab, CR and LF escaped; no root in the header) keep working."""
+    src, dest = tmp_path / "share", tmp_path / "backups"
+    write(src / "a.txt", b"alpha", mtime=1_700_000_000)
+    write(src / "form\x0cfeed", b"a name format 1 wrote as it is", mtime=1_700_000_000)
+    dest.mkdir()
+    old = dircopy.copy_tree(src, dest, T0, sync=False).path
+    manifest = old / dircopy.MANIFEST_NAME
+    header, *lines = manifest.read_text().splitlines()
+    v1_header = {k: v for k, v in json.loads(header).items() if k not in ("root", "errors")}
+    v1_header["format"] = dircopy.FORMAT_V1
+    v1_lines = [line.replace("\\x0c", "\x0c") for line in lines]  # format 1 left a form feed unescaped
+    manifest.write_text("\n".join([json.dumps(v1_header), *v1_lines]) + "\n")
+
+    report = dircopy.verify_copy(old)
+    restored = dircopy.restore_copy(old, tmp_path / "restored")
+    new = dircopy.copy_tree(src, dest, T0 + timedelta(hours=1), sync=False)
+
+    assert report.ok, report.problems
+    assert restored.errors == []
+    assert (tmp_path / "restored" / "form\x0cfeed").read_bytes() == b"a name format 1 wrote as it is"
+    assert (new.stats.files_linked, new.stats.files_copied) == (2, 0)
+    assert dircopy.read_manifest(new.path).header["format"] == dircopy.FORMAT
+    assert "form\\x0cfeed" in (new.path / dircopy.MANIFEST_NAME).read_text()
+    assert dircopy.prune(dest, keep=1, min_keep=1) == [old]
