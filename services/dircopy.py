@@ -164,13 +164,12 @@ def _readlink(path: str) -> str:
         return os.readlink(name, dir_fd=dir_fd)
 
 
-def _set_attributes(path: str, mode: int, mtime_ns: int, uid: int, gid: int, symlink: bool = False) -> None:
-    """Owner (as root), mode (not for symlinks) and mtime of ``path``, never following a symlink."""
+def _set_attributes(path: str, mode: int, mtime_ns: int, uid: int, gid: int) -> None:
+    """Owner (as root), mode and mtime of the directory ``path``."""
     with _at(path) as (dir_fd, name):
         if _CAN_CHOWN:
             os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-        if not symlink:
-            os.chmod(name, mode, dir_fd=dir_fd)
+        os.chmod(name, mode, dir_fd=dir_fd)
         os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
@@ -539,9 +538,6 @@ def remove_stale_work(dest_root: Path) -> list[Path]:
             remove_tree(path)
             removed.append(path)
     return removed
-
-
-remove_stale_inprogress = remove_stale_work  # the earlier name
 
 
 def delete_copy(path: Path) -> None:
@@ -1214,7 +1210,7 @@ def _write_manifest(path: Path, header: dict[str, Any], lines: dict[str, str]) -
             fh.write("\n".join([lines[path] for path in sorted(lines)]) + "\n")
 
 
-def log_lines(header: dict[str, Any], stats: CopyStats) -> list[str]:
+def log_lines(stats: CopyStats) -> list[str]:
     """The body of a copy's log: what the run did, every error and every note."""
     return [
         f"copied:    {stats.files_copied} files, {stats.bytes_copied} bytes",
@@ -1239,7 +1235,7 @@ def _write_log(path: Path, header: dict[str, Any], stats: CopyStats) -> None:
         f"started:   {header['started']}",
         f"finished:  {header['finished']}",
         f"duration:  {stats.duration_seconds:.2f} s",
-        *log_lines(header, stats),
+        *log_lines(stats),
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -578,7 +578,7 @@ def _log_text(header: dict[str, Any], stats: CopyStats, cost: Cost, requests: in
         f"duration:  {stats.duration_seconds:.2f} s",
         f"cost:      {requests} requests before this log and the manifest, {cost.objects_written} objects written,"
         f" {cost.bytes_uploaded} bytes uploaded, {cost.bytes_downloaded} bytes of manifests read",
-        *dircopy.log_lines(header, stats),
+        *dircopy.log_lines(stats),
     ]
     return "\n".join(lines) + "\n"
 
