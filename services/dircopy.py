@@ -602,6 +602,9 @@ def _read_directory(source: str, rel_dir: str, stats: CopyStats) -> tuple[list[_
         os.close(dir_fd)
 
 
+_S_IFMT, _S_IFREG, _S_IFDIR = stat.S_IFMT(0o177777), stat.S_IFREG, stat.S_IFDIR
+
+
 def _list_directory(dir_fd: int, rel_dir: str, stats: CopyStats) -> tuple[list[_Item], list[_Item]]:
     """The entries other than directories, and the subdirectories, of the open directory ``dir_fd``."""
     try:
@@ -626,13 +629,13 @@ def _list_directory(dir_fd: int, rel_dir: str, stats: CopyStats) -> tuple[list[_
         except OSError as exc:
             stats.errors.append(f"cannot stat {rel}: {exc.strerror}")
             continue
-        mode = st.st_mode
-        if stat.S_ISREG(mode):
+        file_type = st.st_mode & _S_IFMT  # compared inline: this loop runs once per entry of the tree
+        if file_type == _S_IFREG:
             children.append(_Item(rel, "f", st))
-        elif stat.S_ISDIR(mode):
+        elif file_type == _S_IFDIR:
             subdirs.append(_Item(rel, "d", st))
         else:
-            kind = kind_of(mode)
+            kind = kind_of(st.st_mode)
             if kind is None:
                 stats.skipped += 1
                 stats.notes.append(f"{rel}: a file type this engine does not know; not copied")
@@ -899,6 +902,7 @@ class _Copier:
         self._copies: list[Future[_Result]] = []
         self._copy_pool: ThreadPoolExecutor | None = None
         self._seen_any = False
+        self._signature_tails: dict[tuple[int, int, int], str] = {}
         self.full: OSError | None = None  # set when the destination cannot take more; everything then stops
 
     def run(self, allow_empty: bool) -> None:
@@ -1074,15 +1078,22 @@ class _Copier:
         left: list[_Item] = []
         unchanged: list[tuple[_Item, str]] = []
         files = size = 0
+        tails = self._signature_tails
         for item in children:
             if item.kind == "f":
                 st = item.st
                 files += 1
                 size += st.st_size
                 before = previous.get(item.rel)
-                if before is not None and before.startswith(_file_signature(st)):
-                    unchanged.append((item, before))
-                    continue
+                if before is not None:
+                    # _file_signature(st), with the mode and owner part formatted once per (mode, owner)
+                    key = (st.st_mode, st.st_uid, st.st_gid)
+                    tail = tails.get(key)
+                    if tail is None:
+                        tail = tails[key] = _file_signature(st).split("\t", 3)[3]
+                    if before.startswith(f"f\t{st.st_size}\t{st.st_mtime_ns}\t{tail}"):
+                        unchanged.append((item, before))
+                        continue
             left.append(item)
         with self._lock:
             self._files_total += files
