@@ -161,7 +161,7 @@ def _run_to_bucket(rt: Any, source: Path, dest: str, keep: int | None, min_keep:
     client = rt.storage()
     try:
         result = gcscopy.copy_tree_to_bucket(source, client, dest, rt.now(), threads=threads, ad_hoc=True)
-    except (dircopy.CopyError, OSError, GoogleAPIError) as exc:
+    except (dircopy.CopyError, OSError, ValueError, GoogleAPIError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"copy: {result.url}" + (f" (reusing objects of {result.previous})" if result.previous else ""))
     _print_stats(result.stats)
@@ -214,7 +214,7 @@ def directory_verify(copy: str, threads: int) -> None:
             report = gcscopy.verify_bucket_copy(current_runtime().storage(), copy, threads=threads)
         else:
             report = dircopy.verify_copy(Path(copy), threads=threads, on_progress=bar)
-    except (dircopy.CopyError, OSError) as exc:
+    except (dircopy.CopyError, OSError, ValueError) as exc:  # ValueError: a malformed gs:// URL
         raise click.ClickException(str(exc)) from exc
     finally:
         bar.close()
@@ -273,7 +273,7 @@ def directory_restore(
                 threads=threads,
                 on_progress=bar,
             )
-    except (dircopy.CopyError, OSError) as exc:
+    except (dircopy.CopyError, OSError, ValueError) as exc:  # ValueError: a malformed gs:// URL
         raise click.ClickException(str(exc)) from exc
     finally:
         bar.close()

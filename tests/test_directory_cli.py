@@ -88,3 +88,16 @@ def test_run_verify_and_restore_a_bucket_copy_from_the_command_line(files_bucket
     assert refused.exit_code == 1 and "--safety-dest" in refused.output
     assert restored.exit_code == 0, restored.output
     assert (tmp_path / "out" / "docs" / "a.txt").read_text() == "alpha"
+
+
+def test_a_malformed_bucket_url_is_one_clear_line(tmp_path: Path):
+    from services.runtime import Runtime, Settings
+
+    rt = Runtime(Settings.from_env({}))
+    rt.client("storage", lambda: None)  # never reached: the URL is refused first
+
+    verified = CliRunner().invoke(directory_group, ["verify", "gs://"], obj={"runtime": rt})
+    restored = CliRunner().invoke(directory_group, ["restore", "gs://b/p/nostamp", str(tmp_path)], obj={"runtime": rt})
+
+    assert verified.exit_code == 1 and "expected gs://BUCKET[/PREFIX]" in verified.output
+    assert restored.exit_code == 1 and "expected gs://BUCKET/PREFIX/<stamp>" in restored.output
