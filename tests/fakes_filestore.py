@@ -54,6 +54,7 @@ class FilestoreFake:
         self.injected: list[tuple[str, str, int]] = []  # (method, path substring, status), used once each
         self.calls: list[tuple[str, str]] = []
         self.restores: list[dict[str, Any]] = []
+        self.stored_bytes = 5 * 2**30  # what each new backup reports holding
         self._ids = itertools.count(1)
         self._tick = itertools.count(1)
 
@@ -61,7 +62,12 @@ class FilestoreFake:
 
     def add_instance(self, project: str, location: str, instance_id: str, labels: dict[str, str], share: str = "vol1"):
         name = f"projects/{project}/locations/{location}/instances/{instance_id}"
-        self.instances[name] = {"name": name, "labels": dict(labels), "fileShares": [{"name": share}], "state": "READY"}
+        self.instances[name] = {
+            "name": name,
+            "labels": dict(labels),
+            "fileShares": [{"name": share, "capacityGb": "1024"}],
+            "state": "READY",
+        }
         return name
 
     def add_backup(self, name: str, source: str, labels: dict[str, str], state: str = "READY", age_days: int = 30):
@@ -71,6 +77,8 @@ class FilestoreFake:
             "labels": dict(labels),
             "state": state,
             "createTime": (self.clock() - timedelta(days=age_days)).isoformat().replace("+00:00", "Z"),
+            "capacityGb": "1024",
+            "storageBytes": "5368709120",
         }
 
     def backups_of(self, instance_name: str) -> list[str]:
@@ -194,6 +202,8 @@ class FilestoreFake:
             backup["state"] = "INVALID" if backup.get("_fail") else "FINALIZING"
         elif backup["state"] == "FINALIZING":
             backup["state"] = "READY"
+            share = next(s for s in self.instances[backup["sourceInstance"]]["fileShares"])
+            backup.update(capacityGb=share.get("capacityGb", "1024"), storageBytes=str(self.stored_bytes))
 
     def _list_backups(self, parent: str, params: dict[str, str]) -> dict[str, Any]:
         terms = [t.strip() for t in params.get("filter", "").split(" AND ")] if params.get("filter") else []

@@ -242,3 +242,71 @@ def _drill_all_of(svc, plan_name):
 
         answers.append(svc.run(Spec))
     return scheduled, answers
+
+
+@pytest.fixture
+def share_service(tmp_path, datastore, filestore_fake, filestore_responses):
+    from tests.fixtures.filestore import FAKE_FILE_ENDPOINT
+    from tests.helpers import Clock
+
+    filestore_responses.add_passthru("http://127.0.0.1")
+    source = filestore_fake.add_instance("proj-one", "us-east1-b", "files", {"backup-keep": "3"})
+
+    def build(**options):
+        raw = {
+            "kind": "filestore",
+            "select": {"projects": ["proj-one"]},
+            "options": options,
+            "drill": {"every": "7d"},
+        }
+        svc = Service(
+            tmp_path, datastore, {"shares": parse_plan("shares", raw)}, Clock(), endpoints={"file": FAKE_FILE_ENDPOINT}
+        )
+        assert svc.run(svc.task("shares", source)).get_json()["status"] == SUCCEEDED
+        return svc
+
+    return build
+
+
+def test_a_filestore_drill_checks_the_newest_backup(share_service, filestore_fake):
+    svc = share_service()
+
+    _scheduled, answers = _drill_all_of(svc, "shares")
+
+    assert [a.get_json()["status"] for a in answers] == [SUCCEEDED]
+    (state,) = svc.catalog.target_states("shares")
+    drill = svc.catalog.get(state.last_drill_run_id)
+    assert any("holds 5368709120 bytes" in line for line in drill.stats["checked"])
+    assert state.last_drill_seconds is None and filestore_fake.restores == []  # checked, nothing restored
+
+
+def test_a_filestore_drill_restores_onto_the_labelled_scratch_instance_only(share_service, filestore_fake):
+    scratch = filestore_fake.add_instance("proj-one", "us-east1-b", "drill", {"backup-scheduler-drill": "shares"})
+    svc = share_service(drill_instance=scratch)
+
+    _scheduled, answers = _drill_all_of(svc, "shares")
+
+    assert [a.get_json()["status"] for a in answers] == [SUCCEEDED]
+    (restore,) = filestore_fake.restores
+    (state,) = svc.catalog.target_states("shares")
+    assert restore["instance"] == scratch and restore["sourceBackup"] == state.last_good_output
+    assert state.last_drill_seconds == 30.0
+
+
+def test_a_filestore_drill_never_restores_onto_an_unlabelled_instance(share_service, filestore_fake):
+    other = filestore_fake.add_instance("proj-one", "us-east1-b", "prod-two", {"team": "x"})
+    svc = share_service(drill_instance=other)
+
+    _scheduled, answers = _drill_all_of(svc, "shares")
+
+    assert answers[0].get_json()["status"] == FAILED and "refused" in answers[0].get_json()["error"]
+    assert filestore_fake.restores == []
+
+
+def test_a_filestore_backup_that_holds_nothing_fails_its_drill(share_service, filestore_fake):
+    filestore_fake.stored_bytes = 0
+    svc = share_service()
+
+    _scheduled, answers = _drill_all_of(svc, "shares")
+
+    assert answers[0].get_json()["status"] == FAILED and "holds no data" in answers[0].get_json()["error"]

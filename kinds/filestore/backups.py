@@ -33,7 +33,19 @@ from googleapiclient.errors import HttpError
 from kinds.filestore.plan import FilestoreSettings
 from services.errors import PermanentError, TargetGone
 from services.gcp_errors import decode_page_token, execute, next_page_token
-from services.kinds import Done, Execution, Kind, ListingProblem, Outcome, Pending, RunContext, Target, TargetPage
+from services.kinds import (
+    BackupRef,
+    Done,
+    Execution,
+    Kind,
+    ListingProblem,
+    Outcome,
+    Pending,
+    Restorable,
+    RunContext,
+    Target,
+    TargetPage,
+)
 from services.plans import Plan
 from services.requests_http import discovery_client
 from services.retention import Backup, NotConfirmed, Policy, to_delete
@@ -455,5 +467,21 @@ class Filestore:
             f" (floor {plan.retention.min_keep})"
         )
 
+    def drill(
+        self,
+        plan: Plan[FilestoreSettings],
+        target: Target,
+        backup: BackupRef,
+        state: dict[str, Any] | None,
+        run: RunContext,
+        rt: Any,
+    ) -> Outcome:
+        """The newest backup checked, and restored onto the plan's scratch instance where it names one."""
+        from kinds.filestore import drill
 
-KIND: Kind[FilestoreSettings] = Filestore()
+        return drill.drill(plan, target, backup, state, run, rt)
+
+
+KIND = Filestore()
+_CONTRACT: Kind[FilestoreSettings] = KIND  # mypy holds the kind to the contract
+_DRILLS: Restorable[FilestoreSettings] = KIND

@@ -12,8 +12,9 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from services.plans import STRICT, HttpUrl, LabelKey, PlanSections, ProjectId
 
@@ -27,6 +28,9 @@ class FilestoreSettings:
     label_key: str = DEFAULT_LABEL_KEY
     endpoint: str | None = None
     poll_seconds: float = POLL_SECONDS
+    # A scratch instance restore drills restore into (it must carry the label backup-scheduler-drill=<plan>);
+    # without one, a drill checks the backup's state and size only.
+    drill_instance: str | None = None
 
 
 class Select(BaseModel):
@@ -39,6 +43,9 @@ class Options(BaseModel):
     model_config = STRICT
     endpoint: HttpUrl | None = None
     poll_seconds: float = Field(POLL_SECONDS, ge=1.0)
+    drill_instance: (
+        Annotated[str, StringConstraints(pattern=r"^projects/[^/]+/locations/[^/]+/instances/[^/]+$")] | None
+    ) = None
 
 
 class Sections(PlanSections[FilestoreSettings]):
@@ -48,5 +55,9 @@ class Sections(PlanSections[FilestoreSettings]):
 
     def settings(self) -> FilestoreSettings:
         return FilestoreSettings(
-            tuple(self.select.projects), self.select.label, self.options.endpoint, self.options.poll_seconds
+            tuple(self.select.projects),
+            self.select.label,
+            self.options.endpoint,
+            self.options.poll_seconds,
+            self.options.drill_instance,
         )
