@@ -116,10 +116,14 @@ def test_worker_queues_become_http_tasks_to_the_cloud_run_worker(tmp_path):
 
     queue.enqueue_many([TaskSpec("directory", "/tasks/share", {}, name="d1"), TaskSpec("backups", "/tasks/p", {})])
 
-    to_worker = json.loads(responses.calls[0].request.body)["task"]["httpRequest"]
+    sent = {
+        call.request.url.split("/queues/")[1].split("/")[0]: json.loads(call.request.body)["task"]
+        for call in responses.calls
+    }
+    to_worker = sent["directory"]["httpRequest"]
     assert to_worker["url"] == "https://backup-worker-abc-ew.a.run.app/tasks/share"
     assert to_worker["oidcToken"]["audience"] == "https://backup-worker-abc-ew.a.run.app"
-    assert "appEngineHttpRequest" in json.loads(responses.calls[1].request.body)["task"]
+    assert "appEngineHttpRequest" in sent["backups"]
 
 
 def test_a_worker_queue_without_a_worker_url_is_a_clear_configuration_error(tmp_path):

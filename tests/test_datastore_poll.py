@@ -70,7 +70,11 @@ def test_poll_until_done_then_record_counts_and_output(env):
 
     assert isinstance(first, Pending) and first.delay_seconds == kind.POLL_SECONDS
     assert isinstance(second, Done)
-    assert second.stats == {"entities": 1234, "bytes": 123400}
+    assert second.stats == {
+        "entities": 1234,
+        "bytes": 123400,
+        "kinds": {"Customer": {"entities": 1234, "bytes": 123400}},  # one kind: its own figures too
+    }
     assert second.output.endswith("/Customer/2026-11-23T02:00:07_1/2026-11-23T02:00:07_1.overall_export_metadata")
 
 
