@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.dircopy import WALKERS, copy_tree  # noqa: E402
+from kinds.directory.copies import WALKERS, copy_tree  # noqa: E402
 
 
 def file_sizes(count: int, total_bytes: int, rng: random.Random) -> list[int]:

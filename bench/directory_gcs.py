@@ -1,4 +1,4 @@
-"""Benchmark: directory copies to a bucket (services/gcscopy.py) on the GCS emulator behind a loopback delay line:
+"""Benchmark: directory copies to a bucket (kinds/directory/bucket.py) on the GCS emulator behind a loopback delay line:
 what an incremental copy costs against the first, in requests and in time.
 
 The emulator (gcp-storage-emulator, in memory, without its per-write metadata dump: see ``EMULATOR``) runs as
@@ -6,7 +6,7 @@ its own process; a delay line (bench/delayline.py) holds
 every chunk ``--delay-ms`` in each direction, so each request pays a round trip as it would to Cloud Storage.
 One generated tree of ``--files`` files (mixed sizes, as bench/directory.py makes them); a first copy, then
 ``--repeats`` incremental copies, each after a fresh ``--changed`` fraction of the files changed. Requests are
-counted on the client's HTTP session (services/gcscopy.py ``RequestMeter``), retries included.
+counted on the client's HTTP session (kinds/directory/bucket.py ``RequestMeter``), retries included.
 
 Targets (issue 13): incremental <= 3% of the first copy's requests and <= 0.2x its time.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from delayline import DelayLine  # noqa: E402
 from directory import change_files, make_tree  # noqa: E402
 
-from services import gcscopy  # noqa: E402
+from kinds.directory import bucket as gcscopy  # noqa: E402
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from commands import current_runtime
-from services import dircopy
+from kinds.directory import copies as dircopy
 from services.errors import BackupError
 
 
@@ -156,7 +156,7 @@ def directory_run(
 def _run_to_bucket(rt: Any, source: Path, dest: str, keep: int | None, min_keep: int, threads: int) -> None:
     from google.api_core.exceptions import GoogleAPIError
 
-    from services import gcscopy
+    from kinds.directory import bucket as gcscopy
 
     client = rt.storage()
     try:
@@ -178,7 +178,8 @@ def _run_to_bucket(rt: Any, source: Path, dest: str, keep: int | None, min_keep:
 
 
 def _run_plan(rt: Any, plan_name: str) -> None:
-    from services import directory
+    from kinds.directory import kind as directory
+    from services.jobs import drive
     from services.kinds import RunContext
 
     plan = rt.plans.get(plan_name)
@@ -186,11 +187,11 @@ def _run_plan(rt: Any, plan_name: str) -> None:
         raise click.ClickException(f"no directory plan called {plan_name!r} in {rt.settings.plans_path}")
     period = rt.now().astimezone(UTC).replace(microsecond=0)
     failures = 0
-    for target in directory.enumerate_targets(plan, None, rt).targets:
+    for target in directory.KIND.enumerate(plan, None, rt).targets:
         run = RunContext(run_id=f"cli-{period:%Y%m%dT%H%M%S}", plan=plan.name, target_key=target.key, period=period)
         run.on_log = click.echo
         try:
-            outcome = directory.start(plan, target, run, rt)
+            outcome = drive(directory.KIND, plan, target, run, rt)
         except BackupError as exc:
             failures += 1
             click.echo(f"{target.key}: FAILED: {exc}", err=True)
@@ -209,7 +210,7 @@ def directory_verify(copy: str, threads: int) -> None:
     bar = _Bar(f"verifying {copy}")
     try:
         if copy.startswith("gs://"):
-            from services import gcscopy
+            from kinds.directory import bucket as gcscopy
 
             report = gcscopy.verify_bucket_copy(current_runtime().storage(), copy, threads=threads)
         else:
@@ -248,7 +249,7 @@ def directory_restore(
     bar = _Bar(f"restoring {copy}")
     try:
         if copy.startswith("gs://"):
-            from services import gcscopy
+            from kinds.directory import bucket as gcscopy
 
             result = gcscopy.restore_bucket_copy(
                 current_runtime().storage(),

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, tuple[str, str]] = {
     "couchdb": ("kinds._legacy:couchdb_sections", "kinds._legacy:couchdb_kind"),
     "datastore": ("kinds.datastore.plan:Sections", "kinds.datastore.exports:KIND"),
-    "directory": ("kinds._legacy:directory_sections", "kinds._legacy:directory_kind"),
+    "directory": ("kinds.directory.plan:Sections", "kinds.directory.kind:KIND"),
     "disks": ("kinds.disks.plan:Sections", "kinds.disks.snapshots:KIND"),
     "filestore": ("kinds.filestore.plan:Sections", "kinds.filestore.backups:KIND"),
     "sqlsync": ("kinds._legacy:sqlsync_sections", "kinds._legacy:sqlsync_kind"),

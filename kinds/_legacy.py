@@ -80,7 +80,5 @@ class ModuleKind:
 
 couchdb_sections = _sections("services.couchdb", ("server", "select", "destination", "options"), "backups")
 couchdb_kind = ModuleKind("services.couchdb", "couchdb", "backups", "job")
-directory_sections = _sections("services.directory", ("select", "destination", "options"), "directory")
-directory_kind = ModuleKind("services.directory", "directory", "directory", "job")
 sqlsync_sections = _sections("services.sqlsync", ("select", "destination", "options"), "sqlsync")
 sqlsync_kind = ModuleKind("services.sqlsync", "sqlsync", "sqlsync", "job")

@@ -286,7 +286,9 @@ class Catalog:
     def _target_entity(self, key: Any, state: TargetState) -> Any:
         from google.cloud import datastore
 
-        entity = datastore.Entity(key, exclude_from_indexes=("last_error", "last_good_output", "target"))
+        entity = datastore.Entity(
+            key, exclude_from_indexes=("last_error", "last_good_output", "target", "last_drill_error")
+        )
         entity.update(asdict(state))
         return entity
 

@@ -1,5 +1,5 @@
 """Directory copies on real temporary trees: links, copies, deletions, metadata, crash recovery, retention,
-verify and restore, through the engine (services/dircopy.py) and the ``directory`` kind."""
+verify and restore, through the engine (kinds/directory/copies.py) and the ``directory`` kind."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from services import dircopy, directory
+from kinds.directory import copies as dircopy
+from kinds.directory import kind as directory
 from services.errors import ConfigError, PermanentError, TransientError
 from services.kinds import Done, RunContext, Target
 from services.plans import parse_plan
@@ -130,7 +131,7 @@ def test_interrupted_copy_never_looks_complete_and_the_next_run_recovers(tree: P
         import os, signal, sys
         from datetime import datetime, timezone
         sys.path.insert(0, {str(ROOT)!r})
-        from services import dircopy
+        from kinds.directory import copies as dircopy
         def die(progress):
             if progress.files_done >= 2:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -309,12 +310,12 @@ def test_kind_copies_each_source_and_applies_retention(tree: Path, tmp_path: Pat
     dest.mkdir()
     plan = make_plan(tree, dest, keep=2, threads=2, progress_seconds=1)
     rt = Runtime(Settings.from_env({}), plans={plan.name: plan}, clock=lambda: T0)
-    [target] = directory.enumerate_targets(plan, None, rt).targets
+    [target] = directory.KIND.enumerate(plan, None, rt).targets
     outcomes = []
     for hour in range(3):
         write(tree / "a.txt", f"hour {hour}".encode())
         when = T0 + timedelta(hours=hour)
-        outcomes.append(directory.start(plan, target, run_for(plan, target, when), rt))
+        outcomes.append(directory.KIND.start(plan, target, run_for(plan, target, when), rt))
 
     assert target.key == str(tree)
     assert all(isinstance(o, Done) for o in outcomes)
@@ -329,12 +330,12 @@ def test_kind_start_is_idempotent_for_the_same_period(tree: Path, tmp_path: Path
     dest.mkdir()
     plan = make_plan(tree, dest)
     rt = Runtime(Settings.from_env({}), clock=lambda: T0)
-    [target] = directory.enumerate_targets(plan, None, rt).targets
+    [target] = directory.KIND.enumerate(plan, None, rt).targets
     run = run_for(plan, target, T0)
-    first = directory.start(plan, target, run, rt)
+    first = directory.KIND.start(plan, target, run, rt)
     write(tree / "a.txt", b"changed after the run")
 
-    again = directory.start(plan, target, run, rt)
+    again = directory.KIND.start(plan, target, run, rt)
 
     assert again.output == first.output
     assert "already complete" in again.message
@@ -348,12 +349,12 @@ def test_kind_maps_failures_to_errors_the_worker_understands(tree: Path, tmp_pat
     plan = make_plan(tree, dest)
     rt = Runtime(Settings.from_env({}), clock=lambda: T0)
     missing = Target(key="/mnt/not-mounted", params={"source": "/mnt/not-mounted", "dest": str(dest)})
-    [target] = directory.enumerate_targets(plan, None, rt).targets
+    [target] = directory.KIND.enumerate(plan, None, rt).targets
 
     with pytest.raises(PermanentError, match="/mnt/not-mounted"):
-        directory.start(plan, missing, run_for(plan, missing, T0), rt)
+        directory.KIND.start(plan, missing, run_for(plan, missing, T0), rt)
     with dircopy.DestinationLock(dest), pytest.raises(TransientError, match="another copy"):
-        directory.start(plan, target, run_for(plan, target, T0), rt)
+        directory.KIND.start(plan, target, run_for(plan, target, T0), rt)
 
 
 def test_kind_reports_unreadable_files_and_prunes_nothing(tree: Path, tmp_path: Path):
@@ -361,14 +362,14 @@ def test_kind_reports_unreadable_files_and_prunes_nothing(tree: Path, tmp_path: 
     dest.mkdir()
     plan = make_plan(tree, dest, keep=1)
     rt = Runtime(Settings.from_env({}), clock=lambda: T0)
-    [target] = directory.enumerate_targets(plan, None, rt).targets
-    directory.start(plan, target, run_for(plan, target, T0), rt)
+    [target] = directory.KIND.enumerate(plan, None, rt).targets
+    directory.KIND.start(plan, target, run_for(plan, target, T0), rt)
     write(tree / "reserved", b"")
     os.replace(tree / "reserved", tree / dircopy.MANIFEST_NAME)  # a source entry the engine must not copy
 
     later = T0 + timedelta(hours=1)
     with pytest.raises(PermanentError, match="1 errors"):
-        directory.start(plan, target, run_for(plan, target, later), rt)
+        directory.KIND.start(plan, target, run_for(plan, target, later), rt)
     assert len(dircopy.complete_copies(dest)) == 2  # keep=1, but a copy with errors prunes nothing
 
 
@@ -392,7 +393,7 @@ def test_several_sources_get_their_own_folder():
         "two", {"kind": "directory", "select": {"paths": ["/mnt/a", "/mnt/b"]}, "destination": {"path": "/bk"}}
     )
 
-    targets = directory.enumerate_targets(plan, None, None).targets
+    targets = directory.KIND.enumerate(plan, None, None).targets
 
     assert [(t.key, t.params["dest"]) for t in targets] == [("/mnt/a", "/bk/a"), ("/mnt/b", "/bk/b")]
 
@@ -514,3 +515,65 @@ def test_a_format_1_copy_is_verified_restored_linked_against_and_pruned(tmp_path
     assert dircopy.read_manifest(new.path).header["format"] == dircopy.FORMAT
     assert "form\\x0cfeed" in (new.path / dircopy.MANIFEST_NAME).read_text()
     assert dircopy.prune(dest, keep=1, min_keep=1) == [old]
+
+
+def test_a_tree_larger_than_one_task_budget_is_copied_in_parts_through_the_worker(tmp_path, datastore):
+    from services.catalog import SUCCEEDED
+    from tests.helpers import Clock
+    from tests.service_harness import Service
+
+    source, dest = tmp_path / "share", tmp_path / "backups"
+    for d in range(120):
+        folder = source / f"d{d:03d}" / "inner"
+        folder.mkdir(parents=True)
+        for f in range(25):
+            (folder / f"f{f}.txt").write_bytes(os.urandom(200) + f"{d}-{f}".encode())
+    dest.mkdir()
+    plan = parse_plan(
+        "share-daily",
+        {
+            "kind": "directory",
+            "select": {"paths": [str(source)]},
+            "destination": {"path": str(dest)},
+            "options": {"sync": False},
+        },
+    )
+    svc = Service(tmp_path, datastore, {"share-daily": plan}, Clock(), job_budget_seconds=0.15)
+    task = svc.task("share-daily", str(source))
+
+    answer = svc.run(task)
+
+    assert answer.get_json()["status"] == SUCCEEDED
+    parts = [line for line in svc.catalog.get(task.name).log if "part done" in line]
+    assert len(parts) >= 2  # it did not fit in one budget
+    (copy,) = dircopy.complete_copies(dest)
+    assert dircopy.verify_copy(copy).ok
+    manifest = dircopy.read_manifest(copy)
+    assert sum(1 for e in manifest.entries.values() if e.kind == "f") == 120 * 25
+    assert not [p for p in dest.iterdir() if p.name.startswith((dircopy.INPROGRESS_PREFIX, dircopy.CHECKPOINT_PREFIX))]
+    follow_ups = [t for t in svc.queue.tasks() if t["name"].startswith(task.name + "-poll-")]
+    assert {t["queue"] for t in follow_ups} == {"directory"}  # the worker's queue, where the share is mounted
+
+
+def test_a_checkpointed_copy_resumes_where_it_stopped_and_a_stale_one_is_removed(tmp_path):
+    import time as _time
+
+    tree, dest = tmp_path / "tree", tmp_path / "dest"
+    for d in range(30):
+        (tree / f"d{d}").mkdir(parents=True)
+        (tree / f"d{d}" / "x").write_text(str(d))
+    dest.mkdir()
+
+    first = dircopy.copy_tree(tree, dest, T0, sync=False, deadline=_time.monotonic() - 1)
+    assert first.partial and first.path.name.startswith(dircopy.INPROGRESS_PREFIX)
+    (tree / "d29" / "late").write_text("added between the parts")
+    second = dircopy.copy_tree(tree, dest, T0, sync=False)
+
+    assert not second.partial and dircopy.verify_copy(second.path).ok
+    assert (second.path / "d29" / "late").read_text() == "added between the parts"
+    stale = dircopy.copy_tree(tree, dest, T0 + timedelta(hours=1), sync=False, deadline=_time.monotonic() - 1)
+    checkpoint = dest / f"{dircopy.CHECKPOINT_PREFIX}{stale.stamp}.json"
+    old = _time.time() - dircopy.LIVE_CHECKPOINT_SECONDS - 60
+    os.utime(checkpoint, (old, old))
+    dircopy.copy_tree(tree, dest, T0 + timedelta(hours=2), sync=False)
+    assert not stale.path.exists() and not checkpoint.exists()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from services import dircopy, gcscopy
+from kinds.directory import bucket as gcscopy
+from kinds.directory import copies as dircopy
 from tests.dirtrees import make_awkward_tree, set_times, snapshot
 
 T0 = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)

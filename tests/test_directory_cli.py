@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from commands.files import directory_group, restore_filestore_command
-from services import dircopy
+from kinds.directory import copies as dircopy
 from tests.fakes_filestore import FilestoreFake
 from tests.fixtures.filestore import FAKE_FILE_ENDPOINT
 

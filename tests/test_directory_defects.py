@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from commands.files import directory_group
-from services import dircopy
+from kinds.directory import copies as dircopy
 from services.runtime import Runtime, Settings
 from tests.dirtrees import make_deep, read_at, snapshot
 
@@ -258,7 +258,7 @@ def test_12_a_crash_in_the_middle_of_retention_leaves_no_complete_looking_half_c
         f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from services import dircopy
+        from kinds.directory import copies as dircopy
         real_unlink, calls = os.unlink, []
         def unlink_then_die(*args, **kwargs):
             if len(calls) == 3:

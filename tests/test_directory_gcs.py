@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from services import dircopy, gcscopy
-from services.dircopy import FORMAT_V1, LOG_NAME, MANIFEST_NAME, Entry
+from kinds.directory import bucket as gcscopy
+from kinds.directory import copies as dircopy
+from kinds.directory.copies import FORMAT_V1, LOG_NAME, MANIFEST_NAME, Entry
 from services.errors import TransientError
 from services.kinds import RunContext
 from services.plans import parse_plan
@@ -183,7 +184,7 @@ def test_a_held_lease_makes_a_copy_wait_and_an_expired_one_is_taken_over(files_b
 
 
 def test_kind_with_bucket_destination_records_cost_and_applies_retention(files_bucket, tmp_path: Path):
-    from services import directory
+    from kinds.directory import kind as directory
     from services.runtime import Runtime, Settings
 
     src = make_tree(tmp_path / "share")
@@ -198,16 +199,16 @@ def test_kind_with_bucket_destination_records_cost_and_applies_retention(files_b
     )
     rt = Runtime(Settings.from_env({}), clock=lambda: T0)
     rt.client("storage", lambda: files_bucket)
-    [target] = directory.enumerate_targets(plan, None, rt).targets
+    [target] = directory.KIND.enumerate(plan, None, rt).targets
     outcomes = []
     for hour in range(3):
         (src / "a.txt").write_bytes(f"hour {hour}".encode())
         run = RunContext(run_id=f"r{hour}", plan=plan.name, target_key=target.key, period=T0 + timedelta(hours=hour))
-        outcomes.append(directory.start(plan, target, run, rt))
+        outcomes.append(directory.KIND.start(plan, target, run, rt))
     with gcscopy.BucketLease(files_bucket, PLACE):
         run = RunContext(run_id="busy", plan=plan.name, target_key=target.key, period=T0 + timedelta(hours=9))
         with pytest.raises(TransientError, match="holds"):
-            directory.start(plan, target, run, rt)
+            directory.KIND.start(plan, target, run, rt)
 
     assert outcomes[-1].output == "gs://dir-copies/share/20261123T040000Z"
     assert outcomes[-1].stats["pruned"] == ["gs://dir-copies/share/20261123T020000Z"]

@@ -310,3 +310,63 @@ def test_a_filestore_backup_that_holds_nothing_fails_its_drill(share_service, fi
     _scheduled, answers = _drill_all_of(svc, "shares")
 
     assert answers[0].get_json()["status"] == FAILED and "holds no data" in answers[0].get_json()["error"]
+
+
+@pytest.fixture
+def share_copies(tmp_path, datastore):
+    from tests.helpers import Clock
+
+    source, dest = tmp_path / "share", tmp_path / "copies"
+    for i in range(40):
+        (source / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (source / f"d{i % 4}" / f"f{i}.bin").write_bytes(bytes([i]) * (100 + i))
+    dest.mkdir()
+    raw = {
+        "kind": "directory",
+        "select": {"paths": [str(source)]},
+        "destination": {"path": str(dest)},
+        "options": {"sync": False, "drill_sample": 10},
+        "drill": {"every": "1d"},
+    }
+    svc = Service(tmp_path, datastore, {"share": parse_plan("share", raw)}, Clock())
+    assert svc.run(svc.task("share", str(source))).get_json()["status"] == SUCCEEDED
+    svc.dest = dest
+    return svc
+
+
+def test_a_directory_drill_checks_the_copy_and_restores_a_sample_by_checksum(share_copies):
+    import tempfile
+    from pathlib import Path
+
+    leftover = Path(tempfile.mkdtemp(prefix="backup-scheduler-drill-share-"))
+
+    _scheduled, answers = _drill_all_of(share_copies, "share")
+
+    assert [a.get_json()["status"] for a in answers] == [SUCCEEDED]
+    (state,) = share_copies.catalog.target_states("share")
+    drill = share_copies.catalog.get(state.last_drill_run_id)
+    assert "10 sampled files restored into scratch" in drill.stats["checked"][-1]
+    assert state.last_drill_seconds is not None
+    assert not leftover.exists()  # a crashed drill's scratch is removed by the next drill
+    assert not list(Path(tempfile.gettempdir()).glob("backup-scheduler-drill-share-*"))
+
+
+def test_a_damaged_copy_fails_its_drill_naming_the_file(share_copies):
+    copy = next(p for p in share_copies.dest.iterdir() if not p.name.startswith("."))
+    for victim in copy.rglob("*.bin"):
+        victim.write_bytes(b"x" * victim.stat().st_size)  # same size, other content: only checksums tell
+
+    _scheduled, answers = _drill_all_of(share_copies, "share")
+
+    assert answers[0].get_json()["status"] == FAILED
+    assert "restored content has sha256" in answers[0].get_json()["error"]
+
+
+def test_a_copy_missing_a_file_fails_its_drill(share_copies):
+    copy = next(p for p in share_copies.dest.iterdir() if not p.name.startswith("."))
+    (copy / "d1" / "f1.bin").unlink()
+
+    _scheduled, answers = _drill_all_of(share_copies, "share")
+
+    assert answers[0].get_json()["status"] == FAILED
+    assert "d1/f1.bin: No such file or directory" in answers[0].get_json()["error"]

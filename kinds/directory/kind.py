@@ -1,9 +1,10 @@
 """Kind ``directory``: timestamped copies of a directory tree (a mounted NFS/Filestore share, or any path).
 
-One target per configured source path. ``start`` runs the copy synchronously, so it must run on a worker that
-has the share mounted (a VM, or Cloud Run with an NFS volume, or the CLI). Copies go to a local destination
-(``DEST/<stamp>/``, see services/dircopy.py) or to a bucket (``gs://bucket/prefix/<stamp>/...``, see
-services/gcscopy.py). Retention keeps ``retention.keep`` complete copies per source, never fewer than
+One target per configured source path. A ``job`` kind: the copy is made by this code, on the worker that has
+the share mounted (the Cloud Run worker with an NFS or GCS volume, or the CLI), in parts of at most the task's
+budget: a part that runs out of time leaves a checkpoint and the next task goes on from it. Copies go to a local
+destination (``DEST/<stamp>/``, see kinds/directory/copies.py) or to a bucket (``gs://bucket/prefix/<stamp>/...``, see
+kinds/directory/bucket.py). Retention keeps ``retention.keep`` complete copies per source, never fewer than
 ``retention.min_keep``, never the newest, and only after the new copy finished without errors.
 
 Example plan::
@@ -22,69 +23,29 @@ Example plan::
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from services import dircopy
+from kinds.directory import copies as dircopy
+from kinds.directory.plan import Settings
 from services.errors import PermanentError, TransientError
-from services.fields import Fields
-from services.kinds import Done, Outcome, RunContext, Target, TargetPage
+from services.kinds import (
+    BackupRef,
+    Done,
+    Execution,
+    Kind,
+    Outcome,
+    Pending,
+    Restorable,
+    RunContext,
+    Target,
+    TargetPage,
+)
+from services.plans import Plan
 
-KIND = "directory"
-DEFAULT_QUEUE = "directory"
-
-
-@dataclass(frozen=True)
-class Settings:
-    paths: tuple[str, ...]
-    dest_path: str | None = None
-    dest_bucket: str | None = None  # "gs://bucket/prefix"
-    threads: int = dircopy.DEFAULT_THREADS
-    walkers: int = dircopy.WALKERS
-    sync: bool = True
-    allow_empty: bool = False
-    progress_seconds: float = 30.0
-
-
-def parse_settings(fields: Fields) -> Settings:
-    select = fields.section("select", required=True)
-    paths = select.str_list("paths")
-    select.done()
-    if not paths:
-        raise select.error("paths", "expected at least one source path")
-    for path in paths:
-        if not os.path.isabs(path):
-            raise select.error("paths", "expected absolute paths", path)
-    names = [PurePosixPath(p).name for p in paths]
-    if len(paths) > 1 and len(set(names)) != len(names):
-        raise select.error("paths", "with several paths, their last components must differ (each gets DEST/<name>)")
-
-    destination = fields.section("destination", required=True)
-    dest_path = destination.str("path", None)
-    dest_bucket = destination.str("bucket", None)
-    destination.done()
-    if (dest_path is None) == (dest_bucket is None):
-        raise destination.error("path", "set exactly one of destination.path or destination.bucket")
-    if dest_path is not None and not os.path.isabs(dest_path):
-        raise destination.error("path", "expected an absolute path", dest_path)
-    if dest_bucket is not None and (not dest_bucket.startswith("gs://") or len(dest_bucket) <= len("gs://")):
-        raise destination.error("bucket", "expected gs://BUCKET[/PREFIX]", dest_bucket)
-
-    options = fields.section("options")
-    settings = Settings(
-        paths=tuple(paths),
-        dest_path=dest_path,
-        dest_bucket=dest_bucket.rstrip("/") if dest_bucket else None,
-        threads=options.int("threads", dircopy.DEFAULT_THREADS, minimum=1, maximum=64),
-        walkers=options.int("walkers", dircopy.WALKERS, minimum=1, maximum=16),
-        sync=options.bool("sync", True),
-        allow_empty=options.bool("allow_empty", False),
-        progress_seconds=options.float("progress_seconds", 30.0, minimum=1.0),
-    )
-    options.done()
-    return settings
+# The part of a task's budget kept for what follows the walk: waiting for the copies in flight, writing the
+# manifest or the checkpoint.
+FINISH_RESERVE_SECONDS = 20.0
 
 
 def destination_for(settings: Settings, source: str) -> str:
@@ -95,14 +56,14 @@ def destination_for(settings: Settings, source: str) -> str:
     return f"{base.rstrip('/')}/{PurePosixPath(source).name}"
 
 
-def enumerate_targets(plan: Any, page_token: str | None, rt: Any) -> TargetPage:
+def enumerate_targets(plan: Plan[Settings], page_token: str | None, rt: Any) -> TargetPage:
     settings: Settings = plan.settings
     return TargetPage(
         [Target(key=path, params={"source": path, "dest": destination_for(settings, path)}) for path in settings.paths]
     )
 
 
-def resolve_target(plan: Any, key: str, rt: Any) -> Target:
+def resolve_target(plan: Plan[Settings], key: str, rt: Any) -> Target:
     """The source ``key`` names, with its destination as the plan says: only the plan's own paths are copied,
     and only into the plan's own destination, whatever a task body claims."""
     settings: Settings = plan.settings
@@ -111,7 +72,7 @@ def resolve_target(plan: Any, key: str, rt: Any) -> Target:
     return Target(key=key, params={"source": key, "dest": destination_for(settings, key)})
 
 
-def describe(plan: Any, target: Target, rt: Any) -> str:
+def describe(plan: Plan[Settings], target: Target, rt: Any) -> str:
     dest = target.params["dest"]
     name = dircopy.stamp(rt.now())
     if dest.startswith("gs://"):
@@ -137,14 +98,18 @@ def _progress_logger(run: RunContext, source: str) -> dircopy.ProgressCallback:
     return log
 
 
-def start(plan: Any, target: Target, run: RunContext, rt: Any) -> Outcome:
-    settings: Settings = plan.settings
+def copy_part(plan: Plan[Settings], target: Target, run: RunContext, rt: Any) -> Outcome:
+    """Copy as much as this task's budget allows: ``Pending`` with the copy checkpointed, or, once the copy is
+    complete and had no errors, retention and ``Done``."""
+    settings = plan.settings
     source = target.params["source"]
     dest = target.params["dest"]
     if dest.startswith("gs://"):
-        from services import gcscopy
+        from kinds.directory import bucket as gcscopy
 
         return gcscopy.run_plan_copy(plan, settings, source, dest, run, rt)
+    reserve = min(FINISH_RESERVE_SECONDS, run.time_left() / 4)
+    deadline = None if run.deadline is None else run.deadline - reserve
     try:
         result = dircopy.copy_tree(
             Path(source),
@@ -157,11 +122,18 @@ def start(plan: Any, target: Target, run: RunContext, rt: Any) -> Outcome:
             on_progress=_progress_logger(run, source),
             progress_every=settings.progress_seconds,
             clock=rt.now,
+            deadline=deadline,
         )
     except dircopy.CopyBusy as exc:
         raise TransientError(str(exc)) from exc
     except (dircopy.CopyError, OSError) as exc:
         raise PermanentError(f"directory copy of {source} into {dest} failed: {exc}") from exc
+    if result.partial:
+        run.log(
+            f"{result.path}: part done ({result.stats.files_copied} copied, {result.stats.files_linked} linked so"
+            " far); going on in a follow-up task"
+        )
+        return Pending({"copying": result.stamp}, delay_seconds=0)
     stats = result.stats.summary()
     if result.stats.errors:
         # The copy is complete as far as it could read, but not confirmed good: nothing is pruned.
@@ -184,6 +156,44 @@ def start(plan: Any, target: Target, run: RunContext, rt: Any) -> Outcome:
     return Done(output=str(result.path), stats=stats, message=f"copy {result.path} {verb}")
 
 
-def poll(plan: Any, target: Target, state: dict[str, Any], run: RunContext, rt: Any) -> Outcome:
-    # start() finishes the copy itself; a poll can only come from a confused or replayed task.
-    raise PermanentError("directory copies finish in start(); there is no operation to poll")
+class Directory:
+    """The ``directory`` kind: timestamped copies of a share, made by this code in budgeted parts."""
+
+    name = "directory"
+    default_queue = "directory"
+    execution: Execution = "job"
+
+    def enumerate(self, plan: Plan[Settings], page_token: str | None, rt: Any) -> TargetPage:
+        return enumerate_targets(plan, page_token, rt)
+
+    def resolve(self, plan: Plan[Settings], key: str, rt: Any) -> Target:
+        return resolve_target(plan, key, rt)
+
+    def start(self, plan: Plan[Settings], target: Target, run: RunContext, rt: Any) -> Outcome:
+        return copy_part(plan, target, run, rt)
+
+    def poll(self, plan: Plan[Settings], target: Target, state: dict[str, Any], run: RunContext, rt: Any) -> Outcome:
+        # The copy's own checkpoint (beside its in-progress folder) says where it stopped; the same call goes on.
+        return copy_part(plan, target, run, rt)
+
+    def describe(self, plan: Plan[Settings], target: Target, rt: Any) -> str:
+        return describe(plan, target, rt)
+
+    def drill(
+        self,
+        plan: Plan[Settings],
+        target: Target,
+        backup: BackupRef,
+        state: dict[str, Any] | None,
+        run: RunContext,
+        rt: Any,
+    ) -> Outcome:
+        """The newest copy verified against its manifest, and a sample of its files restored into scratch."""
+        from kinds.directory import drill
+
+        return drill.drill(plan, target, backup, state, run, rt)
+
+
+KIND = Directory()
+_CONTRACT: Kind[Settings] = KIND  # mypy holds the kind to the contract
+_DRILLS: Restorable[Settings] = KIND

@@ -51,6 +51,8 @@ MANIFEST_NAME = ".backup-manifest.tsv"
 LOG_NAME = ".backup-log.txt"
 LOCK_NAME = ".backup-lock"
 INPROGRESS_PREFIX = ".inprogress-"
+CHECKPOINT_PREFIX = ".checkpoint-"  # beside .inprogress-<stamp>: where a budgeted copy stopped, to resume from
+LIVE_CHECKPOINT_SECONDS = 3 * 3600  # younger: its run is still going; older: left by a crash, removed
 DELETING_PREFIX = ".deleting-"
 SAFETY_DIR = ".safety-copies"
 RESERVED_NAMES = (MANIFEST_NAME, LOG_NAME)
@@ -383,6 +385,7 @@ class CopyResult:
     previous: Path | None
     stats: CopyStats
     already_done: bool = False
+    partial: bool = False  # the time budget ran out: the copy is checkpointed, run copy_tree again to go on
 
 
 @dataclass
@@ -529,13 +532,26 @@ def remove_tree(path: Path | str) -> None:
             os.close(fd)
 
 
-def remove_stale_work(dest_root: Path) -> list[Path]:
-    """Delete ``.inprogress-*`` and ``.deleting-*`` folders left by a crashed run or retention. Call only while
-    holding the DestinationLock."""
+def remove_stale_work(dest_root: Path, resuming: str | None = None) -> list[Path]:
+    """Delete ``.inprogress-*`` and ``.deleting-*`` folders (and checkpoints) left by a crashed run or retention,
+    except the checkpointed copy ``resuming`` (a stamp) that this run goes on with. Call only while holding the
+    DestinationLock."""
     removed = []
+    live = {resuming} if resuming else set()
+    for path in dest_root.glob(f"{CHECKPOINT_PREFIX}*.json"):
+        # A checkpoint written lately belongs to a run still going, one budgeted part after another.
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime < LIVE_CHECKPOINT_SECONDS:
+                live.add(path.name[len(CHECKPOINT_PREFIX) : -len(".json")])
+    keep = {f"{INPROGRESS_PREFIX}{s}" for s in live} | {f"{CHECKPOINT_PREFIX}{s}.json" for s in live}
     for path in dest_root.iterdir():
-        if path.name.startswith((INPROGRESS_PREFIX, DELETING_PREFIX)) and path.is_dir() and not path.is_symlink():
+        if path.name in keep or path.is_symlink():
+            continue
+        if path.name.startswith((INPROGRESS_PREFIX, DELETING_PREFIX)) and path.is_dir():
             remove_tree(path)
+            removed.append(path)
+        elif path.name.startswith(CHECKPOINT_PREFIX) and path.is_file():
+            path.unlink()
             removed.append(path)
     return removed
 
@@ -875,8 +891,11 @@ class _Copier:
         on_progress: ProgressCallback | None,
         progress_every: float,
         walkers: int = WALKERS,
+        deadline: float | None = None,
     ):
         self.source = str(source)
+        self.deadline = deadline  # time.monotonic(): no new directory is started after it
+        self.postponed: list[_Item | None] = []  # directories not visited when the deadline came
         self.walkers = max(1, walkers)
         self.work = str(work)
         self.previous = str(previous) if previous else None
@@ -910,9 +929,14 @@ class _Copier:
             self._copy_pool = pool
             try:
                 if self.walkers == 1:
-                    stack: list[_Item | None] = [None]
+                    stack = self._start_stack()
+                    visited = 0
                     while stack:
+                        if visited and self._out_of_time():  # at least one directory per part: it always moves on
+                            self.postponed = stack
+                            break
                         stack.extend(self._visit(stack.pop()))
+                        visited += 1
                 else:
                     self._walk_in_threads()
             except BaseException:
@@ -922,7 +946,12 @@ class _Copier:
             if self.full is not None:
                 self._stop_copies()
                 raise DestinationFull(self.full.errno, self.full.strerror, self.full.filename)
-            if not self._seen_any and not allow_empty and any(line[0] != "d" for line in self.previous_lines.values()):
+            if (
+                not self.postponed
+                and not self._seen_any
+                and not allow_empty
+                and any(line[0] != "d" for line in self.previous_lines.values())
+            ):
                 raise CopyError(
                     f"{self.source} is empty but the previous copy {self.previous} has files; is the share mounted?"
                     " (set options.allow_empty to copy an empty source)"
@@ -938,6 +967,8 @@ class _Copier:
                 self._stop_copies()
                 raise
 
+        if self.postponed:
+            return  # a checkpoint, not the end: directories keep their private modes until the last part
         for item in reversed(directories):  # children before parents, so a directory's time sticks
             self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
         self.stats.directories = len(directories)
@@ -955,13 +986,59 @@ class _Copier:
             def walk(directory: _Item | None) -> None:
                 walkers.submit(self._visit, directory).add_done_callback(finished.put)
 
-            walk(None)
-            outstanding = 1
+            outstanding = 0
+            for directory in self._start_stack():
+                walk(directory)
+                outstanding += 1
             while outstanding:
                 subdirs = finished.get().result()
-                outstanding += len(subdirs) - 1
+                outstanding -= 1
                 for sub in subdirs:
+                    if self._out_of_time():
+                        self.postponed.append(sub)
+                        continue
                     walk(sub)
+                    outstanding += 1
+
+    def _out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def _start_stack(self) -> list[_Item | None]:
+        """Where the walk begins: the source root, or the directories a checkpoint left to do."""
+        stack, self.postponed = (self.postponed or [None]), []
+        return stack
+
+    def resume(self, checkpoint: dict[str, Any]) -> None:
+        """Carry on from ``checkpoint`` (written by ``checkpoint()`` after an earlier budget ran out): what was done
+        stays done, the postponed directories are walked now. A postponed directory gone from the source since is
+        simply not there any more."""
+        self.lines = dict(checkpoint["lines"])
+        self.stats = CopyStats.from_summary(checkpoint["stats"])
+        self.stats.errors = list(checkpoint["errors"])
+        self.stats.notes = list(checkpoint["notes"])
+        self._seen_any = bool(self.lines)
+        for rel in checkpoint["done_dirs"]:
+            with contextlib.suppress(OSError):
+                self._directories.append(_Item(rel, "d", _lstat(f"{self.source}/{rel}")))
+        self.postponed = []
+        for rel in checkpoint["postponed"]:
+            if rel is None:
+                self.postponed.append(None)
+                continue
+            try:
+                self.postponed.append(_Item(rel, "d", _lstat(f"{self.source}/{rel}")))
+            except OSError:
+                _vanished(self.stats, rel, "vanished before this part of the copy could start")
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "lines": self.lines,
+            "stats": self.stats.summary(),
+            "errors": self.stats.errors,
+            "notes": self.stats.notes,
+            "done_dirs": [item.rel for item in self._directories],
+            "postponed": [item.rel if item is not None else None for item in self.postponed],
+        }
 
     def _stop_copies(self) -> None:
         for future in self._copies:
@@ -1282,6 +1359,7 @@ def copy_tree(
     ad_hoc: bool = False,
     link_dest: Path | None = None,
     walkers: int = WALKERS,
+    deadline: float | None = None,
 ) -> CopyResult:
     """Copy ``source`` into ``dest_root/<stamp(when)>``, linking unchanged files to the newest complete copy
     (or to ``link_dest``).
@@ -1291,6 +1369,10 @@ def copy_tree(
     named after the next free second instead. Raises CopyError for a bad source/destination, or when the
     destination fills up (the unfinished copy is removed), CopyBusy when another run holds the lock.
     Per-file problems do not stop the copy: they are listed in ``stats.errors`` and in the log.
+
+    With a ``deadline`` (time.monotonic()), no new directory is started after it: the copy so far is kept in
+    ``.inprogress-<stamp>`` with a checkpoint beside it, and ``partial`` is returned; calling again with the same
+    ``when`` goes on from there (a task budget below a request deadline, then a follow-up task).
     """
     source = Path(source)
     dest_root = Path(dest_root)
@@ -1303,7 +1385,11 @@ def copy_tree(
         raise CopyError(f"destination {dest_root} is inside the source {source}; it would copy itself")
     clock = clock or (lambda: datetime.now(UTC))
     with DestinationLock(dest_root):
-        remove_stale_work(dest_root)
+        checkpoint_path = dest_root / f"{CHECKPOINT_PREFIX}{stamp(when)}.json"
+        checkpoint = _read_checkpoint(checkpoint_path) if not ad_hoc else None
+        if checkpoint is not None and not (dest_root / f"{INPROGRESS_PREFIX}{stamp(when)}").is_dir():
+            checkpoint = None  # its copy is gone: start afresh
+        remove_stale_work(dest_root, resuming=stamp(when) if checkpoint else None)
         if ad_hoc:
             when = _free_stamp(dest_root, when, clock)
         name = stamp(when)
@@ -1316,22 +1402,36 @@ def copy_tree(
             raise CopyError(f"{final} exists but is not a complete copy made by this service; move it away")
         if link_dest is not None:
             previous: Path | None = Path(link_dest)
+        elif checkpoint is not None and checkpoint["previous"] is not None:
+            previous = dest_root / checkpoint["previous"]  # the copy the first part linked against
         else:
             copies = complete_copies(dest_root)
             previous = copies[-1] if copies else None
         work = dest_root / f"{INPROGRESS_PREFIX}{name}"
+        if checkpoint is None:
+            try:
+                os.mkdir(work, 0o700)
+            except OSError as exc:
+                raise CopyError(f"cannot write into {dest_root}: {exc.strerror}") from exc
         try:
-            os.mkdir(work, 0o700)
-        except OSError as exc:
-            raise CopyError(f"cannot write into {dest_root}: {exc.strerror}") from exc
-        try:
-            started = clock()
-            t0 = time.monotonic()
+            started = datetime.fromisoformat(checkpoint["started"]) if checkpoint else clock()
+            t0 = time.monotonic() - (checkpoint["seconds"] if checkpoint else 0.0)
             root_st = source.stat()
-            copier = _Copier(source, work, previous, threads, on_progress, progress_every, walkers)
+            copier = _Copier(source, work, previous, threads, on_progress, progress_every, walkers, deadline)
+            if checkpoint is not None:
+                copier.resume(checkpoint)
             copier.run(allow_empty)
             stats = copier.stats
             stats.duration_seconds = round(time.monotonic() - t0, 3)
+            if copier.postponed:
+                saved = {
+                    **copier.checkpoint(),
+                    "previous": previous.name if previous else None,
+                    "started": started.isoformat(),
+                    "seconds": stats.duration_seconds,
+                }
+                _write_private_json(checkpoint_path, saved)
+                return CopyResult(work, name, previous, stats, partial=True)
             header = {
                 "format": FORMAT,
                 "stamp": name,
@@ -1349,25 +1449,48 @@ def copy_tree(
             if sync:
                 _syncfs(work)
             os.rename(work, final)
+            with contextlib.suppress(FileNotFoundError):
+                checkpoint_path.unlink()
         except CopyError:
-            _discard(work)  # refused before anything worth keeping was written
+            _discard(work, checkpoint_path)  # refused before anything worth keeping was written
             raise
         except OSError as exc:
-            _discard(work)
+            _discard(work, checkpoint_path)
             where = f" ({exc.filename})" if exc.filename else ""
             raise CopyError(
                 f"copy of {source} into {dest_root} stopped: {exc.strerror or exc}{where};"
                 " the unfinished copy was removed"
             ) from exc
         except BaseException:
-            _discard(work)  # interrupted (Ctrl-C): do not keep the space until the next run
+            _discard(work, checkpoint_path)  # interrupted (Ctrl-C): do not keep the space until the next run
             raise
         return CopyResult(final, name, previous, stats)
 
 
-def _discard(work: Path) -> None:
+def _discard(work: Path, checkpoint: Path) -> None:
     with contextlib.suppress(OSError):
         remove_tree(work)
+    with contextlib.suppress(OSError):
+        checkpoint.unlink()
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint a budgeted part of this copy left, or None (none, or unreadable: then start afresh)."""
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    needed = ("lines", "stats", "errors", "notes", "done_dirs", "postponed", "previous", "started", "seconds")
+    return data if all(key in data for key in needed) else None
+
+
+def _write_private_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` (0600) through a temporary name, so a crash never leaves half a checkpoint."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle)
+    os.replace(temporary, path)
 
 
 def prune(dest_root: Path, keep: int | None, min_keep: int) -> list[Path]:

@@ -1,6 +1,6 @@
 """Directory copies into a Cloud Storage bucket: a manifest per copy, file contents stored once by checksum.
 
-The same idea as services/dircopy.py, adapted to object storage, where a hard link does not exist and every
+The same idea as kinds/directory/copies.py, adapted to object storage, where a hard link does not exist and every
 request is paid for::
 
     gs://BUCKET/PREFIX/.backup-lock                  a lease: one run (copy or retention) at a time
@@ -44,8 +44,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from services import dircopy
-from services.dircopy import (
+from kinds.directory import copies as dircopy
+from kinds.directory.copies import (
     FORMAT,
     FORMAT_V1,
     LOG_NAME,
@@ -822,7 +822,7 @@ def restore_bucket_copy(
     """Download a bucket copy (or its directory ``subpath``) into ``target``: missing or empty, or with
     ``overwrite`` after a safety copy of it into ``safety_dest`` (a local 0700 folder; required then). Each file
     is checked against its sha256 before it is renamed into place; modes, owners, times, symlinks and special
-    files come from the manifest. Same rules as a local restore (services/dircopy.py ``restore_entries``)."""
+    files come from the manifest. Same rules as a local restore (kinds/directory/copies.py ``restore_entries``)."""
     place, name = _split_copy_url(url)
     manifest = _manifest_or_fail(client, place, name, url)
     target = Path(target)
