@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from google.api_core import exceptions as core
 
@@ -40,7 +40,7 @@ from services.catalog import (
 )
 from services.errors import ConfigError, PermanentError, TargetGone, TransientError
 from services.fanout import POLL_QUEUE, FanoutResult, fan_out, manual_period, period_refusal, run_id
-from services.kinds import BackupRef, Done, Outcome, Pending, RunContext, Target
+from services.kinds import BackupRef, Done, Outcome, Pending, Restorable, RunContext, Target
 from services.plans import Plan
 from services.queue import QueueConfig, TaskQueue, TaskSpec, load_queue_configs
 from services.runtime import Runtime
@@ -204,8 +204,7 @@ def run_drill_task(
         identifier, period, key = _parse_backup_claim(payload)
     except ValueError as exc:
         return record_bad_task(rt, catalog, plan_name, payload, f"malformed drill task: {exc}")
-    kind = kinds.get(plan.kind)
-    if plan.drill is None or not hasattr(kind, "drill"):
+    if plan.drill is None or _restorable(plan) is None:
         return record_bad_task(rt, catalog, plan_name, payload, f"refused: plan {plan.name} has no restore drill")
     if identifier != drills.drill_run_id(plan, key, period):
         return record_bad_task(rt, catalog, plan_name, payload, f"refused: run id {identifier!r} is not this drill's")
@@ -216,7 +215,6 @@ def run_drill_task(
     if not allowed or period > rt.now():
         return record_bad_task(rt, catalog, plan_name, payload, f"refused: drill period {period.isoformat()}")
     state = catalog.target_state(plan.name, key)
-    backup = catalog.get(state.last_good_run_id) if state and state.last_good_run_id else None
     now = rt.now()
     record, _created = catalog.begin(
         RunRecord(
@@ -225,7 +223,7 @@ def run_drill_task(
             target=key,
             kind=plan.kind,
             period=period,
-            params={"backup_run_id": backup.run_id if backup else None},
+            params={"backup_run_id": state.last_good_run_id if state else None},
             created=now,
             started=now,
             purpose=DRILL,
@@ -235,28 +233,25 @@ def run_drill_task(
         return _duplicate(rt, queue, plan, record)
     run = _run_context(rt, plan, record, delivery, {})
     record.attempts += 1
-    if backup is None or backup.status != SUCCEEDED or not backup.output:
-        return _finish(rt, catalog, plan, record, FAILED, error=f"no good backup of {key} to restore")
-    ref = BackupRef(backup.run_id, backup.output, backup.stats, backup.period)
-    target = Target(key, backup.params)
-    restorable: Any = kind
+    return _settle(rt, catalog, queue, plan, record, run, delivery, lambda: _drill_step(rt, catalog, plan, record, run))
 
-    def first_step() -> Outcome:
-        outcome: Outcome = restorable.drill(plan, target, ref, None, run, rt)
-        return outcome
 
-    return _settle(rt, catalog, queue, plan, record, run, delivery, first_step)
+def _restorable(plan: Plan[Any]) -> Restorable[Any] | None:
+    kind = kinds.get(plan.kind)
+    return cast("Restorable[Any]", kind) if hasattr(kind, "drill") else None
 
 
 def _drill_step(rt: Runtime, catalog: Catalog, plan: Plan[Any], record: RunRecord, run: RunContext) -> Outcome:
-    """The next step of a drill in flight (its poll): the backup it restores is the one recorded when it began."""
-    backup = catalog.get(str(record.params.get("backup_run_id")))
-    if backup is None or not backup.output:
-        raise PermanentError(f"the backup this drill restores ({record.params.get('backup_run_id')}) is gone")
+    """One step of a drill (``record.state`` None for the first): the backup it restores is the good run recorded
+    when the drill began."""
+    backup_run_id = record.params.get("backup_run_id")
+    backup = catalog.get(backup_run_id) if isinstance(backup_run_id, str) else None
+    if backup is None or backup.status != SUCCEEDED or not backup.output:
+        raise PermanentError(f"no good backup of {record.target} to restore ({backup_run_id or 'none recorded'})")
+    restorable = _restorable(plan)
+    assert restorable is not None
     ref = BackupRef(backup.run_id, backup.output, backup.stats, backup.period)
-    kind: Any = kinds.get(plan.kind)
-    outcome: Outcome = kind.drill(plan, Target(record.target, backup.params), ref, record.state, run, rt)
-    return outcome
+    return restorable.drill(plan, Target(record.target, backup.params), ref, record.state, run, rt)
 
 
 def _duplicate(rt: Runtime, queue: TaskQueue, plan: Plan[Any], record: RunRecord) -> Answer:
@@ -293,11 +288,13 @@ def run_poll_task(
     target = Target(record.target, record.params)
     run = _run_context(rt, plan, record, delivery, {})
     state = record.state
-    if record.purpose == DRILL:
-        return _settle(
-            rt, catalog, queue, plan, record, run, delivery, lambda: _drill_step(rt, catalog, plan, record, run)
-        )
-    return _settle(rt, catalog, queue, plan, record, run, delivery, lambda: kind.poll(plan, target, state, run, rt))
+
+    def step() -> Outcome:
+        if record.purpose == DRILL:
+            return _drill_step(rt, catalog, plan, record, run)
+        return kind.poll(plan, target, state, run, rt)
+
+    return _settle(rt, catalog, queue, plan, record, run, delivery, step)
 
 
 @storage_errors_are_transient
