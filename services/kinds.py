@@ -21,6 +21,7 @@ Kinds whose backups can be checked and restored also satisfy ``Restorable``.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -180,6 +181,39 @@ class Restorable(Protocol[S]):
         run: RunContext,
         rt: Runtime,
     ) -> Outcome: ...
+
+
+class DrillStep(Protocol[S]):
+    """The ``drill`` function of a kind's drill module (see Restorable), held to its signature by mypy."""
+
+    def __call__(
+        self,
+        plan: Plan[S],
+        target: Target,
+        backup: BackupRef,
+        state: dict[str, Any] | None,
+        run: RunContext,
+        rt: Runtime,
+    ) -> Outcome: ...
+
+
+class DrillsIn:
+    """Makes a kind Restorable with the ``drill`` function of its own module ``drill_module``, imported only when a
+    drill runs (a backup never loads drill code)."""
+
+    drill_module: str
+
+    def drill(
+        self,
+        plan: Plan[Any],
+        target: Target,
+        backup: BackupRef,
+        state: dict[str, Any] | None,
+        run: RunContext,
+        rt: Runtime,
+    ) -> Outcome:
+        step: Outcome = importlib.import_module(self.drill_module).drill(plan, target, backup, state, run, rt)
+        return step
 
 
 def find_by_listing(kind: Kind[S], plan: Plan[S], key: str, rt: Runtime) -> Target:

@@ -8,6 +8,7 @@ and nothing is decided before the backup just made is confirmed good and listed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,6 +40,19 @@ class Policy:
     @property
     def kept(self) -> int | None:
         return None if self.keep is None else max(self.keep, self.floor, 1)
+
+
+# A label that says how many backups to keep (disks, Filestore) holds a whole number in this range.
+LABEL_KEEP_MIN, LABEL_KEEP_MAX = 1, 1000
+_COUNT = re.compile(r"^[0-9]{1,4}$")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
+
+
+def count_from_label(value: str) -> int | None:
+    """The number of backups to keep a label value says, or None when it is not a whole number in range."""
+    value = value.strip()
+    if _COUNT.match(value) and LABEL_KEEP_MIN <= int(value) <= LABEL_KEEP_MAX:
+        return int(value)
+    return None
 
 
 class NotConfirmed(Exception):

@@ -25,7 +25,7 @@ from kinds.datastore.exports import _project, admin_client
 from kinds.datastore.plan import Settings
 from services.errors import PermanentError
 from services.gcp_errors import classify
-from services.kinds import BackupRef, Done, Outcome, Pending, RunContext, Target
+from services.kinds import BackupRef, Done, DrillStep, Outcome, Pending, RunContext, Target
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -218,3 +218,6 @@ def _report(state: dict[str, Any], run: RunContext) -> Outcome:
         output="drill",
         stats={"restored_in_seconds": state["restored_in_seconds"], "checked": state["checked"], "passed": True},
     )
+
+
+_SIGNATURE: DrillStep[Settings] = drill  # mypy holds it to the contract

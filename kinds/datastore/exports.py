@@ -23,8 +23,8 @@ from services.errors import PermanentError, TargetGone, TransientError
 from services.fanout import period_stamp
 from services.gcp_errors import classify
 from services.kinds import (
-    BackupRef,
     Done,
+    DrillsIn,
     Execution,
     Kind,
     Outcome,
@@ -375,13 +375,14 @@ def restore(
     return RestoreResult(safety_output, source, int(metadata.progress_entities.work_completed))
 
 
-class Datastore:
+class Datastore(DrillsIn):
     """The ``datastore`` kind: a managed export per kind (or per group of kinds) into a bucket, each a long
     operation polled by follow-up tasks. Targets are cheap to list (metadata queries), so ``resolve`` lists them."""
 
     name = "datastore"
     default_queue = "datastore-exports"
     execution: Execution = "operation"
+    drill_module = "kinds.datastore.drill"
 
     def resolve(self, plan: Plan[Settings], key: str, rt: Runtime) -> Target:
         return find_by_listing(self, plan, key, rt)
@@ -455,20 +456,6 @@ class Datastore:
         if not operation.done:
             return Pending(state, delay_seconds=POLL_SECONDS)
         return _finished(plan, target, rt, operation, state, run)
-
-    def drill(
-        self,
-        plan: Plan[Settings],
-        target: Target,
-        backup: BackupRef,
-        state: dict[str, Any] | None,
-        run: RunContext,
-        rt: Runtime,
-    ) -> Outcome:
-        """The export imported into a scratch database, counted kind by kind against the export's own counts."""
-        from kinds.datastore import drill
-
-        return drill.drill(plan, target, backup, state, run, rt)
 
 
 KIND = Datastore()

@@ -30,8 +30,8 @@ from kinds.directory import copies as dircopy
 from kinds.directory.plan import Settings
 from services.errors import PermanentError, TransientError
 from services.kinds import (
-    BackupRef,
     Done,
+    DrillsIn,
     Execution,
     Kind,
     Outcome,
@@ -156,12 +156,13 @@ def copy_part(plan: Plan[Settings], target: Target, run: RunContext, rt: Any) ->
     return Done(output=str(result.path), stats=stats, message=f"copy {result.path} {verb}")
 
 
-class Directory:
+class Directory(DrillsIn):
     """The ``directory`` kind: timestamped copies of a share, made by this code in budgeted parts."""
 
     name = "directory"
     default_queue = "directory"
     execution: Execution = "job"
+    drill_module = "kinds.directory.drill"
 
     def enumerate(self, plan: Plan[Settings], page_token: str | None, rt: Any) -> TargetPage:
         return enumerate_targets(plan, page_token, rt)
@@ -178,20 +179,6 @@ class Directory:
 
     def describe(self, plan: Plan[Settings], target: Target, rt: Any) -> str:
         return describe(plan, target, rt)
-
-    def drill(
-        self,
-        plan: Plan[Settings],
-        target: Target,
-        backup: BackupRef,
-        state: dict[str, Any] | None,
-        run: RunContext,
-        rt: Any,
-    ) -> Outcome:
-        """The newest copy verified against its manifest, and a sample of its files restored into scratch."""
-        from kinds.directory import drill
-
-        return drill.drill(plan, target, backup, state, run, rt)
 
 
 KIND = Directory()

@@ -24,7 +24,7 @@ from googleapiclient.errors import HttpError
 from kinds.disks.plan import DiskSettings
 from kinds.disks.snapshots import DiskRef, _compute, _execute, _last_segment
 from services.errors import PermanentError
-from services.kinds import DRILL_LABEL, BackupRef, Done, Outcome, Pending, RunContext, Target
+from services.kinds import DRILL_LABEL, BackupRef, Done, DrillStep, Outcome, Pending, RunContext, Target
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -180,3 +180,6 @@ def _a_zone_of(compute: Any, disk: DiskRef) -> str:
         if str(zone.get("name", "")).startswith(f"{disk.region}-"):
             return str(zone["name"])
     raise PermanentError(f"no zone of region {disk.region} found for the scratch disk of {disk.key}")
+
+
+_SIGNATURE: DrillStep[DiskSettings] = drill  # mypy holds it to the contract

@@ -36,8 +36,8 @@ from kinds.disks.plan import DiskSettings
 from services.errors import PermanentError, TargetGone
 from services.gcp_errors import classify, decode_page_token, execute, next_page_token, problem_of
 from services.kinds import (
-    BackupRef,
     Done,
+    DrillsIn,
     Execution,
     Kind,
     ListingProblem,
@@ -50,10 +50,8 @@ from services.kinds import (
 )
 from services.plans import PROJECT_ID, Plan
 from services.requests_http import discovery_client
-from services.retention import Backup, Policy, prune, to_delete
+from services.retention import LABEL_KEEP_MAX, LABEL_KEEP_MIN, Backup, Policy, count_from_label, prune, to_delete
 from services.runtime import Runtime
-
-KEEP_MIN, KEEP_MAX = 1, 1000
 
 # Labels this service puts on every snapshot it creates. Pruning only ever considers snapshots carrying all three.
 MANAGED_BY_KEY = "managed-by"
@@ -67,7 +65,6 @@ SNAPSHOT_POLL_SECONDS = 30.0
 
 GCE_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 ZONE_OR_REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]+(?:-[a-z])?$")
-COUNT = re.compile(r"^[0-9]{1,4}$")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +137,12 @@ def _required_str(params: dict[str, Any], key: str) -> str:
 
 def snapshots_to_keep(disk: DiskRef, label_key: str) -> int:
     """The label's value as a count of snapshots to keep; anything but a whole number 1..1000 is refused."""
-    value = disk.label_value.strip()
-    if COUNT.match(value) and KEEP_MIN <= int(value) <= KEEP_MAX:
-        return int(value)
+    count = count_from_label(disk.label_value)
+    if count is not None:
+        return count
     raise PermanentError(
         f"disk {disk.key}: label {label_key}={disk.label_value!r} is not a number of snapshots to keep"
-        f" (expected a whole number from {KEEP_MIN} to {KEEP_MAX}); no snapshot taken, nothing deleted"
+        f" (expected a whole number from {LABEL_KEEP_MIN} to {LABEL_KEEP_MAX}); no snapshot taken, nothing deleted"
     )
 
 
@@ -399,13 +396,14 @@ def prune_snapshots(
 # --- dry run -----------------------------------------------------------------------------------------------
 
 
-class Disks:
+class Disks(DrillsIn):
     """The ``disks`` kind: a snapshot per labelled disk per period, confirmed READY, then pruned by the disk's
     own label (never below the plan's floor, never a snapshot this service did not make)."""
 
     name = "disks"
     default_queue = "backups"
     execution: Execution = "operation"
+    drill_module = "kinds.disks.drill"
 
     def enumerate(self, plan: Plan[DiskSettings], page_token: str | None, rt: Runtime) -> TargetPage:
         """One page of labelled disks: one ``aggregatedList`` call (zonal and regional disks together). The page
@@ -541,20 +539,6 @@ class Disks:
             f"{disk.key}: would create snapshot {name} (keep {keep}, {len(existing)} existing);"
             f" once it is READY would delete {deletes}"
         )
-
-    def drill(
-        self,
-        plan: Plan[DiskSettings],
-        target: Target,
-        backup: BackupRef,
-        state: dict[str, Any] | None,
-        run: RunContext,
-        rt: Runtime,
-    ) -> Outcome:
-        """A scratch disk from the newest snapshot: READY, the right size and source, then deleted."""
-        from kinds.disks import drill
-
-        return drill.drill(plan, target, backup, state, run, rt)
 
 
 KIND = Disks()

@@ -34,8 +34,8 @@ from kinds.filestore.plan import FilestoreSettings
 from services.errors import PermanentError, TargetGone
 from services.gcp_errors import decode_page_token, execute, next_page_token
 from services.kinds import (
-    BackupRef,
     Done,
+    DrillsIn,
     Execution,
     Kind,
     ListingProblem,
@@ -48,9 +48,8 @@ from services.kinds import (
 )
 from services.plans import Plan
 from services.requests_http import discovery_client
-from services.retention import Backup, NotConfirmed, Policy, to_delete
+from services.retention import LABEL_KEEP_MAX, LABEL_KEEP_MIN, Backup, NotConfirmed, Policy, count_from_label, to_delete
 
-KEEP_MIN, KEEP_MAX = 1, 1000
 MANAGED_BY_KEY, MANAGED_BY_VALUE = "managed-by", "backup-scheduler"
 PLAN_KEY = "plan"
 SOURCE_KEY = "source-instance"
@@ -131,20 +130,18 @@ class InstanceRef:
         return cls(*found.groups())
 
 
-COUNT = re.compile(r"^[0-9]{1,4}$")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
-
-
 def backups_to_keep(labels: dict[str, str], label_key: str, instance: str) -> int:
     """The label's value as a count; PermanentError (nothing created or deleted) when it is not 1..1000."""
     raw = labels.get(label_key)
     if raw is None:
         raise PermanentError(f"instance {instance}: label {label_key} was removed; nothing backed up or deleted")
-    if not COUNT.match(raw) or not KEEP_MIN <= int(raw) <= KEEP_MAX:
+    count = count_from_label(raw)
+    if count is None:
         raise PermanentError(
-            f"instance {instance}: label {label_key}={raw!r} is not a whole number from {KEEP_MIN} to {KEEP_MAX};"
-            " nothing backed up or deleted. Fix the label to the number of backups to keep."
+            f"instance {instance}: label {label_key}={raw!r} is not a whole number from {LABEL_KEEP_MIN} to"
+            f" {LABEL_KEEP_MAX}; nothing backed up or deleted. Fix the label to the number of backups to keep."
         )
-    return int(raw)
+    return count
 
 
 def backup_id(plan_name: str, instance: InstanceRef, period: datetime) -> str:
@@ -319,13 +316,14 @@ def _prune_step(
     )
 
 
-class Filestore:
+class Filestore(DrillsIn):
     """The ``filestore`` kind: a Filestore backup per labelled instance per period, confirmed READY, then the
     instance's surplus backups deleted one at a time (Filestore allows one delete per backup chain at a time)."""
 
     name = "filestore"
     default_queue = "filestore"
     execution: Execution = "operation"
+    drill_module = "kinds.filestore.drill"
 
     def enumerate(self, plan: Plan[FilestoreSettings], page_token: str | None, rt: Any) -> TargetPage:
         """One page of labelled instances across every location of one project (one ``instances.list`` call)."""
@@ -466,20 +464,6 @@ class Filestore:
             f" then keep label {plan.settings.label_key}={target.params.get('label')} backups"
             f" (floor {plan.retention.min_keep})"
         )
-
-    def drill(
-        self,
-        plan: Plan[FilestoreSettings],
-        target: Target,
-        backup: BackupRef,
-        state: dict[str, Any] | None,
-        run: RunContext,
-        rt: Any,
-    ) -> Outcome:
-        """The newest backup checked, and restored onto the plan's scratch instance where it names one."""
-        from kinds.filestore import drill
-
-        return drill.drill(plan, target, backup, state, run, rt)
 
 
 KIND = Filestore()

@@ -13,7 +13,7 @@ from typing import Any
 from kinds.filestore.backups import InstanceRef, _client, _execute, _operation
 from kinds.filestore.plan import FilestoreSettings
 from services.errors import PermanentError
-from services.kinds import DRILL_LABEL, BackupRef, Done, Outcome, Pending, RunContext, Target
+from services.kinds import DRILL_LABEL, BackupRef, Done, DrillStep, Outcome, Pending, RunContext, Target
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -116,3 +116,6 @@ def _follow_restore(state: dict[str, Any], api: Any, run: RunContext, rt: Runtim
     run.log(f"drill: restored onto {state['scratch']} in {seconds} s")
     checked = [*state["checked"], f"restored onto {state['scratch']} in {seconds} s"]
     return Done(output="drill", stats={"restored_in_seconds": seconds, "checked": checked, "passed": True})
+
+
+_SIGNATURE: DrillStep[FilestoreSettings] = drill  # mypy holds it to the contract
