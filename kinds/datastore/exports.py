@@ -26,10 +26,8 @@ from services.kinds import (
     Done,
     DrillsIn,
     Execution,
-    Kind,
     Outcome,
     Pending,
-    Restorable,
     RunContext,
     Target,
     TargetPage,
@@ -459,5 +457,3 @@ class Datastore(DrillsIn):
 
 
 KIND = Datastore()
-_CONTRACT: Kind[Settings] = KIND  # mypy holds the kind to the contract
-_DRILLS: Restorable[Settings] = KIND

@@ -33,10 +33,8 @@ from services.kinds import (
     Done,
     DrillsIn,
     Execution,
-    Kind,
     Outcome,
     Pending,
-    Restorable,
     RunContext,
     Target,
     TargetPage,
@@ -182,5 +180,3 @@ class Directory(DrillsIn):
 
 
 KIND = Directory()
-_CONTRACT: Kind[Settings] = KIND  # mypy holds the kind to the contract
-_DRILLS: Restorable[Settings] = KIND

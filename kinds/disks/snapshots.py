@@ -39,11 +39,9 @@ from services.kinds import (
     Done,
     DrillsIn,
     Execution,
-    Kind,
     ListingProblem,
     Outcome,
     Pending,
-    Restorable,
     RunContext,
     Target,
     TargetPage,
@@ -542,5 +540,3 @@ class Disks(DrillsIn):
 
 
 KIND = Disks()
-_CONTRACT: Kind[DiskSettings] = KIND  # mypy holds the kind to the contract
-_DRILLS: Restorable[DiskSettings] = KIND

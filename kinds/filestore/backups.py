@@ -37,11 +37,9 @@ from services.kinds import (
     Done,
     DrillsIn,
     Execution,
-    Kind,
     ListingProblem,
     Outcome,
     Pending,
-    Restorable,
     RunContext,
     Target,
     TargetPage,
@@ -467,5 +465,3 @@ class Filestore(DrillsIn):
 
 
 KIND = Filestore()
-_CONTRACT: Kind[FilestoreSettings] = KIND  # mypy holds the kind to the contract
-_DRILLS: Restorable[FilestoreSettings] = KIND
