@@ -8,8 +8,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY requirements.txt .
-RUN pip install --no-cache-dir --require-hashes -r requirements.txt
+COPY requirements-pip.txt requirements.txt ./
+RUN pip install --no-cache-dir --require-hashes -r requirements-pip.txt \
+ && pip install --no-cache-dir --require-hashes -r requirements.txt
 
 COPY . .
 RUN useradd --system --uid 10001 backup && chown -R backup /app

@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 .PHONY: run test lint bench stand-ins lock clean
 
 # Every package is pinned with its hashes (requirements*.txt, made by `make lock` from requirements*.in).
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements-pip.txt requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --require-hashes -r requirements-pip.txt
 	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.txt
 	touch $@
 
