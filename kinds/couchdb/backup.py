@@ -211,6 +211,8 @@ def begin_backup(
 ) -> BackupState:
     """The checkpoint of a backup of ``db`` called ``name`` that has written nothing yet. With ``previous``, only
     changes since ``previous.seq`` are stored (an increment on top of it)."""
+    if previous is not None and previous.name == name:
+        raise PermanentError(f"backup {name} cannot be an increment on top of itself")
     info = server.db_info(db)
     try:
         security = server.get_json(server.db_path(db, "_security"))
@@ -244,7 +246,9 @@ def backup_part(
     """Write the next part: the changes since ``state.manifest.seq``, until the feed ends (``feed_done``) or, at
     the end of a ``_changes`` page, ``deadline`` (time.monotonic()) has passed. At least one page is read."""
     manifest = state.manifest
-    part_name = f"{manifest.data_name}{PART_SUFFIX}{len(state.parts):05d}"
+    # Named after this backup's beginning too: a run that took over from a stalled one never writes its parts.
+    began = hashlib.sha256(manifest.started.encode()).hexdigest()[:8]
+    part_name = f"{manifest.data_name}{PART_SUFFIX}{began}-{len(state.parts):05d}"
     # Counted here and added to the manifest only with the part: a part that fails half way changes nothing.
     docs = deleted = attachments = 0
     seq = manifest.seq
@@ -299,16 +303,16 @@ def finish_backup(
     for part in parts[:-1]:
         offset += part.bytes
         cuts.append(offset)
-    digest, pieces, lines = read_back(store, manifest.data_name, cuts)
+    found = read_back(store, manifest.data_name, cuts)
     expected = [p.sha256 for p in parts]
-    if pieces != expected or lines != manifest.batches:
+    if found.pieces != expected or found.lines != manifest.batches:
         raise PermanentError(
             f"backup {store.url(manifest.data_name)} does not match what was written"
-            f" ({sum(a != b for a, b in zip(pieces, expected, strict=False))} of {len(parts)} parts differ,"
-            f" lines {lines} vs {manifest.batches})"
+            f" ({sum(a != b for a, b in zip(found.pieces, expected, strict=False))} of {len(parts)} parts differ,"
+            f" lines {found.lines} vs {manifest.batches})"
         )
     manifest.bytes = offset + parts[-1].bytes
-    manifest.sha256 = digest
+    manifest.sha256 = found.sha256
     manifest.finished = now().isoformat()
     store.write_bytes(manifest.manifest_name, manifest.to_bytes())
     return manifest
