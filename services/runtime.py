@@ -92,9 +92,9 @@ class Settings:
             budget = float(budget_text)
         except ValueError:
             budget = -1.0
-        if not 0.5 <= budget <= 3300:
+        if not 0 <= budget <= 3300:  # 0: every task does one smallest unit of work, then hands on (try resumes)
             raise ConfigError(
-                f"BACKUP_JOB_BUDGET_SECONDS: expected seconds from 0.5 to 3300 (under the request deadline), got"
+                f"BACKUP_JOB_BUDGET_SECONDS: expected seconds from 0 to 3300 (under the request deadline), got"
                 f" {budget_text!r}"
             )
         worker_url = (env.get("BACKUP_WORKER_URL") or "").rstrip("/") or None
