@@ -25,7 +25,7 @@ from kinds.datastore.exports import _project, admin_client
 from kinds.datastore.plan import Settings
 from services.errors import PermanentError
 from services.gcp_errors import classify
-from services.kinds import BackupRef, Done, DrillStep, Outcome, Pending, RunContext, Target
+from services.kinds import BackupRef, Done, DrillState, DrillStep, Outcome, Pending, RunContext, Target
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -34,7 +34,7 @@ DELETE_BATCH = 500  # Datastore's limit per commit
 
 
 def drill(
-    plan: Plan[Settings], target: Target, backup: BackupRef, state: dict[str, Any] | None, run: RunContext, rt: Runtime
+    plan: Plan[Settings], target: Target, backup: BackupRef, state: DrillState, run: RunContext, rt: Runtime
 ) -> Outcome:
     state = state or {"phase": "clear-before", "pairs": _pairs(target)}
     scratch = _scratch(plan, rt)

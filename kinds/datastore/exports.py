@@ -22,17 +22,7 @@ from services.catalog import NAMESPACE as CATALOG_NAMESPACE
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fanout import period_stamp
 from services.gcp_errors import classify
-from services.kinds import (
-    Done,
-    DrillsIn,
-    Execution,
-    Outcome,
-    Pending,
-    RunContext,
-    Target,
-    TargetPage,
-    find_by_listing,
-)
+from services.kinds import Done, DrillsIn, Execution, Outcome, Pending, RunContext, Target, TargetPage, find_by_listing
 from services.plans import Plan
 from services.runtime import Runtime
 
