@@ -78,7 +78,5 @@ class ModuleKind:
         return describe(plan, target, rt) if describe else f"would back up {target.key}"  # type: ignore[no-any-return]
 
 
-couchdb_sections = _sections("services.couchdb", ("server", "select", "destination", "options"), "backups")
-couchdb_kind = ModuleKind("services.couchdb", "couchdb", "backups", "job")
 sqlsync_sections = _sections("services.sqlsync", ("select", "destination", "options"), "sqlsync")
 sqlsync_kind = ModuleKind("services.sqlsync", "sqlsync", "sqlsync", "job")
