@@ -84,6 +84,7 @@ def make_run(tmp_path, pouchdb, mariadb_servers, monkeypatch):
             "kind": "couchdb",
             "select": {"databases": [couch_db]},
             "destination": {"url": str(tmp_path / "couch")},
+            "options": {"page_size": 25},  # a _changes page is the smallest part: 120 documents take five or more
         },
         "staging-refresh": sync["raw"],
     }
@@ -145,6 +146,8 @@ def test_every_local_kind_runs_through_the_app_and_the_worker_process_in_budgete
     assert {plan: r["status"] for plan, r in runs.items()} == dict.fromkeys(plans, "succeeded"), runs
     parts = [line for line in runs["share"]["log"] if "part done" in line]
     assert len(parts) >= 6  # twelve folders, a spent budget each part: it came through continuations
+    couch_parts = [line for line in runs["couch"]["log"] if "going on in a follow-up task" in line]
+    assert len(couch_parts) >= 4, runs["couch"]["log"]  # 120 documents in parts, each from the checkpoint the last one left
     worker_log, app_log = (state / "worker.log").read_text(), (state / "app.log").read_text()
     share_key = runs["share"]["target"]
     assert f"{share_key}: " in worker_log  # the directory queue's tasks went to the worker process ...
