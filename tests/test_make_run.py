@@ -147,7 +147,7 @@ def test_every_local_kind_runs_through_the_app_and_the_worker_process_in_budgete
     parts = [line for line in runs["share"]["log"] if "part done" in line]
     assert len(parts) >= 6  # twelve folders, a spent budget each part: it came through continuations
     couch_parts = [line for line in runs["couch"]["log"] if "going on in a follow-up task" in line]
-    assert len(couch_parts) >= 4, runs["couch"]["log"]  # 120 documents in parts, each from the checkpoint the last one left
+    assert len(couch_parts) >= 4, runs["couch"]["log"]  # 120 documents in parts, each resuming the last
     worker_log, app_log = (state / "worker.log").read_text(), (state / "app.log").read_text()
     share_key = runs["share"]["target"]
     assert f"{share_key}: " in worker_log  # the directory queue's tasks went to the worker process ...
