@@ -137,6 +137,8 @@ def main() -> None:
         "BACKUP_QUEUE_BACKEND": "local",
         "BACKUP_LOCAL_QUEUE_DB": str(STATE / "queue.sqlite3"),
     }
+    # The demo talks only to emulators; your own plans (BACKUP_PLANS) against real APIs want BACKUP_CREDENTIALS=default.
+    env.setdefault("BACKUP_CREDENTIALS", os.environ.get("BACKUP_CREDENTIALS", "anonymous"))
     os.environ.update(env)
     children: list[subprocess.Popen] = []
     stop = threading.Event()

@@ -1,7 +1,8 @@
 """`make run` as a newcomer starts it (localdev.py, a process of its own): the app and a second worker process for
-the worker queues, as App Engine and Cloud Run split them in production. Every kind that has a local stand-in runs
-end to end through it with a budget of 0 seconds, so each job task does its smallest unit of work and hands on: a
-directory tree and a CouchDB database complete only through continuations."""
+the worker queues, as App Engine and Cloud Run split them in production. Every kind runs end to end through it with
+a budget of 0 seconds, so each job task does its smallest unit of work and hands on: a directory tree and a CouchDB
+database complete only through continuations. Compute and Filestore, which have no local stand-in, are the tests'
+stateful fakes served over real HTTP."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import yaml
 
 from services.runtime import ROOT
 from tests.couch_data import make_docs, seed
+from tests.fakes_compute import ComputeFake, FakeServer
+from tests.fakes_filestore import FilestoreFake
 from tests.helpers import free_port
 from tests.sqlsync_data import SECRET_ENV, make_sync_setup
 
@@ -59,7 +62,17 @@ def _wait_until(predicate, what: str, process: subprocess.Popen, timeout: float,
 
 
 @pytest.fixture
-def make_run(tmp_path, pouchdb, mariadb_servers, monkeypatch):
+def cloud_fakes():
+    """Compute with one labelled disk and Filestore with one labelled instance, over HTTP on 127.0.0.1."""
+    compute, filestore = ComputeFake(), FilestoreFake("http://filestore.fake/")
+    compute.add_disk("proj-alpha", "db-disk", zone="us-central1-a", labels={"backup-generations": "3"})
+    filestore.add_instance("proj-one", "us-central1-a", "home", {"backup-keep": "2"})
+    with FakeServer(compute) as compute_server, FakeServer(filestore, api_path="/") as file_server:
+        yield SimpleNamespace(compute=compute_server.endpoint, file=file_server.endpoint)
+
+
+@pytest.fixture
+def make_run(tmp_path, pouchdb, mariadb_servers, monkeypatch, cloud_fakes):
     """localdev.py on free ports with its state and plans in tmp_path, and the plans' targets made."""
     share, copies = tmp_path / "share", tmp_path / "copies"
     for d in range(6):
@@ -87,6 +100,16 @@ def make_run(tmp_path, pouchdb, mariadb_servers, monkeypatch):
             "options": {"page_size": 25},  # a _changes page is the smallest part: 120 documents take five or more
         },
         "staging-refresh": sync["raw"],
+        "disk-nightly": {
+            "kind": "disks",
+            "select": {"projects": ["proj-alpha"]},
+            "options": {"endpoint": cloud_fakes.compute},
+        },
+        "shares-nightly": {
+            "kind": "filestore",
+            "select": {"projects": ["proj-one"], "label": "backup-keep"},
+            "options": {"endpoint": cloud_fakes.file, "poll_seconds": 1},
+        },
     }
     state = tmp_path / "state"
     plans_file = tmp_path / "plans.yaml"
@@ -131,7 +154,7 @@ def make_run(tmp_path, pouchdb, mariadb_servers, monkeypatch):
 
 def test_every_local_kind_runs_through_the_app_and_the_worker_process_in_budgeted_parts(make_run):
     url, auth, state = make_run.url, make_run.auth, make_run.state
-    plans = ("share", "couch", "staging-refresh")
+    plans = ("share", "couch", "staging-refresh", "disk-nightly", "shares-nightly")
     for plan in plans:
         answer = requests.post(f"{url}/admin/plans/{plan}/run", headers=auth | {"X-Backup-Client": "test"}, timeout=30)
         assert answer.status_code == 200, answer.text
@@ -153,5 +176,7 @@ def test_every_local_kind_runs_through_the_app_and_the_worker_process_in_budgete
     assert f"{share_key}: " in worker_log  # the directory queue's tasks went to the worker process ...
     assert f"{share_key}: " not in app_log  # ... and none to the app
     assert "staging-refresh" in worker_log or runs["staging-refresh"]["target"] in worker_log
+    assert "/projects/proj-alpha/global/snapshots/bk-db-disk-" in runs["disk-nightly"]["output"]
+    assert "/backups/" in runs["shares-nightly"]["output"]
     copy = runs["share"]["output"]
     assert Path(copy).parent == make_run.copies and (Path(copy) / "d5" / "b" / "f3.txt").read_text() == "5/b/3\n" * 4
