@@ -30,7 +30,6 @@ from kinds.couchdb.http import CouchServer, HttpRefused
 from kinds.couchdb.store import Store, read_back
 from services.errors import PermanentError
 
-Progress = Callable[[int], None]  # called with the number of documents just processed
 PART_SUFFIX = ".part-"  # <data file>.part-00003: one part of a backup still being written
 
 
@@ -50,18 +49,18 @@ def backup_name(plan: str, database: str, period: datetime, mode: str, increment
 # ----------------------------------------------------------------------------------------- reading
 
 
-class _HashingWriter:
-    """Passes bytes through to ``raw`` while counting them and computing their SHA-256."""
+@dataclass
+class _Hashing:
+    """The file a part is written to, seen through its SHA-256 and length as the bytes go by."""
 
-    def __init__(self, raw: IO[bytes]):
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
-        self.count = 0
+    raw: IO[bytes]
+    count: int = 0
+    sha256: Any = field(default_factory=hashlib.sha256)
 
     def write(self, data: bytes) -> int:
+        self.raw.write(data)
         self.sha256.update(data)
         self.count += len(data)
-        self.raw.write(data)
         return len(data)
 
     def flush(self) -> None:
@@ -240,13 +239,7 @@ def begin_backup(
 
 
 def backup_part(
-    server: CouchServer,
-    store: Store,
-    state: BackupState,
-    opts: BackupOptions,
-    *,
-    deadline: float | None = None,
-    progress: Progress | None = None,
+    server: CouchServer, store: Store, state: BackupState, opts: BackupOptions, *, deadline: float | None = None
 ) -> None:
     """Write the next part: the changes since ``state.manifest.seq``, until the feed ends (``feed_done``) or, at
     the end of a ``_changes`` page, ``deadline`` (time.monotonic()) has passed. At least one page is read."""
@@ -259,7 +252,7 @@ def backup_part(
     chunks = prefetched(doc_chunks(server, manifest.database, seq, opts, with_history=manifest.incremental))
     try:
         with store.open_write(part_name) as raw:
-            hashing = _HashingWriter(raw)
+            hashing = _Hashing(raw)
             # mtime=0 keeps the output a pure function of the documents (same input, same bytes).
             with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
                 batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)  # type: ignore[arg-type]
@@ -270,8 +263,6 @@ def backup_part(
                             deleted += 1
                         attachments += len(doc.get("_attachments") or ())
                     docs += len(chunk.docs)
-                    if progress is not None:
-                        progress(len(chunk.docs))
                     if chunk.seq is not None:
                         seq = chunk.seq
                         if deadline is not None and time.monotonic() >= deadline:
@@ -332,11 +323,10 @@ def backup_database(
     *,
     plan: str = "",
     previous: Manifest | None = None,
-    progress: Progress | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Manifest:
     """One backup of ``db`` as ``name`` in one go (no budget: a single part), returning its manifest."""
     state = begin_backup(server, db, name, opts, plan=plan, previous=previous, now=now)
     while not state.feed_done:
-        backup_part(server, store, state, opts, progress=progress)
+        backup_part(server, store, state, opts)
     return finish_backup(store, state, now)

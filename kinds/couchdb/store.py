@@ -32,6 +32,10 @@ class Store:
     def url(self, name: str) -> str:
         raise NotImplementedError
 
+    def name_of(self, url: str) -> str:
+        """The name whose ``url`` this is; PermanentError for a URL outside this store."""
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[IO[bytes]]:
         raise NotImplementedError
@@ -76,6 +80,12 @@ class LocalStore(Store):
 
     def url(self, name: str) -> str:
         return str(self._path(name))
+
+    def name_of(self, url: str) -> str:
+        path = Path(url.removeprefix("file://")).resolve()
+        if self.root.resolve() not in path.parents:
+            raise PermanentError(f"{url} is not in the destination {self.root}")
+        return path.relative_to(self.root.resolve()).as_posix()
 
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[IO[bytes]]:
@@ -138,6 +148,12 @@ class GcsStore(Store):
     def url(self, name: str) -> str:
         return f"gs://{self.bucket_name}/{self._key(name)}"
 
+    def name_of(self, url: str) -> str:
+        head = self.url("")
+        if not url.startswith(head) or len(url) == len(head):
+            raise PermanentError(f"{url} is not in the destination {head}")
+        return url[len(head) :]
+
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[IO[bytes]]:
         blob = self.bucket.blob(self._key(name))
@@ -172,11 +188,12 @@ class GcsStore(Store):
 
     def compose(self, parts: Sequence[str], name: str) -> None:
         # Server side, at most GCS_COMPOSE_LIMIT sources a request: the result so far is the first source of the next.
-        target = self.bucket.blob(self._key(name))
+        # A fresh destination object each time, so no checksum of an earlier round is sent along as the new one's.
+        key = self._key(name)
         sources = [self.bucket.blob(self._key(p)) for p in parts]
-        target.compose(sources[:GCS_COMPOSE_LIMIT])
+        self.bucket.blob(key).compose(sources[:GCS_COMPOSE_LIMIT])
         for start in range(GCS_COMPOSE_LIMIT, len(sources), GCS_COMPOSE_LIMIT - 1):
-            target.compose([target, *sources[start : start + GCS_COMPOSE_LIMIT - 1]])
+            self.bucket.blob(key).compose([self.bucket.blob(key), *sources[start : start + GCS_COMPOSE_LIMIT - 1]])
         for part in parts:
             self.delete(part)
 
