@@ -80,5 +80,3 @@ class ModuleKind:
 
 couchdb_sections = _sections("services.couchdb", ("server", "select", "destination", "options"), "backups")
 couchdb_kind = ModuleKind("services.couchdb", "couchdb", "backups", "job")
-sqlsync_sections = _sections("services.sqlsync", ("select", "destination", "options"), "sqlsync")
-sqlsync_kind = ModuleKind("services.sqlsync", "sqlsync", "sqlsync", "job")

@@ -11,6 +11,8 @@ from kinds.disks.plan import DiskSettings
 from kinds.disks.snapshots import KIND as DISKS
 from kinds.filestore.backups import KIND as FILESTORE
 from kinds.filestore.plan import FilestoreSettings
+from kinds.sqlsync.kind import KIND as SQLSYNC
+from kinds.sqlsync.plan import Settings as SqlSyncSettings
 from services.kinds import Kind, Restorable
 
 _DATASTORE: Kind[DatastoreSettings] = DATASTORE
@@ -21,3 +23,4 @@ _FILESTORE: Kind[FilestoreSettings] = FILESTORE
 _FILESTORE_DRILLS: Restorable[FilestoreSettings] = FILESTORE
 _DIRECTORY: Kind[DirectorySettings] = DIRECTORY
 _DIRECTORY_DRILLS: Restorable[DirectorySettings] = DIRECTORY
+_SQLSYNC: Kind[SqlSyncSettings] = SQLSYNC

@@ -12,13 +12,13 @@ import pytest
 import responses
 from google.auth.credentials import AnonymousCredentials
 
-from services import sqlsync
+from kinds.sqlsync import kind as sqlsync
 from services.errors import PermanentError, TransientError
 from services.kinds import Pending, RunContext, Target
 from services.plans import parse_plan
 from services.runtime import Runtime, Settings
 from tests.fakes_sqladmin import Backend, SqlAdminFake
-from tests.sqlsync_data import load_shop, production_rows
+from tests.sqlsync_data import SECRET, SECRET_ENV, load_shop, production_rows
 
 ENDPOINT = "https://sqladmin.fake.test/"
 PROJECT = "shop-prod"
@@ -29,7 +29,6 @@ _names = itertools.count()
 
 @pytest.fixture
 def cloud(mariadb_servers, gcs, monkeypatch):
-    monkeypatch.setenv("SQLSYNC_TEST_SECRET", "a-test-secret-of-enough-length")
     gcs.create_bucket(BUCKET)
     n = next(_names)
     production, scratch, staging = (mariadb_servers[k] for k in ("production", "scratch", "staging"))
@@ -81,7 +80,7 @@ def cloud(mariadb_servers, gcs, monkeypatch):
             "fake": fake,
             "raw": raw,
             "plan": parse_plan("staging-refresh", raw),
-            "rt": Runtime(Settings.from_env({}), plans={}, credentials=AnonymousCredentials()),
+            "rt": Runtime(Settings.from_env({SECRET_ENV: SECRET}), plans={}, credentials=AnonymousCredentials()),
             "staging": (staging, staging_db),
             "gcs": gcs,
         }
@@ -208,7 +207,7 @@ def test_the_endpoint_can_come_from_the_environment(cloud):
     raw = dict(cloud["raw"], options={k: v for k, v in cloud["raw"]["options"].items() if k != "endpoint"})
     cloud["plan"] = parse_plan("staging-refresh", raw)
     cloud["rt"] = Runtime(
-        Settings.from_env({"BACKUP_SQLADMIN_ENDPOINT": ENDPOINT.rstrip("/")}),
+        Settings.from_env({"BACKUP_SQLADMIN_ENDPOINT": ENDPOINT.rstrip("/"), SECRET_ENV: SECRET}),
         plans={},
         credentials=AnonymousCredentials(),
     )

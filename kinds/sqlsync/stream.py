@@ -11,7 +11,7 @@ before the first one can be given out (collision resolution), so it first collec
 statements into a spool file while the loader is still busy with the tables that come before them. Indexes on
 ruled columns are built after the rows are in (random masked values make index inserts slow).
 
-The same ``Masker`` is used as by the in-place masking of ``sqlsync_db``, on the same strings, so both give the
+The same ``Masker`` is used as by the in-place masking of ``kinds.sqlsync.db``, on the same strings, so both give the
 same staging data. Anything this parser does not recognise inside a ruled table's data stops the load with the
 table, the line and the text; nothing unmasked is passed through.
 """
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from services.masking import SET_KINDS, ColumnRule, Masker
+from kinds.sqlsync.masking import SET_KINDS, ColumnRule, Masker
 
 # One SQL value as mariadb-dump writes it: a quoted string (maybe with a charset introducer such as _binary, or
 # b'' / x''), or a bare token (number, NULL, 0x... with --hex-blob). Quoted strings escape with backslashes.
