@@ -18,7 +18,6 @@ services/couchdb_format.py.
 
 from __future__ import annotations
 
-import base64
 import fnmatch
 import os
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from services.couchdb_engine import (
 from services.couchdb_format import CREATED_BY, Manifest
 from services.couchdb_http import CouchServer, redact_url
 from services.couchdb_store import Store, open_store
-from services.errors import PermanentError, TransientError
+from services.errors import PermanentError
 from services.fields import Fields
 from services.kinds import Done, Outcome, RunContext, Target, TargetPage
 
@@ -135,19 +134,8 @@ def server_from_env(
 
 
 def access_secret(name: str, rt: Any) -> str:
-    """The payload of Secret Manager secret version ``name``, over its REST API with the runtime's credentials."""
-    from google.auth.transport.requests import AuthorizedSession
-
-    endpoint = (
-        rt.settings.endpoint("secretmanager") if rt is not None else None
-    ) or "https://secretmanager.googleapis.com"
-    session = AuthorizedSession(rt.credentials())
-    resp = session.get(f"{endpoint.rstrip('/')}/v1/{name}:access", timeout=30)
-    if resp.status_code == 429 or resp.status_code >= 500:
-        raise TransientError(f"Secret Manager {name}: HTTP {resp.status_code}")
-    if resp.status_code != 200:
-        raise PermanentError(f"Secret Manager {name}: HTTP {resp.status_code} {resp.text[:200]}")
-    return base64.b64decode(resp.json()["payload"]["data"]).decode()
+    """The payload of Secret Manager secret version ``name``, through the runtime's one secrets seam."""
+    return str(rt.secrets.secret(name))
 
 
 def select_databases(patterns: tuple[str, ...] | list[str], available: list[str]) -> list[str]:

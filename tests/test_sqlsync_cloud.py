@@ -216,3 +216,26 @@ def test_the_endpoint_can_come_from_the_environment(cloud):
 
     assert outcome.stats["step_reached"] == "import-scratch"
     assert cloud["fake"].started == [("production", "EXPORT"), ("scratch", "IMPORT")]
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "words"),
+    [
+        (409, TransientError, "step export-production: another operation is running: "),
+        (400, PermanentError, "step export-production: request refused (400): "),
+    ],
+)
+def test_conflicts_and_refusals_are_judged_as_for_every_kind(cloud, status, error, words):
+    from googleapiclient.errors import HttpError
+
+    from services import gcp_errors
+
+    cloud["fake"].http_fault("POST", "/instances/production/export", status, "the fake says no")
+
+    with pytest.raises(error) as raised:
+        _run(cloud)
+
+    assert str(raised.value) == words + "the fake says no"
+    cause = raised.value.__cause__
+    assert isinstance(cause, HttpError)
+    assert type(gcp_errors.classify(cause, "anything")) is type(raised.value)
