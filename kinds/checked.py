@@ -24,3 +24,4 @@ _FILESTORE_DRILLS: Restorable[FilestoreSettings] = FILESTORE
 _DIRECTORY: Kind[DirectorySettings] = DIRECTORY
 _DIRECTORY_DRILLS: Restorable[DirectorySettings] = DIRECTORY
 _SQLSYNC: Kind[SqlSyncSettings] = SQLSYNC
+_SQLSYNC_DRILLS: Restorable[SqlSyncSettings] = SQLSYNC

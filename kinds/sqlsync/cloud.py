@@ -185,7 +185,7 @@ def operation_step(
     return False
 
 
-def _backup_runs(client: Any, project: str, instance: str) -> list[dict[str, Any]]:
+def backup_runs(client: Any, project: str, instance: str) -> list[dict[str, Any]]:
     """Every backup run of ``instance``, page by page."""
     runs: list[dict[str, Any]] = []
     token = None
@@ -202,7 +202,7 @@ def _backup_runs(client: Any, project: str, instance: str) -> list[dict[str, Any
 
 
 def _our_backup_status(client: Any, project: str, instance: str, description: str) -> str | None:
-    for backup in _backup_runs(client, project, instance):
+    for backup in backup_runs(client, project, instance):
         if backup.get("description") == description and backup.get("status") not in ("FAILED", "DELETED"):
             return str(backup.get("status"))
     return None
@@ -220,7 +220,7 @@ def _check(client: Any, plan: Plan[Settings], step: str, state: dict[str, Any], 
     state["waited_seconds"] = max(0.0, (rt.now() - datetime.fromisoformat(current["since"])).total_seconds())
     if step == "backup-staging":
         state["staging_backup"] = current["name"]
-        prune_backup_runs(client, plan, current["project"], current["instance"], backup_description(plan, run), run)
+        prunebackup_runs(client, plan, current["project"], current["instance"], backup_description(plan, run), run)
     return True
 
 
@@ -228,7 +228,7 @@ def _created(description: str, prefix: str) -> datetime:
     return datetime.strptime(description[len(prefix) :], STAMP).replace(tzinfo=UTC)
 
 
-def prune_backup_runs(
+def prunebackup_runs(
     client: Any, plan: Plan[Settings], project: str, instance: str, confirmed: str, run: RunContext
 ) -> int:
     """Retention (services/retention.py) over the safety backups this kind made of staging (description
@@ -236,7 +236,7 @@ def prune_backup_runs(
     never candidates."""
     prefix = f"sqlsync:{plan.name}:"
     listed = []
-    for item in _backup_runs(client, project, instance):
+    for item in backup_runs(client, project, instance):
         description = str(item.get("description", ""))
         try:
             created = _created(description, prefix) if description.startswith(prefix) else None

@@ -4,6 +4,7 @@ a load first checks mariadb-dump's completion marker."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -138,3 +139,11 @@ def load_dump(ref: DatabaseRef, path: Path, feed: Callable[[Callable[[bytes], ob
     if loader.returncode != 0:
         raise DumpError(f"loading {path.name} into {ref.label()} failed", message)
     return result
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

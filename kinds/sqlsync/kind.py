@@ -20,7 +20,7 @@ from google.api_core.retry import Retry
 from kinds.sqlsync.plan import Settings
 from kinds.sqlsync.steps import STEPS, advance, first_state
 from services.errors import PermanentError
-from services.kinds import Done, Execution, Outcome, RunContext, Target, TargetPage
+from services.kinds import Done, DrillsIn, Execution, Outcome, RunContext, Target, TargetPage
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -89,12 +89,13 @@ def poll(plan: Plan[Settings], target: Target, state: dict[str, Any], run: RunCo
     return advance(plan, state, run, rt)
 
 
-class SqlSync:
+class SqlSync(DrillsIn):
     """The ``sqlsync`` kind: production copied into staging, masked, in checkpointed steps."""
 
     name = "sqlsync"
     default_queue = "sqlsync"
     execution: Execution = "job"
+    drill_module = "kinds.sqlsync.drill"
 
     def enumerate(self, plan: Plan[Settings], page_token: str | None, rt: Runtime) -> TargetPage:
         return enumerate_targets(plan, page_token, rt)

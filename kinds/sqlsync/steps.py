@@ -345,6 +345,8 @@ def step_backup_staging(sync: Sync) -> None:
     size = dumps.dump_database(sync.settings.staging, path)
     sync.state["staging_backup"] = str(path)
     sync.produced("backup-staging", dump=str(path), bytes=size)
+    # What a restore drill checks the dump against (kinds/sqlsync/drill.py): it must be this file, unchanged.
+    sync.stats(staging_backup=str(path), staging_backup_sha256=dumps.file_sha256(path))
     sync.log(f"step backup-staging: safety dump {path} ({size} bytes)")
 
 
