@@ -22,7 +22,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "directory": ("kinds.directory.plan:Sections", "kinds.directory.kind:KIND"),
     "disks": ("kinds.disks.plan:Sections", "kinds.disks.snapshots:KIND"),
     "filestore": ("kinds.filestore.plan:Sections", "kinds.filestore.backups:KIND"),
-    "sqlsync": ("kinds._legacy:sqlsync_sections", "kinds._legacy:sqlsync_kind"),
+    "sqlsync": ("kinds.sqlsync.plan:Sections", "kinds.sqlsync.kind:KIND"),
 }
 
 

@@ -13,6 +13,8 @@ from kinds.disks.plan import DiskSettings
 from kinds.disks.snapshots import KIND as DISKS
 from kinds.filestore.backups import KIND as FILESTORE
 from kinds.filestore.plan import FilestoreSettings
+from kinds.sqlsync.kind import KIND as SQLSYNC
+from kinds.sqlsync.plan import Settings as SqlSyncSettings
 from services.kinds import Kind, Restorable
 
 _DATASTORE: Kind[DatastoreSettings] = DATASTORE
@@ -25,3 +27,5 @@ _DIRECTORY: Kind[DirectorySettings] = DIRECTORY
 _DIRECTORY_DRILLS: Restorable[DirectorySettings] = DIRECTORY
 _COUCHDB: Kind[CouchdbSettings] = COUCHDB
 _COUCHDB_DRILLS: Restorable[CouchdbSettings] = COUCHDB
+_SQLSYNC: Kind[SqlSyncSettings] = SQLSYNC
+_SQLSYNC_DRILLS: Restorable[SqlSyncSettings] = SQLSYNC

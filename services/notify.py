@@ -18,15 +18,12 @@ channel's 5xx does not send the message again on the channel that already had it
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
 import json
 import logging
 import os
 import re
-import threading
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -348,10 +345,6 @@ def _is_loopback_url(url: str) -> bool:
         return False
 
 
-_secret_cache: dict[str, tuple[float, str]] = {}
-_secret_lock = threading.Lock()
-
-
 def resolve_secret(rt: Any, env_name: str) -> str:
     """The value of environment variable ``env_name``; when that is a Secret Manager version (``sm://...`` or
     ``projects/.../secrets/...``), the secret's payload, cached for a few minutes so a rotated secret is picked up."""
@@ -363,32 +356,8 @@ def resolve_secret(rt: Any, env_name: str) -> str:
         return value
     if "/versions/" not in name:
         name += "/versions/latest"
-    with _secret_lock:
-        cached = _secret_cache.get(name)
-        if cached and time.monotonic() - cached[0] < SECRET_TTL_SECONDS:
-            return cached[1]
-    secret = access_secret(rt, name)
-    with _secret_lock:
-        _secret_cache[name] = (time.monotonic(), secret)
+    secret: str = rt.secrets.secret(name)  # cached there for a few minutes
     return secret
-
-
-def access_secret(rt: Any, version: str) -> str:
-    """Secret Manager ``versions.access`` over REST (no extra client library for one call)."""
-    import requests
-    from google.auth.transport.requests import AuthorizedSession
-
-    endpoint = (rt.settings.endpoint("secretmanager") or "https://secretmanager.googleapis.com").rstrip("/")
-    session = rt.client("secretmanager-session", lambda: AuthorizedSession(rt.credentials()))
-    try:
-        response = session.get(f"{endpoint}/v1/{version}:access", timeout=30)
-    except requests.RequestException as exc:
-        raise TransientError(f"Secret Manager {version}: {type(exc).__name__}") from exc
-    if response.status_code == 429 or response.status_code >= 500:
-        raise TransientError(f"Secret Manager {version} answered {response.status_code}")
-    if response.status_code != 200:
-        raise PermanentError(f"Secret Manager {version} answered {response.status_code}: {response.text[:200]}")
-    return base64.b64decode(response.json()["payload"]["data"]).decode().strip()
 
 
 # ------------------------------------------------------------------------------------------------- digest

@@ -23,9 +23,9 @@ HEAVY = (
     "grpc",
     "couchdb",
     "pymysql",
-    "services.couchdb",
     "kinds.couchdb",
-    "services.sqlsync",
+    "kinds.sqlsync.kind",
+    "kinds.sqlsync.steps",
     "flask",
 )
 

@@ -8,8 +8,6 @@ Cloud SQL Python Connector for Cloud SQL instances.
 
 from __future__ import annotations
 
-import os
-import re
 import tempfile
 import threading
 import time
@@ -19,43 +17,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker
+from kinds.sqlsync.errors import HalfDone
+from kinds.sqlsync.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker
+from kinds.sqlsync.plan import DatabaseRef
 
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,63}$")
 MAP_BATCH = 5000
 PARALLEL_MIN = 50_000  # below this, starting worker processes costs more than it saves
 UPDATE_CHUNK = 50_000
 # Kinds whose original values are personal data worth checking for after the import.
 VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash")
-
-
-@dataclass(frozen=True)
-class DatabaseRef:
-    """One side of the sync. Local profile: ``host``/``port`` or ``socket``. Cloud SQL: ``instance`` as
-    ``project:region:name`` (SQL goes through the Python Connector, or over TCP to ``host`` when set, e.g. a
-    Cloud SQL Auth Proxy)."""
-
-    role: str
-    database: str
-    instance: str | None = None
-    host: str | None = None
-    port: int = 3306
-    socket: str | None = None
-    user: str = "root"
-    password_env: str | None = None
-    private_ip: bool = False
-
-    def password(self) -> str:
-        if not self.password_env:
-            return ""
-        value = os.environ.get(self.password_env)
-        if value is None:
-            raise LookupError(f"{self.role}: environment variable {self.password_env} (password) is not set")
-        return value
-
-    def label(self) -> str:
-        where = self.instance or (self.socket if self.socket else f"{self.host}:{self.port}")
-        return f"{where}/{self.database}"
 
 
 def quote(name: str) -> str:
@@ -71,7 +41,7 @@ def connect(ref: DatabaseRef, database: str | None = None, *, streaming: bool = 
 
     kwargs: dict[str, Any] = {
         "user": ref.user,
-        "password": ref.password(),
+        "password": ref.password,
         "database": database if database is not None else ref.database,
         "autocommit": True,
         "charset": "utf8mb4",
@@ -152,9 +122,10 @@ def begin_in_place_step(conn: Any, step: str) -> bool:
     if state == "done":
         return False
     if state == "started":
-        raise ValueError(
+        raise HalfDone(
             f"an earlier attempt of step {step} stopped half-way and scratch is partly changed:"
-            " run again from import-scratch (backup sqlsync PLAN --start-at import-scratch --period ...)"
+            " the run must go on again from import-scratch",
+            restart_at="import-scratch",
         )
     mark_progress(conn, step, "started")
     return True
@@ -591,3 +562,31 @@ def find_leaks(
                 if found and found[0][0] == original:
                     leaks.append(f"{table}.{rule.column}: the row with key {list(key)} still holds its original value")
     return leaks
+
+
+# ---- scratch ---------------------------------------------------------------------------------------------------
+
+
+def table_names(conn: Any, database: str) -> list[str]:
+    """The base tables of ``database`` (no views), without the progress marker."""
+    rows = query(
+        conn,
+        "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE'",
+        (database,),
+    )
+    return sorted(name for (name,) in rows if name != PROGRESS_TABLE)
+
+
+def empty_database(ref: DatabaseRef) -> int:
+    """Drop every table (and view) of ``ref``'s database; used only on the scratch database."""
+    with connect(ref) as conn:
+        query(conn, "SET SESSION foreign_key_checks = 0")
+        rows = query(
+            conn,
+            "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+            (ref.database,),
+        )
+        for name, table_type in rows:
+            what = "VIEW" if table_type == "VIEW" else "TABLE"
+            query(conn, f"DROP {what} IF EXISTS {quote(name)}")
+        return len(rows)
