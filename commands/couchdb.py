@@ -174,6 +174,9 @@ def couchdb() -> None:
 )
 @click.option("--reads-per-second", type=click.FloatRange(0.1), default=None)
 @click.option(
+    "--fetchers", default=4, show_default=True, type=click.IntRange(1, 16), help="_bulk_get requests in flight."
+)
+@click.option(
     "--part-seconds",
     default=10.0,
     show_default=True,
@@ -196,6 +199,7 @@ def backup_command(
     page_size: int,
     read_bytes: int,
     reads_per_second: float | None,
+    fetchers: int,
     part_seconds: float,
     quiet: bool,
     url_env: str,
@@ -212,7 +216,7 @@ def backup_command(
         server=_server_settings(url_env, user_env, password_env),
         databases=("*",) if all_dbs else databases,
         destination=destination,
-        backup=BackupOptions(mode, attachments, batch_docs, batch_bytes, page_size, read_bytes),
+        backup=BackupOptions(mode, attachments, batch_docs, batch_bytes, page_size, read_bytes, fetchers),
         incremental=incremental,
         full_every=full_every,
         reads_per_second=reads_per_second,

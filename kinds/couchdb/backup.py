@@ -14,12 +14,14 @@ page, so the sequence it records covers everything it wrote.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -79,21 +81,33 @@ def _leaf_refs(rows: list[dict[str, Any]], all_leaves: bool) -> list[tuple[str, 
 def _fetch_chunks(
     server: CouchServer, db: str, refs: list[tuple[str, str]], opts: BackupOptions
 ) -> Iterator[list[dict[str, Any]]]:
-    """The documents for ``refs``, in chunks sized so one chunk stays near ``read_bytes`` in memory."""
+    """The documents for ``refs``, in order, in chunks sized so one chunk stays near ``read_bytes`` in memory, with
+    up to ``opts.fetchers`` chunks requested at once: over a link with latency the round trips overlap instead of
+    adding up (memory: at most that many chunks held)."""
     chunk = min(opts.batch_docs, 200)
     i = 0
-    while i < len(refs):
-        part = refs[i : i + chunk]
-        # Keep a document's leaves together: verification groups consecutive rows of one id.
-        while i + len(part) < len(refs) and refs[i + len(part)][0] == part[-1][0]:
-            part.append(refs[i + len(part)])
-        i += len(part)
-        docs = server.bulk_get(db, part, attachments=opts.attachments)
-        yield docs
-        # Attachments make documents vary from bytes to megabytes: aim the next chunk at the byte budget.
-        attachment_chars = sum(len(a.get("data", "")) for d in docs for a in (d.get("_attachments") or {}).values())
-        per_doc = 1024 + attachment_chars // max(1, len(docs))
-        chunk = max(1, min(opts.batch_docs, opts.read_bytes // per_doc))
+    in_flight: collections.deque[Future[list[dict[str, Any]]]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=max(1, opts.fetchers), thread_name_prefix="couchdb-fetch") as pool:
+        try:
+            while i < len(refs) or in_flight:
+                while i < len(refs) and len(in_flight) < max(1, opts.fetchers):
+                    part = refs[i : i + chunk]
+                    # Keep a document's leaves together: verification groups consecutive rows of one id.
+                    while i + len(part) < len(refs) and refs[i + len(part)][0] == part[-1][0]:
+                        part.append(refs[i + len(part)])
+                    i += len(part)
+                    in_flight.append(pool.submit(server.bulk_get, db, part, attachments=opts.attachments))
+                docs = in_flight.popleft().result()
+                yield docs
+                # Attachments make documents vary from bytes to megabytes: aim later chunks at the byte budget.
+                attachment_chars = sum(
+                    len(a.get("data", "")) for d in docs for a in (d.get("_attachments") or {}).values()
+                )
+                per_doc = 1024 + attachment_chars // max(1, len(docs))
+                chunk = max(1, min(opts.batch_docs, opts.read_bytes // per_doc))
+        finally:
+            for future in in_flight:
+                future.cancel()
 
 
 @dataclass
