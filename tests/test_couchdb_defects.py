@@ -218,4 +218,4 @@ def test_a_couchbackup_file_given_to_restore_is_named_as_such(couch_env, tmp_pat
     refused = _cli("restore", str(made_by_couchbackup), "--db", couch_env.new_db_name("dst"))
 
     assert refused.exit_code == 1
-    assert "is a couchbackup 2.11.12 file (full mode)" in refused.stderr and "couchrestore" in refused.stderr
+    assert "is a couchbackup 2.11.12 file (full mode)" in refused.stderr and "couchdb import" in refused.stderr

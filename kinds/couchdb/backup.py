@@ -20,7 +20,7 @@ import hashlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -260,6 +260,19 @@ def backup_part(
     """Write the next part: the changes since ``state.manifest.seq``, until the feed ends (``feed_done``) or, at
     the end of a ``_changes`` page, ``deadline`` (time.monotonic()) has passed. At least one page is read."""
     manifest = state.manifest
+    chunks = prefetched(doc_chunks(server, manifest.database, manifest.seq, opts, with_history=manifest.incremental))
+    try:
+        write_part(store, state, opts, chunks, deadline=deadline)
+    finally:
+        chunks.close()  # type: ignore[attr-defined]
+
+
+def write_part(
+    store: Store, state: BackupState, opts: BackupOptions, chunks: Iterable[_Chunk], *, deadline: float | None = None
+) -> None:
+    """Write ``chunks`` as the next part of ``state``'s backup, stopping after a chunk that carries a sequence once
+    ``deadline`` has passed (then ``feed_done`` is False)."""
+    manifest = state.manifest
     # Named after this backup's beginning too: a run that took over from a stalled one never writes its parts.
     began = hashlib.sha256(manifest.started.encode()).hexdigest()[:8]
     part_name = f"{manifest.data_name}{PART_SUFFIX}{began}-{len(state.parts):05d}"
@@ -267,28 +280,24 @@ def backup_part(
     docs = deleted = attachments = 0
     seq = manifest.seq
     ended = True
-    chunks = prefetched(doc_chunks(server, manifest.database, seq, opts, with_history=manifest.incremental))
-    try:
-        with store.open_write(part_name) as raw:
-            hashing = _Hashing(raw)
-            # mtime=0 keeps the output a pure function of the documents (same input, same bytes).
-            with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
-                batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)  # type: ignore[arg-type]
-                for chunk in chunks:
-                    for doc in chunk.docs:
-                        batches.add(encode_doc(doc))
-                        if doc.get("_deleted"):
-                            deleted += 1
-                        attachments += len(doc.get("_attachments") or ())
-                    docs += len(chunk.docs)
-                    if chunk.seq is not None:
-                        seq = chunk.seq
-                        if deadline is not None and time.monotonic() >= deadline:
-                            ended = False
-                            break
-                batches.flush()
-    finally:
-        chunks.close()  # type: ignore[attr-defined]
+    with store.open_write(part_name) as raw:
+        hashing = _Hashing(raw)
+        # mtime=0 keeps the output a pure function of the documents (same input, same bytes).
+        with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
+            batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)  # type: ignore[arg-type]
+            for chunk in chunks:
+                for doc in chunk.docs:
+                    batches.add(encode_doc(doc))
+                    if doc.get("_deleted"):
+                        deleted += 1
+                    attachments += len(doc.get("_attachments") or ())
+                docs += len(chunk.docs)
+                if chunk.seq is not None:
+                    seq = chunk.seq
+                    if deadline is not None and time.monotonic() >= deadline:
+                        ended = False
+                        break
+            batches.flush()
     state.parts.append(Part(part_name, hashing.count, hashing.sha256.hexdigest(), batches.lines))
     manifest.seq = seq
     manifest.docs += docs
@@ -347,4 +356,36 @@ def backup_database(
     state = begin_backup(server, db, name, opts, plan=plan, previous=previous, now=now)
     while not state.feed_done:
         backup_part(server, store, state, opts)
+    return finish_backup(store, state, now)
+
+
+def import_documents(
+    store: Store,
+    name: str,
+    database: str,
+    pages: Iterable[list[dict[str, Any]]],
+    *,
+    mode: str,
+    source: str,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Manifest:
+    """A backup called ``name`` of ``database`` holding the documents of ``pages`` as another tool saved them
+    (``source`` says which), written and checked like any backup: from then on it restores and verifies as one."""
+    opts = BackupOptions(mode=mode)
+    manifest = Manifest(
+        name=name,
+        database=database,
+        mode=mode,
+        attachments=True,
+        incremental=False,
+        since=0,
+        seq=0,
+        plan="import",
+        server=source,
+        batch_docs=opts.batch_docs,
+        batch_bytes=opts.batch_bytes,
+        started=now().isoformat(),
+    )
+    state = BackupState(manifest=manifest)
+    write_part(store, state, opts, (_Chunk(docs) for docs in pages))
     return finish_backup(store, state, now)
