@@ -14,12 +14,14 @@ page, so the sequence it records covers everything it wrote.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -79,21 +81,33 @@ def _leaf_refs(rows: list[dict[str, Any]], all_leaves: bool) -> list[tuple[str, 
 def _fetch_chunks(
     server: CouchServer, db: str, refs: list[tuple[str, str]], opts: BackupOptions
 ) -> Iterator[list[dict[str, Any]]]:
-    """The documents for ``refs``, in chunks sized so one chunk stays near ``read_bytes`` in memory."""
+    """The documents for ``refs``, in order, in chunks sized so one chunk stays near ``read_bytes`` in memory, with
+    up to ``opts.fetchers`` chunks requested at once: over a link with latency the round trips overlap instead of
+    adding up (memory: at most that many chunks held)."""
     chunk = min(opts.batch_docs, 200)
     i = 0
-    while i < len(refs):
-        part = refs[i : i + chunk]
-        # Keep a document's leaves together: verification groups consecutive rows of one id.
-        while i + len(part) < len(refs) and refs[i + len(part)][0] == part[-1][0]:
-            part.append(refs[i + len(part)])
-        i += len(part)
-        docs = server.bulk_get(db, part, attachments=opts.attachments)
-        yield docs
-        # Attachments make documents vary from bytes to megabytes: aim the next chunk at the byte budget.
-        attachment_chars = sum(len(a.get("data", "")) for d in docs for a in (d.get("_attachments") or {}).values())
-        per_doc = 1024 + attachment_chars // max(1, len(docs))
-        chunk = max(1, min(opts.batch_docs, opts.read_bytes // per_doc))
+    in_flight: collections.deque[Future[list[dict[str, Any]]]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=max(1, opts.fetchers), thread_name_prefix="couchdb-fetch") as pool:
+        try:
+            while i < len(refs) or in_flight:
+                while i < len(refs) and len(in_flight) < max(1, opts.fetchers):
+                    part = refs[i : i + chunk]
+                    # Keep a document's leaves together: verification groups consecutive rows of one id.
+                    while i + len(part) < len(refs) and refs[i + len(part)][0] == part[-1][0]:
+                        part.append(refs[i + len(part)])
+                    i += len(part)
+                    in_flight.append(pool.submit(server.bulk_get, db, part, attachments=opts.attachments))
+                docs = in_flight.popleft().result()
+                yield docs
+                # Attachments make documents vary from bytes to megabytes: aim later chunks at the byte budget.
+                attachment_chars = sum(
+                    len(a.get("data", "")) for d in docs for a in (d.get("_attachments") or {}).values()
+                )
+                per_doc = 1024 + attachment_chars // max(1, len(docs))
+                chunk = max(1, min(opts.batch_docs, opts.read_bytes // per_doc))
+        finally:
+            for future in in_flight:
+                future.cancel()
 
 
 @dataclass
@@ -211,6 +225,8 @@ def begin_backup(
 ) -> BackupState:
     """The checkpoint of a backup of ``db`` called ``name`` that has written nothing yet. With ``previous``, only
     changes since ``previous.seq`` are stored (an increment on top of it)."""
+    if previous is not None and previous.name == name:
+        raise PermanentError(f"backup {name} cannot be an increment on top of itself")
     info = server.db_info(db)
     try:
         security = server.get_json(server.db_path(db, "_security"))
@@ -244,7 +260,9 @@ def backup_part(
     """Write the next part: the changes since ``state.manifest.seq``, until the feed ends (``feed_done``) or, at
     the end of a ``_changes`` page, ``deadline`` (time.monotonic()) has passed. At least one page is read."""
     manifest = state.manifest
-    part_name = f"{manifest.data_name}{PART_SUFFIX}{len(state.parts):05d}"
+    # Named after this backup's beginning too: a run that took over from a stalled one never writes its parts.
+    began = hashlib.sha256(manifest.started.encode()).hexdigest()[:8]
+    part_name = f"{manifest.data_name}{PART_SUFFIX}{began}-{len(state.parts):05d}"
     # Counted here and added to the manifest only with the part: a part that fails half way changes nothing.
     docs = deleted = attachments = 0
     seq = manifest.seq
@@ -299,16 +317,16 @@ def finish_backup(
     for part in parts[:-1]:
         offset += part.bytes
         cuts.append(offset)
-    digest, pieces, lines = read_back(store, manifest.data_name, cuts)
+    found = read_back(store, manifest.data_name, cuts)
     expected = [p.sha256 for p in parts]
-    if pieces != expected or lines != manifest.batches:
+    if found.pieces != expected or found.lines != manifest.batches:
         raise PermanentError(
             f"backup {store.url(manifest.data_name)} does not match what was written"
-            f" ({sum(a != b for a, b in zip(pieces, expected, strict=False))} of {len(parts)} parts differ,"
-            f" lines {lines} vs {manifest.batches})"
+            f" ({sum(a != b for a, b in zip(found.pieces, expected, strict=False))} of {len(parts)} parts differ,"
+            f" lines {found.lines} vs {manifest.batches})"
         )
     manifest.bytes = offset + parts[-1].bytes
-    manifest.sha256 = digest
+    manifest.sha256 = found.sha256
     manifest.finished = now().isoformat()
     store.write_bytes(manifest.manifest_name, manifest.to_bytes())
     return manifest

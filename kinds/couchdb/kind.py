@@ -14,11 +14,14 @@ retention (services/retention.py: only this plan's own backups, never one a kept
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kinds.couchdb.backup import (
+    PART_SUFFIX,
     BackupState,
     backup_name,
     backup_part,
@@ -32,12 +35,16 @@ from kinds.couchdb.http import CouchServer, redact_url
 from kinds.couchdb.plan import ServerSettings, Settings
 from kinds.couchdb.store import Store, list_manifests, open_store
 from services import retention
-from services.errors import PermanentError
+from services.errors import PermanentError, TargetGone, TransientError
 from services.kinds import Done, DrillsIn, Execution, Outcome, Pending, RunContext, Target, TargetPage
 from services.plans import Plan
 
 # The part of a task's budget kept for what follows the last page of a part: closing the part, saving the state.
 PART_RESERVE_SECONDS = 20.0
+# One backup of a database at a time per plan: a lease beside its backups, renewed by every part, given up when
+# the backup is finished or has failed; one older than this was left by a run that died, and is taken over.
+LEASE_NAME = ".backup-in-progress.json"
+LEASE_TIME = timedelta(hours=1)
 
 
 def connect(
@@ -93,7 +100,46 @@ def our_backups(store: Store, plan: Plan[Settings], db: str) -> list[Manifest]:
     return [m for m in listed if m.created_by == CREATED_BY and m.plan == plan.name and m.database == db]
 
 
+def _hold_lease(store: Store, backup: str, run: RunContext, rt: Any) -> None:
+    """Take (or renew) the lease on backing up this database for ``run``; TransientError while another run of the
+    plan holds it, so the queue tries again later (the CLI says so and stops)."""
+    name = backup.rsplit("/", 1)[0] + "/" + LEASE_NAME
+    now = rt.now()
+    ours = json.dumps({"run_id": run.run_id, "backup": backup, "until": (now + LEASE_TIME).isoformat()}).encode()
+    if store.create_exclusive(name, ours):
+        return
+    try:
+        held = json.loads(store.read_bytes(name))
+        holder, until = str(held["run_id"]), datetime.fromisoformat(held["until"])
+    except (ValueError, KeyError, TypeError, TargetGone):
+        holder, until = "", now  # unreadable, or gone since: take it
+    if holder != run.run_id and until > now:
+        raise TransientError(
+            f"another backup of this database is in progress ({held.get('backup')}, run {holder}) until"
+            f" {until.isoformat()} at the latest; not starting a second one alongside it"
+        )
+    store.write_bytes(name, ours)
+
+
+def _give_up_lease(store: Store, backup: str, run: RunContext) -> None:
+    name = backup.rsplit("/", 1)[0] + "/" + LEASE_NAME
+    with contextlib.suppress(ValueError, KeyError, TypeError, TargetGone):
+        if json.loads(store.read_bytes(name))["run_id"] == run.run_id:
+            store.delete(name)
+
+
 def _go_on(
+    plan: Plan[Settings], store: Store, server: CouchServer, state: BackupState, run: RunContext, rt: Any
+) -> Outcome:
+    _hold_lease(store, state.manifest.name, run, rt)
+    try:
+        return _next_step(plan, store, server, state, run, rt)
+    except PermanentError:
+        _give_up_lease(store, state.manifest.name, run)
+        raise
+
+
+def _next_step(
     plan: Plan[Settings], store: Store, server: CouchServer, state: BackupState, run: RunContext, rt: Any
 ) -> Outcome:
     reserve = min(PART_RESERVE_SECONDS, run.time_left() / 4)
@@ -108,7 +154,19 @@ def _go_on(
         if not state.feed_done or run.out_of_time(reserve):
             return Pending({"backup": state.to_json()}, delay_seconds=0)
     manifest = finish_backup(store, state, rt.now)
-    return _done(plan, store, manifest, run)
+    done = _done(plan, store, manifest, run)
+    for leftover in _leftovers(store, manifest):
+        store.delete(leftover)
+        run.log(f"removed {store.url(leftover)}, left by a backup that did not finish")
+    _give_up_lease(store, manifest.name, run)
+    return done
+
+
+def _leftovers(store: Store, finished: Manifest) -> list[str]:
+    """Parts and half-written files beside the backup just finished: left by runs that died (only the lease
+    holder writes here, and it has just joined its own parts)."""
+    folder = finished.name.rsplit("/", 1)[0] + "/"
+    return [n for n in store.list(folder) if PART_SUFFIX in n or n.endswith(".partial")]
 
 
 def _done(plan: Plan[Settings], store: Store, manifest: Manifest, run: RunContext) -> Done:

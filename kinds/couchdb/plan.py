@@ -86,6 +86,7 @@ class Options(BaseModel):
     batch_docs: int = Field(500, ge=1, le=10000)
     batch_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=60 * 1024 * 1024)
     page_size: int = Field(2000, ge=1, le=10000)
+    fetchers: int = Field(4, ge=1, le=16)
     incremental: bool = False
     full_every: int = Field(7, ge=1, le=1000)
     drill_sample: int = Field(100, ge=1, le=100_000)
@@ -101,7 +102,9 @@ class Sections(PlanSections[Settings]):
 
     def settings(self) -> Settings:
         options = self.options
-        written = options.model_dump(include={"mode", "attachments", "batch_docs", "batch_bytes", "page_size"})
+        written = options.model_dump(
+            include={"mode", "attachments", "batch_docs", "batch_bytes", "page_size", "fetchers"}
+        )
         return Settings(
             server=ServerSettings(**self.server.model_dump()),
             databases=tuple(self.select.databases),

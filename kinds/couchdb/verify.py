@@ -17,7 +17,7 @@ from urllib.parse import quote
 from kinds.couchdb.backup import BackupOptions, doc_chunks, prefetched
 from kinds.couchdb.format import Manifest, decode_line
 from kinds.couchdb.http import CouchServer
-from kinds.couchdb.store import Store, iter_backup_lines
+from kinds.couchdb.store import Store, check_data_file, iter_backup_lines
 from services.errors import TargetGone
 
 Progress = Callable[[int], None]  # called with the number of documents just read
@@ -95,10 +95,13 @@ def verify_database(
     page_size: int = 2000,
     progress: Progress | None = None,
     show: int = 10,
+    check_files: bool = True,
 ) -> VerifyResult:
     """Compare ``db`` with what ``chain`` holds: live and deleted document counts, the set of (id, rev) leaf
     pairs and the attachment digests. ``differing_ids`` lists the first ``show`` ids that differ."""
     mode = chain[-1].mode
+    for manifest in chain if check_files else ():
+        check_data_file(store, manifest)  # a damaged backup is named as such, not half read
     with tempfile.TemporaryDirectory(prefix="couchdb-verify-") as tmp:
         conn = sqlite3.connect(str(Path(tmp) / "verify.sqlite3"))
         try:
