@@ -18,25 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import click
+from google.api_core.retry import Retry
 
 from commands import current_runtime
-from services.couchdb import ServerSettings, select_databases, server_from_env, store_for
-from services.couchdb_engine import (
-    BackupOptions,
-    RestoreOptions,
-    backup_database,
-    backup_name,
-    backup_prefix,
-    list_manifests,
-    read_manifest,
-    resolve_chain,
-    restore_chain,
-    verify_database,
-)
-from services.couchdb_format import DATA_SUFFIX, MANIFEST_SUFFIX, Manifest
-from services.couchdb_http import CouchServer
-from services.couchdb_store import Store
-from services.errors import BackupError, PermanentError, TargetGone, TransientError
+from kinds.couchdb.backup import BackupOptions, backup_database, backup_name
+from kinds.couchdb.format import DATA_SUFFIX, MANIFEST_SUFFIX, Manifest
+from kinds.couchdb.http import CouchServer
+from kinds.couchdb.kind import KIND, connect, select_databases, store_for
+from kinds.couchdb.plan import ServerSettings, Settings
+from kinds.couchdb.restore import RestoreOptions, restore_chain
+from kinds.couchdb.store import Store, read_manifest, resolve_chain
+from kinds.couchdb.verify import verify_database
+from services.errors import BackupError, PermanentError, TargetGone, TargetNotEmpty, TransientError
+from services.jobs import drive
+from services.kinds import Pending, RunContext, Target
+from services.plans import Plan
 from services.runtime import ROOT, Runtime
 
 EXIT_FAILED = 1
@@ -58,9 +54,17 @@ def _server_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _server_settings(url_env: str, user_env: str, password_env: str) -> ServerSettings:
+    return ServerSettings(url_env=url_env, user_env=user_env, password_env=password_env)
+
+
 def _server(url_env: str, user_env: str, password_env: str, **limits: float | None) -> CouchServer:
-    settings = ServerSettings(url_env=url_env, user_env=user_env, password_env=password_env)
-    return server_from_env(settings, current_runtime(), **limits)
+    return connect(_server_settings(url_env, user_env, password_env), current_runtime(), **limits)
+
+
+# Every request to the server is already retried with backoff (kinds/couchdb/http.py); a person at a terminal is
+# told at once when that was not enough, rather than waiting through the queue's quarter of an hour of retries.
+NO_MORE_RETRIES = Retry(predicate=lambda exc: isinstance(exc, TransientError), timeout=0.0)
 
 
 @contextmanager
@@ -68,7 +72,7 @@ def _exit_codes() -> Iterator[None]:
     """Turn the service's errors into one line on stderr and a documented exit code."""
     try:
         yield
-    except NotEmptyTarget as exc:
+    except TargetNotEmpty as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_NOT_EMPTY)
     except TransientError as exc:
@@ -77,10 +81,6 @@ def _exit_codes() -> Iterator[None]:
     except (BackupError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
-
-
-class NotEmptyTarget(PermanentError):
-    pass
 
 
 def open_backup(url: str, rt: Runtime) -> tuple[Store, list[Manifest]]:
@@ -128,6 +128,13 @@ def couchdb() -> None:
 @click.option("--mode", type=click.Choice(["full", "winning"]), default="full", show_default=True)
 @click.option("--attachments/--no-attachments", default=True, show_default=True)
 @click.option("--incremental", is_flag=True, help="Store only changes since the latest backup of the same mode.")
+@click.option(
+    "--full-every",
+    default=7,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="With --incremental: a new full backup once a chain holds this many backups.",
+)
 @click.option("--prefix", "name_prefix", default="cli", show_default=True, help="First path element of the names.")
 @click.option("--batch-docs", default=500, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--batch-bytes", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(64 * 1024))
@@ -138,6 +145,13 @@ def couchdb() -> None:
     "--read-bytes", default=4 * 1024 * 1024, show_default=True, type=click.IntRange(16 * 1024), help="Aim per read."
 )
 @click.option("--reads-per-second", type=click.FloatRange(0.1), default=None)
+@click.option(
+    "--part-seconds",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.0),
+    help="Each part of a backup runs this long, as one task of the service would, then checkpoints and goes on.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_server_options
 def backup_command(
@@ -147,56 +161,90 @@ def backup_command(
     mode: str,
     attachments: bool,
     incremental: bool,
+    full_every: int,
     name_prefix: str,
     batch_docs: int,
     batch_bytes: int,
     page_size: int,
     read_bytes: int,
     reads_per_second: float | None,
+    part_seconds: float,
     quiet: bool,
     url_env: str,
     user_env: str,
     password_env: str,
 ) -> None:
-    """Back up DATABASES (names or globs) to --to; prints each backup's manifest URL."""
+    """Back up DATABASES (names or globs) to --to; prints each backup's manifest URL.
+
+    Each database is backed up by the couchdb kind itself, in the same budgeted parts a queued task runs."""
     if not databases and not all_dbs:
         raise click.UsageError("name at least one database (names or globs), or pass --all")
     rt = current_runtime()
-    opts = BackupOptions(
-        mode=mode,
-        attachments=attachments,
-        batch_docs=batch_docs,
-        batch_bytes=batch_bytes,
-        page_size=page_size,
-        read_bytes=read_bytes,
+    settings = Settings(
+        server=_server_settings(url_env, user_env, password_env),
+        databases=("*",) if all_dbs else databases,
+        destination=destination,
+        backup=BackupOptions(
+            mode=mode,
+            attachments=attachments,
+            batch_docs=batch_docs,
+            batch_bytes=batch_bytes,
+            page_size=page_size,
+            read_bytes=read_bytes,
+        ),
+        incremental=incremental,
+        full_every=full_every,
+        reads_per_second=reads_per_second,
     )
+    plan = Plan(name=name_prefix, kind=KIND.name, settings=settings)
     with _exit_codes():
-        server = _server(url_env, user_env, password_env, reads_per_second=reads_per_second)
-        store = store_for(destination, rt)
-        available = server.all_dbs()
-        chosen = select_databases(("*",) if all_dbs else databases, available)
+        server = connect(settings.server, rt, reads_per_second=reads_per_second)
+        try:
+            available = server.all_dbs()
+        finally:
+            server.close()
+        chosen = select_databases(settings.databases, available)
         # A database named exactly is taken even when it is a system database.
         chosen = sorted(set(chosen) | {d for d in databases if d in available})
         if not chosen:
             raise PermanentError(f"no database on {server.url} matches {', '.join(databases) or '--all'}")
         for db in chosen:
-            previous = None
-            if incremental:
-                same = [m for m in list_manifests(store, backup_prefix(name_prefix, db)) if m.mode == mode]
-                previous = same[-1] if same else None
-            name = backup_name(name_prefix, db, rt.now(), mode, previous is not None)
-            total = server.db_info(db).get("doc_count")
-            with _progress(f"backup {db}", total, quiet) as bar:
-                manifest = backup_database(
-                    server, db, store, name, opts, plan=name_prefix, previous=previous, progress=bar.update, now=rt.now
+            period = rt.now()
+            run = RunContext(run_id=f"cli-{period:%Y%m%dT%H%M%S}", plan=plan.name, target_key=db, period=period)
+            with _progress(f"backup {db}", None if quiet else _doc_count(settings.server, db, rt), quiet) as bar:
+                done_docs = [0]
+
+                def show(pending: Pending, bar: Any = bar, done_docs: list[int] = done_docs) -> None:
+                    docs = int(pending.state.get("backup", {}).get("manifest", {}).get("docs", 0))
+                    bar.update(docs - done_docs[0])
+                    done_docs[0] = docs
+
+                done = drive(
+                    KIND,
+                    plan,
+                    Target(key=db, params={"database": db}),
+                    run,
+                    rt,
+                    budget_seconds=part_seconds,
+                    retry=NO_MORE_RETRIES,
+                    on_pending=show,
                 )
-            click.echo(store.url(manifest.manifest_name))
+            click.echo(done.output)
+            stats = done.stats
             click.echo(
-                f"{db}: {manifest.docs} revisions ({manifest.deleted} deleted), {manifest.attachment_count}"
-                f" attachments, {manifest.bytes} bytes, seq {manifest.seq}",
+                f"{db}: {stats['docs']} revisions ({stats['deleted']} deleted), {stats['attachments']}"
+                f" attachments, {stats['bytes']} bytes, seq {stats['seq']}",
                 err=True,
             )
+
+
+def _doc_count(server_settings: ServerSettings, db: str, rt: Runtime) -> int | None:
+    server = connect(server_settings, rt)
+    try:
+        count = server.db_info(db).get("doc_count")
+    finally:
         server.close()
+    return count if isinstance(count, int) else None
 
 
 @couchdb.command("restore")
@@ -247,22 +295,17 @@ def restore_command(
             batch_docs=batch_docs, batch_bytes=batch_bytes, overwrite=overwrite, concurrency=concurrency
         )
         total = sum(m.batches for m in chain)
-        try:
-            with _progress(f"restore {target}", total, quiet) as bar:
-                result = restore_chain(
-                    server,
-                    target,
-                    store,
-                    chain,
-                    opts,
-                    checkpoint_path=checkpoint,
-                    safety_backup=safety_backup,
-                    progress=bar.update,
-                )
-        except PermanentError as exc:
-            if "is not empty" in str(exc):
-                raise NotEmptyTarget(str(exc)) from None
-            raise
+        with _progress(f"restore {target}", total, quiet) as bar:
+            result = restore_chain(
+                server,
+                target,
+                store,
+                chain,
+                opts,
+                checkpoint_path=checkpoint,
+                safety_backup=safety_backup,
+                progress=bar.update,
+            )
         click.echo(
             f"{target}: restored {len(chain)} backup(s), {result.lines_done} batches"
             + (f" (resumed, {result.lines_skipped} already applied)" if result.resumed else "")

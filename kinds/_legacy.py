@@ -76,7 +76,3 @@ class ModuleKind:
     def describe(self, plan: Plan[Any], target: Target, rt: Any) -> str:
         describe = getattr(self.module, "describe", None)
         return describe(plan, target, rt) if describe else f"would back up {target.key}"  # type: ignore[no-any-return]
-
-
-couchdb_sections = _sections("services.couchdb", ("server", "select", "destination", "options"), "backups")
-couchdb_kind = ModuleKind("services.couchdb", "couchdb", "backups", "job")

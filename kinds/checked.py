@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from kinds.couchdb.kind import KIND as COUCHDB
+from kinds.couchdb.plan import Settings as CouchdbSettings
 from kinds.datastore.exports import KIND as DATASTORE
 from kinds.datastore.plan import Settings as DatastoreSettings
 from kinds.directory.kind import KIND as DIRECTORY
@@ -23,5 +25,6 @@ _FILESTORE: Kind[FilestoreSettings] = FILESTORE
 _FILESTORE_DRILLS: Restorable[FilestoreSettings] = FILESTORE
 _DIRECTORY: Kind[DirectorySettings] = DIRECTORY
 _DIRECTORY_DRILLS: Restorable[DirectorySettings] = DIRECTORY
+_COUCHDB: Kind[CouchdbSettings] = COUCHDB
 _SQLSYNC: Kind[SqlSyncSettings] = SQLSYNC
 _SQLSYNC_DRILLS: Restorable[SqlSyncSettings] = SQLSYNC

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from typing import Any
 
 import requests
@@ -113,7 +114,9 @@ def runtime(clock: Any = None, env: dict[str, str] | None = None) -> Any:
 
     from services.runtime import Runtime, Settings, utcnow
 
-    return Runtime(Settings.from_env(env or {}), plans={}, clock=clock or utcnow, credentials=AnonymousCredentials())
+    if env is None:  # the deployment's CouchDB variables (tests set them as a deployment would), nothing else
+        env = {name: value for name, value in os.environ.items() if name.startswith("COUCHDB_")}
+    return Runtime(Settings.from_env(env), plans={}, clock=clock or utcnow, credentials=AnonymousCredentials())
 
 
 def peak_rss_mb(

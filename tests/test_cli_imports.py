@@ -26,6 +26,7 @@ HEAVY = (
     "services.couchdb",
     "kinds.sqlsync.kind",
     "kinds.sqlsync.steps",
+    "kinds.couchdb",
     "flask",
 )
 

@@ -29,16 +29,7 @@ from typing import Any
 from kinds.directory import copies as dircopy
 from kinds.directory.plan import Settings
 from services.errors import PermanentError, TransientError
-from services.kinds import (
-    Done,
-    DrillsIn,
-    Execution,
-    Outcome,
-    Pending,
-    RunContext,
-    Target,
-    TargetPage,
-)
+from services.kinds import Done, DrillsIn, Execution, Outcome, Pending, RunContext, Target, TargetPage
 from services.plans import Plan
 
 # The part of a task's budget kept for what follows the walk: waiting for the copies in flight, writing the
