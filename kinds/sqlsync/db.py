@@ -87,6 +87,14 @@ def query(conn: Any, sql: str, args: Any = None) -> list[tuple]:
         return list(cur.fetchall())
 
 
+def database_identity(conn: Any, database: str) -> tuple[str, str]:
+    """Which database ``database`` is, as the server itself sees it: the server (host name, port, data directory;
+    the same whichever address or socket reached it) and the name as the server compares names (without case where
+    ``lower_case_table_names`` is set: ``Shop`` is then ``shop``)."""
+    server, folding = query(conn, "SELECT CONCAT_WS('|', @@hostname, @@port, @@datadir), @@lower_case_table_names")[0]
+    return str(server), database.lower() if int(folding) else database
+
+
 # ---- progress markers -----------------------------------------------------------------------------------------
 
 # A small table in the scratch database records which in-place steps (mask, preserve) finished, so that a task

@@ -237,14 +237,13 @@ def step_check(sync: Sync) -> None:
     identities = {}
     for ref in (settings.production, settings.staging, settings.scratch):
         with db.connect(ref, database="") as conn:
-            (identity,) = db.query(conn, "SELECT CONCAT_WS('|', @@hostname, @@port, @@datadir)")
-            identities[ref.role] = identity[0]
+            identities[ref.role] = db.database_identity(conn, ref.database)
             if ref.role == "production":
                 schema = db.read_schema(conn, ref.database)
     for a, b in (("staging", "production"), ("scratch", "production"), ("scratch", "staging")):
-        ref_a, ref_b = getattr(settings, a), getattr(settings, b)
-        if identities[a] == identities[b] and ref_a.database == ref_b.database:
-            raise Refused(f"{a} resolves to the {b} database on the same server ({identities[a]}); refusing")
+        if identities[a] == identities[b]:
+            server, database = identities[a]
+            raise Refused(f"{a} resolves to the {b} database on the same server ({server}, {database}); refusing")
     if not schema.columns:
         raise SchemaDrift(f"production database {settings.production.label()} has no tables")
     problems = db.schema_problems(schema, settings.rules, settings.preserve)
