@@ -56,3 +56,54 @@ def test_a_database_named_in_other_case_on_a_case_insensitive_server_is_producti
 
     emails = nocase.execute("SELECT email FROM accounts ORDER BY id", database=prod_db)
     assert [e for (e,) in emails] == [row[1] for row in production_rows()]
+
+
+# --- 2. triggers do not run during masking; scratch is searched before anything leaves it ------------------------
+
+AUDIT = [
+    "CREATE TABLE account_audit (id INT PRIMARY KEY AUTO_INCREMENT, account_id INT NOT NULL,"
+    " old_email VARCHAR(255) NULL) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TRIGGER accounts_audit AFTER UPDATE ON accounts FOR EACH ROW"
+    " INSERT INTO account_audit (account_id, old_email) VALUES (OLD.id, OLD.email)",
+]
+
+
+@pytest.fixture
+def audited(mariadb_servers, tmp_path, monkeypatch):
+    """Production with an audit trigger on accounts (and three audit rows it wrote), masked in place."""
+    setup = make_sync_setup(mariadb_servers, tmp_path, monkeypatch, mask_mode="in-place")
+    server, database = setup["production"]
+    for statement in AUDIT:
+        server.execute(statement, database=database)
+    server.execute("UPDATE accounts SET country = 'DE' WHERE id <= 3", database=database)
+    setup["raw"]["options"]["rules"]["account_audit"] = {"old_email": "email"}
+    setup["raw"]["options"]["verify_sample"] = 120
+    setup["plan"] = parse_plan("staging-refresh", setup["raw"])
+    return setup
+
+
+def test_masking_in_place_does_not_fire_the_tables_triggers(audited):
+    outcome, run = _run(audited)
+
+    audit = _rows(audited, "staging", "SELECT account_id, old_email FROM account_audit ORDER BY id")
+    originals = {row[1] for row in production_rows()}
+    assert outcome.stats["step_reached"] == "cleanup-scratch"
+    assert [row[0] for row in audit] == [1, 2, 3]  # production's three rows, none written by the masking
+    assert not {row[1] for row in audit} & originals
+    assert [row[0] for row in _rows(audited, "staging", "SHOW TRIGGERS")] == ["accounts_audit"]
+    assert "step scan-scratch: no sampled production value in any text column" in " ".join(run.log_lines)
+
+
+def test_a_production_value_in_scratch_stops_the_run_before_staging(audited):
+    _run(audited, stop_at="preserve")
+    scratch, scratch_db = audited["scratch"]
+    # However it got there (a column nobody ruled, a trigger, a bug): an original email in a scratch table.
+    scratch.execute("UPDATE orders SET contact_email = 'Customer.7@Real-Mail.com' WHERE id = 4", database=scratch_db)
+    staging_before = _rows(audited, "staging", "SELECT id, email FROM accounts ORDER BY id")
+
+    with pytest.raises(PermanentError) as error:
+        _run(audited, start_at="scan-scratch")
+
+    assert str(error.value).startswith("step scan-scratch: personal data found in scratch, nothing was copied on")
+    assert "orders.contact_email: an original value of accounts.email is present" in str(error.value)
+    assert _rows(audited, "staging", "SELECT id, email FROM accounts ORDER BY id") == staging_before

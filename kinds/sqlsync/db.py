@@ -8,6 +8,7 @@ Cloud SQL Python Connector for Cloud SQL instances.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 import time
@@ -598,3 +599,91 @@ def empty_database(ref: DatabaseRef) -> int:
             what = "VIEW" if table_type == "VIEW" else "TABLE"
             query(conn, f"DROP {what} IF EXISTS {quote(name)}")
         return len(rows)
+
+
+# ---- triggers --------------------------------------------------------------------------------------------------
+
+_DEFINER = re.compile(r"\bDEFINER\s*=\s*(?:`[^`]*`|'[^']*'|\S+)@(?:`[^`]*`|'[^']*'|\S+)\s+", re.IGNORECASE)
+
+
+def suspend_triggers(conn: Any, database: str) -> list[tuple[str, str, str]]:
+    """Drop every trigger of ``database`` and return what recreates them: (name, sql_mode, CREATE statement). An
+    UPDATE that masks a table must not fire them: an audit trigger would copy every original value it overwrites
+    into another table."""
+    saved = []
+    for (name,) in query(
+        conn, "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = %s", (database,)
+    ):
+        created = query(conn, f"SHOW CREATE TRIGGER {quote(name)}")[0]
+        saved.append((str(name), str(created[1]), str(created[2])))
+    for name, _, _ in saved:
+        query(conn, f"DROP TRIGGER {quote(name)}")
+    return saved
+
+
+def restore_triggers(conn: Any, saved: list[tuple[str, str, str]]) -> None:
+    """Create the triggers ``suspend_triggers`` dropped, each in its own sql_mode, with this connection's user as
+    their definer (the original definer may not exist on this server, or not be ours to name)."""
+    (mode,) = query(conn, "SELECT @@SESSION.sql_mode")[0]
+    try:
+        for _name, sql_mode, statement in saved:
+            query(conn, "SET SESSION sql_mode = %s", (sql_mode,))
+            query(conn, _DEFINER.sub("", statement, count=1))
+    finally:
+        query(conn, "SET SESSION sql_mode = %s", (mode,))
+
+
+# ---- looking for production values in a copy -------------------------------------------------------------------
+
+TEXT_TYPES = ("char", "varchar", "tinytext", "text", "mediumtext", "longtext", "json", "enum", "set")
+# Masks that can never give back a real value: an original of these kinds found anywhere in a copy is a leak.
+# (A masked name or phone may equal another person's original, so those are compared by row in find_leaks.)
+_NEVER_PRODUCED = ("email", "text", "null", "fixed")
+SCAN_MIN_LENGTH = 6  # shorter originals ("FR", "n/a") are too likely to occur on their own
+
+
+def scan_for_values(
+    production: Any, copy: Any, copy_database: str, rules: list[ColumnRule], masker: Masker, sample: int
+) -> list[str]:
+    """Sample the originals of ruled columns whose masks never produce a real value (emails, free text, columns set
+    to NULL or a fixed value) and look for them in every text column of every table of ``copy``: a column nobody
+    ruled, an audit table a trigger filled, anything. Returns where each was found."""
+    originals: dict[str, str] = {}
+    for rule in rules:
+        if rule.kind not in _NEVER_PRODUCED:
+            continue
+        column = quote(rule.column)
+        for (value,) in query(
+            production,
+            f"SELECT {column} FROM {quote(rule.table)} WHERE CHAR_LENGTH({column}) >= %s ORDER BY RAND() LIMIT %s",
+            (SCAN_MIN_LENGTH, sample),
+        ):
+            text = str(value)
+            if masker.mask_value(rule, text) != text:
+                originals.setdefault(text, f"{rule.table}.{rule.column}")
+    if not originals:
+        return []
+    found = []
+    values = sorted(originals)
+    columns = query(
+        copy,
+        "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND DATA_TYPE IN"
+        f" ({', '.join(['%s'] * len(TEXT_TYPES))}) AND TABLE_NAME IN (SELECT TABLE_NAME FROM information_schema.TABLES"
+        " WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE') ORDER BY TABLE_NAME, ORDINAL_POSITION",
+        (copy_database, *TEXT_TYPES, copy_database),
+    )
+    for table, column in columns:
+        for start in range(0, len(values), 500):
+            batch = values[start : start + 500]
+            hits = query(
+                copy,
+                f"SELECT DISTINCT {quote(column)} FROM {quote(table)} WHERE {quote(column)} IN"
+                f" ({', '.join(['%s'] * len(batch))}) LIMIT 5",
+                batch,
+            )
+            for (hit,) in hits:
+                source = originals.get(str(hit)) or next(
+                    (where for value, where in originals.items() if value.lower() == str(hit).lower()), "production"
+                )
+                found.append(f"{table}.{column}: an original value of {source} is present")
+    return found
