@@ -77,6 +77,7 @@ def audited(mariadb_servers, tmp_path, monkeypatch):
         server.execute(statement, database=database)
     server.execute("UPDATE accounts SET country = 'DE' WHERE id <= 3", database=database)
     setup["raw"]["options"]["rules"]["account_audit"] = {"old_email": "email"}
+    setup["raw"]["options"]["allow"].append("account_audit.account_id")
     setup["raw"]["options"]["verify_sample"] = 120
     setup["plan"] = parse_plan("staging-refresh", setup["raw"])
     return setup
@@ -107,3 +108,48 @@ def test_a_production_value_in_scratch_stops_the_run_before_staging(audited):
     assert str(error.value).startswith("step scan-scratch: personal data found in scratch, nothing was copied on")
     assert "orders.contact_email: an original value of accounts.email is present" in str(error.value)
     assert _rows(audited, "staging", "SELECT id, email FROM accounts ORDER BY id") == staging_before
+
+
+# --- 3. a column or table the plan does not mention stops the sync ------------------------------------------------
+
+
+def test_new_columns_and_tables_stop_the_sync_until_ruled_or_allowed(sync_setup):
+    server, database = sync_setup["production"]
+    server.execute("ALTER TABLE accounts ADD COLUMN secondary_email VARCHAR(255) NULL", database=database)
+    server.execute("ALTER TABLE accounts ADD COLUMN mobile VARCHAR(32) NULL", database=database)
+    server.execute("UPDATE accounts SET secondary_email = CONCAT('second.', email), mobile = phone", database=database)
+    server.execute("CREATE TABLE newsletter_signups (id INT PRIMARY KEY, address VARCHAR(255))", database=database)
+    staging_before = _rows(sync_setup, "staging", "SELECT id, email FROM accounts ORDER BY id")
+
+    with pytest.raises(PermanentError) as error:
+        _run(sync_setup)
+
+    message = str(error.value)
+    assert message.startswith("step check: schema drift: ")
+    assert "table accounts: no masking rule and not in options.allow: secondary_email, mobile" in message
+    assert "table newsletter_signups: no masking rule and not in options.allow: address" in message
+    assert _rows(sync_setup, "staging", "SELECT id, email FROM accounts ORDER BY id") == staging_before
+
+
+def test_allowed_columns_that_look_personal_are_flagged_and_staging_only_tables_reported(sync_setup):
+    server, database = sync_setup["production"]
+    server.execute("ALTER TABLE orders ADD COLUMN reference VARCHAR(255) NULL", database=database)
+    server.execute("UPDATE orders SET reference = contact_email", database=database)  # someone's email, unnoticed
+    staging, staging_db = sync_setup["staging"]
+    staging.execute("CREATE TABLE old_export (email VARCHAR(255))", database=staging_db)
+    sync_setup["raw"]["options"]["allow"] += ["orders.reference"]
+    plan = parse_plan("staging-refresh", sync_setup["raw"])
+
+    outcome, run = _run(sync_setup, plan, stop_at="check")
+
+    assert outcome.stats["flagged_columns"] == ["orders.reference (values look like an email)"]
+    assert outcome.stats["staging_only_tables"] == ["old_export"]
+    assert any("look like personal data: orders.reference" in line for line in run.log_lines)
+
+
+def test_an_allow_entry_that_names_nothing_is_refused(sync_setup):
+    sync_setup["raw"]["options"]["allow"] += ["accounts.gone"]
+    plan = parse_plan("staging-refresh", sync_setup["raw"])
+
+    with pytest.raises(PermanentError, match="options.allow names accounts.gone, which production does not have"):
+        _run(sync_setup, plan, stop_at="check")

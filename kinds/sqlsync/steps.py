@@ -248,8 +248,24 @@ def step_check(sync: Sync) -> None:
     if not schema.columns:
         raise SchemaDrift(f"production database {settings.production.label()} has no tables")
     problems = db.schema_problems(schema, settings.rules, settings.preserve)
+    problems += db.coverage_problems(schema, settings.rules, settings.allow)
     if problems:
         raise SchemaDrift("schema drift: " + "; ".join(problems))
+    with db.connect(settings.production) as production, db.connect(settings.staging) as staging:
+        copied = [
+            (table, column)
+            for table in schema.tables
+            for column in schema.columns[table]
+            if db.allowed(settings.allow, table, column)
+        ]
+        flagged = db.personal_looking(production, schema, copied)
+        staging_only = sorted(set(db.table_names(staging, settings.staging.database)) - set(schema.columns))
+    if flagged:
+        sync.log(f"step check: allowed as they are, but look like personal data: {', '.join(flagged)}")
+    if staging_only:
+        # Tables production no longer has are not touched by a sync: whatever they hold stays in staging.
+        sync.log(f"step check: staging has tables production does not (left as they are): {', '.join(staging_only)}")
+    sync.stats(flagged_columns=flagged, staging_only_tables=staging_only)
     sync.log(f"step check: {len(schema.columns)} tables, {len(settings.rules)} masked columns, schema matches")
 
 
