@@ -64,6 +64,7 @@ def _step_summary(settings: Settings, step: str) -> str:
         "mask": "nothing left: masked during import-scratch" if stream else f"mask {', '.join(ruled)}",
         "preserve": "re-insert staging rows "
         + (", ".join(f"{t} WHERE {w}" for t, w in settings.preserve.items()) or "(none)"),
+        "scan-scratch": "look for sampled production values in every text column of scratch",
         "export-scratch": "skipped: scratch shares the staging server, its tables are moved"
         if settings.moves_tables
         else f"dump the masked {settings.scratch.label()}",
