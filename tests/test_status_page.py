@@ -52,7 +52,9 @@ def status_app(tmp_path, datastore):
         make_plan("files-hourly", rpo_hours=2),
         make_plan("sql-weekly", rpo_hours=170),
     ]
-    rt = make_runtime(tmp_path, plans={p.name: p for p in plans}, clock=clock)
+    rt = make_runtime(
+        tmp_path, plans={p.name: p for p in plans}, clock=clock, environ={"BACKUP_METRICS_TOKEN": "scrape-secret-77"}
+    )
     catalog = Catalog(datastore)
     failed = seed_catalog(catalog, clock)
     return create_app(rt, catalog=catalog), failed
@@ -217,9 +219,8 @@ def parse_metrics(text: str) -> dict[str, float]:
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
 
 
-def test_metrics_accept_the_scrape_token_or_an_admin(status_app, monkeypatch):
+def test_metrics_accept_the_scrape_token_or_an_admin(status_app):
     app, _failed = status_app
-    monkeypatch.setenv("BACKUP_METRICS_TOKEN", "scrape-secret-77")
     client = app.test_client()
     now = Clock().now
 
