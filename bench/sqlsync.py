@@ -146,6 +146,7 @@ def main() -> None:
                         "mask_mode": args.mask_mode,
                         "rules": {args.users_table: {"email": "email", "phone": "phone", "name": "name"}},
                         "preserve": {args.users_table: "demo = 1"},
+                        "allow": [f"{args.users_table}.demo", "orders.total", "orders.created"],
                     },
                 },
             )

@@ -125,6 +125,7 @@ def make_sync_setup(mariadb_servers, tmp_path, monkeypatch, mask_mode: str | Non
                 "orders": {"contact_email": "email"},
             },
             "preserve": {"accounts": "demo = 1", "orders": "account_id IN (SELECT id FROM accounts WHERE demo = 1)"},
+            "allow": ["accounts.demo", "orders.total"],
         },
     }
     if mask_mode:

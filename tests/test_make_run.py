@@ -23,7 +23,7 @@ from tests.couch_data import make_docs, seed
 from tests.fakes_compute import ComputeFake, FakeServer
 from tests.fakes_filestore import FilestoreFake
 from tests.helpers import free_port
-from tests.sqlsync_data import SECRET_ENV, make_sync_setup
+from tests.sqlsync_data import SECRET, SECRET_ENV, make_sync_setup
 
 TERMINAL = {"succeeded", "failed", "skipped"}
 
@@ -121,7 +121,7 @@ def make_run(tmp_path, pouchdb, mariadb_servers, monkeypatch, cloud_fakes):
         "BACKUP_PLANS": str(plans_file),
         "BACKUP_JOB_BUDGET_SECONDS": "0",
         "COUCHDB_URL": pouchdb.url,
-        SECRET_ENV: os.environ[SECRET_ENV],
+        SECRET_ENV: SECRET,
     }
     env.pop("DATASTORE_EMULATOR_HOST", None)  # localdev starts its own emulators, as on a fresh machine
     env.pop("STORAGE_EMULATOR_HOST", None)

@@ -70,6 +70,7 @@ def cloud(mariadb_servers, gcs, monkeypatch):
                 "orders": {"contact_email": "email"},
             },
             "preserve": {"accounts": "demo = 1", "orders": "account_id IN (SELECT id FROM accounts WHERE demo = 1)"},
+            "allow": ["accounts.notes", "accounts.ssn", "accounts.country", "accounts.demo", "orders.total"],
         },
     }
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:

@@ -100,6 +100,7 @@ class Settings:
     # is, then masked by UPDATEs in scratch (the only way when Cloud SQL does the import).
     mask_mode: str = "in-place"
     drill_sample: int = 50  # production rows per ruled table a drill looks for in staging
+    allow: tuple[str, ...] = ()  # "table.column" or "table.*": copied as they are, by decision
 
     @property
     def moves_tables(self) -> bool:
@@ -218,6 +219,16 @@ class Options(BaseModel):
     mask_workers: int = Field(1, ge=1, le=64)
     mask_mode: Literal["stream", "in-place"] | None = None
     drill_sample: int = Field(50, ge=1, le=10000)
+    allow: list[NonEmptyStr] = []
+
+    @field_validator("allow")
+    @classmethod
+    def _columns(cls, allow: list[str]) -> list[str]:
+        for entry in allow:
+            table, dot, column = entry.partition(".")
+            if not (dot and IDENTIFIER.match(table) and (column == "*" or IDENTIFIER.match(column))):
+                raise ValueError(f"expected table.column or table.*, got {entry!r}")
+        return allow
 
     @field_validator("rules", mode="before")
     @classmethod
@@ -273,6 +284,7 @@ class Sections(PlanSections[Settings]):
             bucket=bucket.rstrip("/") if bucket else None,
             dump_dir=Path(destination.dump_dir) if destination.dump_dir else DEFAULT_DUMP_DIR,
             mask_mode=mask_mode,
+            allow=tuple(options.allow),
             **options.model_dump(include=PASSED_ON),
         )
         problem = same_database_problem(settings)

@@ -1,7 +1,7 @@
 """The steps of a sync and the runner that moves a run along them within a task's time budget.
 
-    check -> export-production -> import-scratch -> mask -> preserve -> export-scratch -> backup-staging
-          -> import-staging -> verify -> cleanup-scratch
+    check -> export-production -> import-scratch -> mask -> preserve -> scan-scratch -> export-scratch
+          -> backup-staging -> import-staging -> verify -> cleanup-scratch
 
 A task runs steps one after the other until the chain (or the run's ``stop_at``) is reached, or until less than
 ``STEP_RESERVE_SECONDS`` of its budget (``RunContext.deadline``) is left: then it answers ``Pending`` with the
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kinds.sqlsync import db, dumps, stream
-from kinds.sqlsync.errors import DumpError, Refused, SchemaDrift, SyncError
+from kinds.sqlsync.errors import DumpError, LeakFound, Refused, SchemaDrift, SyncError
 from kinds.sqlsync.masking import Masker
 from kinds.sqlsync.plan import DatabaseRef, Settings, same_database_problem
 from services import retention
@@ -43,6 +43,7 @@ STEPS = (
     "import-scratch",
     "mask",
     "preserve",
+    "scan-scratch",
     "export-scratch",
     "backup-staging",
     "import-staging",
@@ -237,19 +238,34 @@ def step_check(sync: Sync) -> None:
     identities = {}
     for ref in (settings.production, settings.staging, settings.scratch):
         with db.connect(ref, database="") as conn:
-            (identity,) = db.query(conn, "SELECT CONCAT_WS('|', @@hostname, @@port, @@datadir)")
-            identities[ref.role] = identity[0]
+            identities[ref.role] = db.database_identity(conn, ref.database)
             if ref.role == "production":
                 schema = db.read_schema(conn, ref.database)
     for a, b in (("staging", "production"), ("scratch", "production"), ("scratch", "staging")):
-        ref_a, ref_b = getattr(settings, a), getattr(settings, b)
-        if identities[a] == identities[b] and ref_a.database == ref_b.database:
-            raise Refused(f"{a} resolves to the {b} database on the same server ({identities[a]}); refusing")
+        if identities[a] == identities[b]:
+            server, database = identities[a]
+            raise Refused(f"{a} resolves to the {b} database on the same server ({server}, {database}); refusing")
     if not schema.columns:
         raise SchemaDrift(f"production database {settings.production.label()} has no tables")
     problems = db.schema_problems(schema, settings.rules, settings.preserve)
+    problems += db.coverage_problems(schema, settings.rules, settings.allow)
     if problems:
         raise SchemaDrift("schema drift: " + "; ".join(problems))
+    with db.connect(settings.production) as production, db.connect(settings.staging) as staging:
+        copied = [
+            (table, column)
+            for table in schema.tables
+            for column in schema.columns[table]
+            if db.allowed(settings.allow, table, column)
+        ]
+        flagged = db.personal_looking(production, schema, copied)
+        staging_only = sorted(set(db.table_names(staging, settings.staging.database)) - set(schema.columns))
+    if flagged:
+        sync.log(f"step check: allowed as they are, but look like personal data: {', '.join(flagged)}")
+    if staging_only:
+        # Tables production no longer has are not touched by a sync: whatever they hold stays in staging.
+        sync.log(f"step check: staging has tables production does not (left as they are): {', '.join(staging_only)}")
+    sync.stats(flagged_columns=flagged, staging_only_tables=staging_only)
     sync.log(f"step check: {len(schema.columns)} tables, {len(settings.rules)} masked columns, schema matches")
 
 
@@ -302,7 +318,12 @@ def step_mask(sync: Sync) -> None:
             sync.log("step mask: scratch is already masked (on import, or by an earlier attempt of this step); skipped")
             return
         began = time.monotonic()
-        report = db.mask_database(conn, streaming, schema, list(settings.rules), masker, workers=settings.mask_workers)
+        triggers = db.suspend_triggers(conn, settings.scratch.database)  # an audit trigger would copy originals
+        try:
+            rules = list(settings.rules)
+            report = db.mask_database(conn, streaming, schema, rules, masker, workers=settings.mask_workers)
+        finally:
+            db.restore_triggers(conn, triggers)
         db.mark_progress(conn, "mask", "done")
     seconds = time.monotonic() - began
     sync.stats(masked_rows=report.rows_updated, masked_values=report.values_masked)
@@ -328,6 +349,19 @@ def step_preserve(sync: Sync) -> None:
     remapped = {table: len(ids) for table, ids in report.remapped.items() if ids}
     sync.stats(preserved_rows=report.rows, remapped_ids=remapped)
     sync.log(f"step preserve: re-inserted {report.rows}; new ids for {remapped or 'none'}")
+
+
+def step_scan_scratch(sync: Sync) -> None:
+    """Nothing leaves scratch before it is searched: sampled production originals that no mask can give back
+    (emails, free text, values set to NULL or fixed) are looked for in every text column of every scratch table."""
+    settings = sync.settings
+    with db.connect(settings.production) as production, db.connect(settings.scratch) as scratch:
+        found = db.scan_for_values(
+            production, scratch, settings.scratch.database, list(settings.rules), sync.masker(), settings.verify_sample
+        )
+    if found:
+        raise LeakFound(f"personal data found in scratch, nothing was copied on: {'; '.join(sorted(set(found))[:10])}")
+    sync.log(f"step scan-scratch: no sampled production value in any text column of {settings.scratch.label()}")
 
 
 def step_export_scratch(sync: Sync) -> None:
@@ -401,8 +435,6 @@ def step_verify(sync: Sync) -> None:
         schema = db.read_schema(production, settings.production.database)
         leaks = db.find_leaks(production, staging, schema, list(settings.rules), masker, settings.verify_sample)
     if leaks:
-        from kinds.sqlsync.errors import LeakFound
-
         raise LeakFound(f"personal data found in staging after the import: {'; '.join(sorted(set(leaks))[:10])}")
     sync.log(f"step verify: no sampled production value found in staging (sample {settings.verify_sample}/table)")
 
@@ -462,6 +494,7 @@ STEP_FUNCTIONS: dict[str, Callable[[Sync], None]] = {
     "import-scratch": step_import_scratch,
     "mask": step_mask,
     "preserve": step_preserve,
+    "scan-scratch": step_scan_scratch,
     "export-scratch": step_export_scratch,
     "backup-staging": step_backup_staging,
     "import-staging": step_import_staging,
