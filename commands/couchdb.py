@@ -284,7 +284,15 @@ def _doc_count(server_settings: ServerSettings, db: str, rt: Runtime) -> int | N
 @click.option("--batch-bytes", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(64 * 1024))
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 32), help="Requests in flight.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--verify/--no-verify", default=True, show_default=True)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Then compare the target with the backup: every document's leaf revisions, as the changes feed lists them.",
+)
+@click.option(
+    "--verify-bodies", is_flag=True, help="Verify by reading every document back (attachment digests too): slower."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_server_options
 def restore_command(
@@ -298,6 +306,7 @@ def restore_command(
     concurrency: int,
     checkpoint: Path | None,
     verify: bool,
+    verify_bodies: bool,
     quiet: bool,
     url_env: str,
     user_env: str,
@@ -339,8 +348,9 @@ def restore_command(
             + (f"; safety backup {result.safety_backup}" if result.safety_backup else ""),
             err=True,
         )
-        if verify:
-            _verify(server, target, store, chain, quiet, check_files=False)  # the restore read them first
+        if verify or verify_bodies:
+            # The restore has read the backup's files through already; the database is what is checked now.
+            _verify(server, target, store, chain, quiet, check_files=False, bodies=verify_bodies)
         server.close()
 
 
@@ -395,14 +405,22 @@ def verify_command(backup: str, target: str, quiet: bool, url_env: str, user_env
 
 
 def _verify(
-    server: CouchServer, target: str, store: Store, chain: list[Manifest], quiet: bool, check_files: bool = True
+    server: CouchServer,
+    target: str,
+    store: Store,
+    chain: list[Manifest],
+    quiet: bool,
+    check_files: bool = True,
+    bodies: bool = True,
 ) -> None:
     try:
         total = server.db_info(target).get("doc_count")
     except TargetGone:
         raise PermanentError(f"database {target!r} does not exist on {server.url}") from None
     with _progress(f"verify {target}", total, quiet) as bar:
-        result = verify_database(server, target, store, chain, progress=bar.update, check_files=check_files)
+        result = verify_database(
+            server, target, store, chain, progress=bar.update, check_files=check_files, bodies=bodies
+        )
     click.echo(result.summary(), err=True)
     if not result.ok:
         sys.exit(EXIT_MISMATCH)
