@@ -241,3 +241,17 @@ def test_verify_from_the_changes_feed_agrees_on_a_faithful_restore_and_names_wha
     assert faithful.actual["revisions"] > faithful.actual["docs"] + faithful.actual["deleted"]  # conflicts counted
     assert not changed.ok and changed.differing_ids == ["doc-000007", "doc-000012"]
     assert changed.actual["deleted"] == changed.expected["deleted"] + 1
+
+
+def test_the_cli_starts_a_new_full_backup_after_full_every_backups_in_a_chain(couch_env, tmp_path):
+    db = couch_env.new_db_name("full-every")
+    seed(couch_env.url, db, make_docs(10))
+    made = []
+    for minute in range(5):
+        rt = runtime(clock=lambda minute=minute: datetime(2026, 12, 2, 10, minute, tzinfo=UTC))
+        seed(couch_env.url, db, make_docs(2, start=100 + 2 * minute), create=False)
+        done = _cli("backup", db, "--to", str(tmp_path), "--incremental", "--full-every", "2", rt=rt)
+        assert done.exit_code == 0, done.stderr
+        made.append(done.stdout.strip().rsplit("-", 1)[-1])
+
+    assert made == ["full.manifest.json", "incr.manifest.json"] * 2 + ["full.manifest.json"]
