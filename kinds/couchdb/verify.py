@@ -1,6 +1,12 @@
 """Verify of one CouchDB database against a backup chain: both sides reduced to (id, rev, deleted, attachment
 digests) rows in an on-disk SQLite file, then compared with SQL, so even verification does not hold the database
-in memory."""
+in memory.
+
+Three depths: ``verify_database`` reads every document back (the ``verify`` command); with ``bodies=False`` it
+compares only what the changes feed lists, each document's leaf revisions and whether it is deleted (after a
+restore, where the bodies were just written from the backup itself); ``check_sample`` compares the document counts
+and a sample of documents leaf by leaf (restore drills).
+"""
 
 from __future__ import annotations
 
