@@ -59,10 +59,11 @@ def _attachment_digest(att: dict[str, Any]) -> str:
     return str(att.get("digest", ""))
 
 
-def _row(doc: dict[str, Any]) -> tuple[str, str, int, str]:
-    atts = doc.get("_attachments") or {}
-    digests = ",".join(f"{name}={_attachment_digest(att)}" for name, att in sorted(atts.items()))
-    return doc["_id"], doc["_rev"], 1 if doc.get("_deleted") else 0, digests
+def _row(doc: dict[str, Any], digests: bool = True) -> tuple[str, str, int, str]:
+    """(id, rev, deleted, attachment digests); without ``digests`` the last is empty (nothing decoded or hashed)."""
+    atts = (doc.get("_attachments") or {}) if digests else {}
+    listed = ",".join(f"{name}={_attachment_digest(att)}" for name, att in sorted(atts.items()))
+    return doc["_id"], doc["_rev"], 1 if doc.get("_deleted") else 0, listed
 
 
 class _Loader:
@@ -70,15 +71,16 @@ class _Loader:
     that a document seen again later (changed during a backup, or in a later increment) replaces its
     earlier rows instead of adding to them."""
 
-    def __init__(self, conn: sqlite3.Connection, side: str):
+    def __init__(self, conn: sqlite3.Connection, side: str, digests: bool = True):
         self.conn = conn
         self.side = side
+        self.digests = digests
         self.occ = 0
         self.last_id: str | None = None
         self.buffer: list[tuple[Any, ...]] = []
 
     def add(self, doc: dict[str, Any]) -> None:
-        self.add_row(*_row(doc))
+        self.add_row(*_row(doc, self.digests))
 
     def add_row(self, doc_id: str, rev: str, deleted: int, atts: str) -> None:
         if doc_id != self.last_id:
@@ -117,7 +119,7 @@ def verify_database(
     with tempfile.TemporaryDirectory(prefix="couchdb-verify-") as tmp:
         conn = sqlite3.connect(str(Path(tmp) / "verify.sqlite3"))
         try:
-            _load_backup(conn, store, chain)
+            _load_backup(conn, store, chain, digests=bodies)
             actual = _Loader(conn, "a")
             if bodies:
                 opts = BackupOptions(mode=mode, attachments=False, page_size=page_size)
@@ -142,10 +144,10 @@ def verify_database(
             conn.close()
 
 
-def _load_backup(conn: sqlite3.Connection, store: Store, chain: list[Manifest]) -> None:
-    """The rows of what ``chain`` holds, as side 'e' (expected)."""
+def _load_backup(conn: sqlite3.Connection, store: Store, chain: list[Manifest], digests: bool = True) -> None:
+    """The rows of what ``chain`` holds, as side 'e' (expected); attachment digests only when they are compared."""
     conn.executescript(_SCHEMA)
-    expected = _Loader(conn, "e")
+    expected = _Loader(conn, "e", digests)
     for manifest in chain:
         for line_no, line in enumerate(iter_backup_lines(store, manifest)):
             for doc in decode_line(line, f"{store.url(manifest.data_name)} line {line_no + 1}"):
