@@ -153,3 +153,52 @@ def test_an_allow_entry_that_names_nothing_is_refused(sync_setup):
 
     with pytest.raises(PermanentError, match="options.allow names accounts.gone, which production does not have"):
         _run(sync_setup, plan, stop_at="check")
+
+
+# --- 4. unmasked dumps do not outlive a failed run ------------------------------------------------------------------
+
+
+def _fail_at_import_scratch(setup):
+    scratch, scratch_db = setup["scratch"]
+    scratch.execute(f"DROP DATABASE {scratch_db}")  # import-scratch then fails: Unknown database
+
+
+def test_a_failed_run_deletes_its_unmasked_dump(sync_setup):
+    _fail_at_import_scratch(sync_setup)
+
+    with pytest.raises(PermanentError, match="step import-scratch: not found"):
+        _run(sync_setup)
+
+    run_dir = sync_setup["dumps"] / "staging-refresh" / "20261123T020000Z"
+    assert run_dir.is_dir() and not (run_dir / "production.sql").exists()
+
+
+def test_keep_files_keeps_the_dump_of_a_failed_run_private(sync_setup):
+    _fail_at_import_scratch(sync_setup)
+
+    with pytest.raises(PermanentError):
+        _run(sync_setup, keep_files=True)
+
+    run_dir = sync_setup["dumps"] / "staging-refresh" / "20261123T020000Z"
+    assert (run_dir / "production.sql").stat().st_mode & 0o777 == 0o600
+    assert run_dir.stat().st_mode & 0o777 == 0o700 and run_dir.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_unmasked_dumps_older_than_a_day_are_deleted_whatever_retention_keeps(sync_setup):
+    import os
+    import time
+
+    plan_dir = sync_setup["dumps"] / "staging-refresh"
+    old, recent = plan_dir / "20261120T020000Z", plan_dir / "20261122T020000Z"
+    for folder in (old, recent):
+        folder.mkdir(parents=True)
+        (folder / "production.sql").write_text("-- unmasked")
+    (old / "staging-before.sql").write_text("-- a safety dump: kept")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old / "production.sql", (two_days_ago, two_days_ago))
+
+    _outcome, run = _run(sync_setup, stop_at="check")
+
+    assert not (old / "production.sql").exists() and (old / "staging-before.sql").exists()
+    assert (recent / "production.sql").exists()  # a run from the last day may still be resumed
+    assert any("20261120T020000Z/production.sql" in line for line in run.log_lines)

@@ -129,11 +129,12 @@ def drive(
     sleep: Callable[[float], None] = time.sleep,
     budget_seconds: float | None = None,
     retry: Retry = NO_RETRY,
+    keep_files: bool = False,
 ) -> Done:
     """Run the sync (from ``start_at``, up to ``stop_at``) in this process through services/jobs.drive, exactly as
     the queue runs it across tasks: the CLI, the bench and tests."""
     from services import jobs
 
     target = enumerate_targets(plan, None, rt).targets[0]
-    run.options = {k: v for k, v in (("start_at", start_at), ("stop_at", stop_at)) if v}
+    run.options = {k: v for k, v in (("start_at", start_at), ("stop_at", stop_at), ("keep_files", keep_files)) if v}
     return jobs.drive(KIND, plan, target, run, rt, budget_seconds=budget_seconds, sleep=sleep, retry=retry)

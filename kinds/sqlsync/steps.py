@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kinds.sqlsync import db, dumps, stream
-from kinds.sqlsync.errors import DumpError, LeakFound, Refused, SchemaDrift, SyncError
+from kinds.sqlsync.errors import DumpError, HalfDone, LeakFound, Refused, SchemaDrift, SyncError
 from kinds.sqlsync.masking import Masker
 from kinds.sqlsync.plan import DatabaseRef, Settings, same_database_problem
 from services import retention
@@ -151,10 +151,14 @@ def advance(plan: Plan[Settings], state: dict[str, Any], run: RunContext, rt: Ru
             finished = _do(sync, step)
         except BackupError as exc:
             run.log(f"failed: {exc}")
+            if not isinstance(exc, TransientError):
+                discard_unmasked(sync)
             raise
         except Exception as exc:
             error = classify(step, exc)
             run.log(f"failed: {error}")
+            if not isinstance(error, TransientError) and discard_unmasked(sync) and isinstance(exc, HalfDone):
+                exc.restart_at = "export-production"  # the production dump it would reload is gone
             raise error from exc
         if not finished:
             return Pending(state=state, delay_seconds=sync.settings.poll_seconds)
@@ -170,6 +174,69 @@ def advance(plan: Plan[Settings], state: dict[str, Any], run: RunContext, rt: Ru
         state["step"] = STEPS[index + 1]
         if run.out_of_time(STEP_RESERVE_SECONDS):
             return Pending(state=state, delay_seconds=0.0)
+
+
+def discard_unmasked(sync: Sync) -> bool:
+    """After a failure that retrying will not fix, delete this run's dumps (the production one holds unmasked data),
+    unless the run was told to keep them (``--keep-files``). The staging safety dump stays. True if anything was
+    deleted."""
+    if sync.run.options.get("keep_files"):
+        sync.log("failed run: its dump files are kept (keep_files)")
+        return False
+    if sync.settings.profile == "cloudsql":
+        from kinds.sqlsync import cloud
+
+        try:
+            objects = cloud.delete_dumps(sync.plan, sync.run, sync.rt)
+        except Exception as exc:  # the failure being reported matters more; the bucket's lifecycle rule is the backstop
+            sync.log(f"failed run: could not delete its dump objects ({type(exc).__name__}: {exc})")
+            return False
+        return objects > 0
+    files = [name for name in UNMASKED if _unlink(sync.run_dir / name)]
+    if files:
+        sync.log(f"failed run: deleted {', '.join(files)} (unmasked data must not outlive the run)")
+    return bool(files)
+
+
+# Files of a run that may hold unmasked production data.
+UNMASKED = ("production.sql", "production.partial", "masked.sql", "masked.partial")
+UNMASKED_MAX_AGE_SECONDS = 24 * 3600
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def sweep_unmasked(plan: Plan[Settings], current: Path, now: float) -> list[str]:
+    """Dumps of other runs of this plan that may hold unmasked data and are older than a day, deleted whatever
+    ``retention.keep`` says (a run that died, or a queue that gave up, never reached its own cleanup); run folders
+    left empty are removed."""
+    base = current.parent
+    if not base.is_dir():
+        return []
+    deleted = []
+    for folder in base.iterdir():
+        if folder == current or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            datetime.strptime(folder.name, RUN_DIR_FORMAT)
+        except ValueError:
+            continue  # not a run folder of this kind
+        for name in UNMASKED:
+            path = folder / name
+            try:
+                old = now - path.stat().st_mtime > UNMASKED_MAX_AGE_SECONDS
+            except FileNotFoundError:
+                continue
+            if old and _unlink(path):
+                deleted.append(f"{folder.name}/{name}")
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return deleted
 
 
 def _do(sync: Sync, step: str) -> bool:
@@ -247,6 +314,10 @@ def step_check(sync: Sync) -> None:
             raise Refused(f"{a} resolves to the {b} database on the same server ({server}, {database}); refusing")
     if not schema.columns:
         raise SchemaDrift(f"production database {settings.production.label()} has no tables")
+    if settings.profile == "local":
+        swept = sweep_unmasked(sync.plan, sync.run_dir, time.time())
+        if swept:
+            sync.log(f"step check: deleted unmasked dumps older than a day of other runs: {', '.join(swept)}")
     problems = db.schema_problems(schema, settings.rules, settings.preserve)
     problems += db.coverage_problems(schema, settings.rules, settings.allow)
     if problems:
@@ -270,6 +341,7 @@ def step_check(sync: Sync) -> None:
 
 
 def step_export_production(sync: Sync) -> None:
+    dumps.private_dir(sync.run_dir.parent)  # the plan's folder of runs: only the service's user may look inside
     path = sync.run_dir / "production.sql"
     size = dumps.dump_database(sync.settings.production, path)
     sync.produced("export-production", dump=str(path), bytes=size)
@@ -453,7 +525,11 @@ def step_cleanup_scratch(sync: Sync) -> None:
     for name in ("production.sql", "masked.sql"):
         (directory / name).unlink(missing_ok=True)
     pruned = prune_safety_dumps(sync.plan, directory)
-    sync.log(f"step cleanup-scratch: dropped {dropped} tables, deleted the dumps, pruned {pruned} old safety dumps")
+    swept = sweep_unmasked(sync.plan, directory, time.time())
+    sync.log(
+        f"step cleanup-scratch: dropped {dropped} tables, deleted the dumps, pruned {pruned} old safety dumps"
+        + (f", deleted unmasked dumps older than a day of other runs: {', '.join(swept)}" if swept else "")
+    )
 
 
 def prune_safety_dumps(plan: Plan[Settings], current: Path) -> int:
