@@ -202,3 +202,45 @@ def test_unmasked_dumps_older_than_a_day_are_deleted_whatever_retention_keeps(sy
     assert not (old / "production.sql").exists() and (old / "staging-before.sql").exists()
     assert (recent / "production.sql").exists()  # a run from the last day may still be resumed
     assert any("20261120T020000Z/production.sql" in line for line in run.log_lines)
+
+
+# --- 5. preserved rows that refer to each other ---------------------------------------------------------------------
+
+PEOPLE = (
+    "CREATE TABLE people (id INT PRIMARY KEY, email VARCHAR(255) NOT NULL, referred_by INT NULL,"
+    " demo TINYINT NOT NULL DEFAULT 0, CONSTRAINT fk_referrer FOREIGN KEY (referred_by) REFERENCES people (id))"
+    " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+)
+
+
+def test_preserved_rows_referring_to_each_other_survive_every_sync(sync_setup):
+    from datetime import timedelta
+
+    production, prod_db = sync_setup["production"]
+    staging, staging_db = sync_setup["staging"]
+    for server, database in ((production, prod_db), (staging, staging_db)):
+        server.execute(PEOPLE, database=database)
+    production.execute(
+        "INSERT INTO people (id, email) SELECT seq, CONCAT('person', seq, '@real-mail.com') FROM seq_1_to_20",
+        database=prod_db,
+    )
+    # Test person 5 collides with production and gets a new id (21+); the one they referred keeps id 30, and so
+    # comes first in key order on the next sync while its referrer has the higher id.
+    staging.execute("INSERT INTO people VALUES (5, 'tester@demo.test', NULL, 1)", database=staging_db)
+    staging.execute("INSERT INTO people VALUES (30, 'referred@demo.test', 5, 1)", database=staging_db)
+    raw = sync_setup["raw"]
+    raw["options"]["rules"]["people"] = {"email": "email"}
+    raw["options"]["preserve"]["people"] = "demo = 1"
+    raw["options"]["allow"].append("people.demo")
+    plan = parse_plan("staging-refresh", raw)
+
+    for day in range(3):
+        run = RunContext(f"r{day}", plan.name, "staging-shop", PERIOD + timedelta(days=day))
+        sqlsync.drive(plan, run, sync_setup["rt"])
+
+    demo = staging.execute(
+        "SELECT p.email, r.email FROM people p LEFT JOIN people r ON r.id = p.referred_by WHERE p.demo = 1"
+        " ORDER BY p.email",
+        database=staging_db,
+    )
+    assert demo == [("referred@demo.test", "tester@demo.test"), ("tester@demo.test", None)]

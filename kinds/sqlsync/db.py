@@ -608,6 +608,7 @@ def copy_preserved_rows(staging: Any, scratch: Any, schema: Schema, preserve: di
                             if row[cidx] in remap:
                                 row[cidx] = remap[row[cidx]]
         report.remapped[table] = remap
+        rows = _parents_first(schema, table, columns, rows)
         if rows:
             marks = ", ".join(["%s"] * len(columns))
             with scratch.cursor() as cur:
@@ -616,6 +617,37 @@ def copy_preserved_rows(staging: Any, scratch: Any, schema: Schema, preserve: di
                 )
         report.rows[table] = len(rows)
     return report
+
+
+def _parents_first(schema: Schema, table: str, columns: list[str], rows: list[list[Any]]) -> list[list[Any]]:
+    """``rows`` ordered so that a row another preserved row refers to through a self-referencing foreign key
+    (``referred_by`` -> ``id``) is inserted before it: inserts run with foreign key checks on, and a child that came
+    first in key order (a parent that got a new, higher id in an earlier sync) would be refused."""
+    pk = schema.primary_keys.get(table, [])
+    links = [
+        columns.index(column)
+        for child, column, parent, parent_column in schema.foreign_keys
+        if child == table == parent and pk == [parent_column] and column in columns
+    ]
+    if not links or len(pk) != 1 or pk[0] not in columns:
+        return rows
+    key = columns.index(pk[0])
+    waiting = {row[key]: row for row in rows}
+    ordered: list[list[Any]] = []
+    placed: set[Any] = set()
+    while waiting:
+        ready = [
+            row
+            for row in waiting.values()
+            if all(row[i] is None or row[i] in placed or row[i] not in waiting or row[i] == row[key] for i in links)
+        ]
+        if not ready:
+            raise ValueError(f"preserve: the preserved rows of {table} refer to each other in a cycle")
+        for row in ready:
+            ordered.append(row)
+            placed.add(row[key])
+            del waiting[row[key]]
+    return ordered
 
 
 # ---- verification ----------------------------------------------------------------------------------------------
