@@ -244,3 +244,28 @@ def test_preserved_rows_referring_to_each_other_survive_every_sync(sync_setup):
         database=staging_db,
     )
     assert demo == [("referred@demo.test", "tester@demo.test"), ("tester@demo.test", None)]
+
+
+# --- 6, 10. masked values that cannot fit their column are refused at check -----------------------------------------
+
+
+def test_rules_whose_values_do_not_fit_their_column_are_refused_at_check(sync_setup):
+    server, database = sync_setup["production"]
+    server.execute("ALTER TABLE orders MODIFY contact_email VARCHAR(50) NULL", database=database)
+    server.execute(
+        "ALTER TABLE accounts ADD COLUMN prefs JSON NULL, ADD COLUMN nick VARCHAR(8) NOT NULL DEFAULT ''",
+        database=database,
+    )
+    raw = sync_setup["raw"]
+    raw["options"]["rules"]["accounts"] |= {"prefs": "text", "nick": "null"}
+    plan = parse_plan("staging-refresh", raw)
+    staging_before = _rows(sync_setup, "staging", "SELECT id, email FROM orders JOIN accounts USING (id)")
+
+    with pytest.raises(PermanentError) as error:
+        _run(sync_setup, plan, stop_at="import-scratch")
+
+    message = str(error.value)
+    assert "column orders.contact_email holds at most 50 characters (varchar), but rule 'email' can write" in message
+    assert "column accounts.prefs holds JSON: rule 'text' would not write valid JSON" in message
+    assert "column accounts.nick is NOT NULL: rule 'null' cannot be written to it" in message
+    assert _rows(sync_setup, "staging", "SELECT id, email FROM orders JOIN accounts USING (id)") == staging_before

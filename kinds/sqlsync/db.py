@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kinds.sqlsync.errors import HalfDone
-from kinds.sqlsync.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker
+from kinds.sqlsync.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker, longest_output
 from kinds.sqlsync.plan import DatabaseRef
 
 MAP_BATCH = 5000
@@ -155,6 +155,8 @@ class Schema:
     # (table, column) -> (data type, maximum length in characters or None, collation or None)
     types: dict[tuple[str, str], tuple[str, int | None, str | None]] = field(default_factory=dict)
     views: set[str] = field(default_factory=set)
+    not_null: set[tuple[str, str]] = field(default_factory=set)
+    json_columns: set[tuple[str, str]] = field(default_factory=set)
 
     @property
     def tables(self) -> list[str]:
@@ -164,16 +166,24 @@ class Schema:
 
 def read_schema(conn: Any, database: str) -> Schema:
     schema = Schema()
-    for table, column, data_type, length, collation in query(
+    for table, column, data_type, length, collation, nullable in query(
         conn,
-        "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, CHARACTER_MAXIMUM_LENGTH, COLLATION_NAME"
+        "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, CHARACTER_MAXIMUM_LENGTH, COLLATION_NAME, IS_NULLABLE"
         " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s ORDER BY TABLE_NAME, ORDINAL_POSITION",
         (database,),
     ):
         schema.columns.setdefault(table, []).append(column)
+        if nullable == "NO":
+            schema.not_null.add((table, column))
         schema.types[(table, column)] = (data_type.lower(), None if length is None else int(length), collation)
         if data_type.lower() in ("tinyint", "smallint", "mediumint", "int", "bigint"):
             schema.integer_columns.add((table, column))
+    # MariaDB keeps JSON as LONGTEXT with a json_valid() check; MySQL has a json type.
+    schema.json_columns = {key for key, (data_type, _, _) in schema.types.items() if data_type == "json"}
+    for table, clause in _json_checks(conn, database):
+        found = re.fullmatch(r"\s*json_valid\(`((?:[^`]|``)+)`\)\s*", str(clause), re.IGNORECASE)
+        if found:
+            schema.json_columns.add((table, found.group(1).replace("``", "`")))
     schema.views = {
         name
         for (name,) in query(
@@ -203,6 +213,62 @@ def read_schema(conn: Any, database: str) -> Schema:
         )
     ]
     return schema
+
+
+def width_problems(schema: Schema, rules: Iterable[ColumnRule], email_bits: int) -> list[str]:
+    """Rules whose masked values may not fit their column: the dump's loader would cut them short without a word
+    (its sql_mode is not strict), an UPDATE would fail half-way."""
+    problems = []
+    for rule in rules:
+        data_type, width, _ = schema.types.get((rule.table, rule.column), ("", None, None))
+        longest = longest_output(rule, email_bits)
+        if longest is not None and width is not None and longest > width:
+            problems.append(
+                f"column {rule.table}.{rule.column} holds at most {width} characters ({data_type}), but rule"
+                f" {rule.kind!r} can write {longest}"
+                + (
+                    " (a lower email_bits, or a shorter email_domain, makes emails shorter)"
+                    if rule.kind == "email"
+                    else ""
+                )
+            )
+        if (rule.table, rule.column) in schema.json_columns and not _valid_json(rule):
+            problems.append(
+                f"column {rule.table}.{rule.column} holds JSON: rule {rule.kind!r} would not write valid JSON"
+                " (use null, or fixed with a JSON value)"
+            )
+        if rule.kind == "null" and (rule.table, rule.column) in schema.not_null:
+            problems.append(f"column {rule.table}.{rule.column} is NOT NULL: rule 'null' cannot be written to it")
+    return problems
+
+
+def _json_checks(conn: Any, database: str) -> list[tuple[Any, ...]]:
+    """MariaDB's check constraints with their tables (MySQL's CHECK_CONSTRAINTS has no TABLE_NAME, and needs none:
+    its JSON columns have their own type)."""
+    import pymysql
+
+    try:
+        return query(
+            conn,
+            "SELECT TABLE_NAME, CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = %s",
+            (database,),
+        )
+    except pymysql.err.MySQLError:
+        return []
+
+
+def _valid_json(rule: ColumnRule) -> bool:
+    import json
+
+    if rule.kind == "null":
+        return True
+    if rule.kind != "fixed":
+        return False
+    try:
+        json.loads(rule.value or "")
+    except ValueError:
+        return False
+    return True
 
 
 def schema_problems(schema: Schema, rules: Iterable[ColumnRule], preserve: dict[str, str]) -> list[str]:

@@ -368,6 +368,25 @@ class ColumnRule:
     email_domain: str = "example.com"
 
 
+def longest_output(rule: ColumnRule, email_bits: int = DEFAULT_EMAIL_BITS) -> int | None:
+    """The most characters ``rule`` can write into a column; None when the output is as long as the input (``phone``,
+    ``text``), which fits wherever the original did."""
+    if rule.kind == "email":
+        longest_name = max(map(len, FIRST_NAMES)) + 1 + max(map(len, LAST_NAMES))
+        return longest_name + 1 + email_bits // 4 + 1 + len(rule.email_domain)
+    if rule.kind == "name":
+        return max(map(len, FIRST_NAMES)) + 1 + max(map(len, LAST_NAMES))
+    if rule.kind == "first_name":
+        return max(map(len, FIRST_NAMES))
+    if rule.kind == "last_name":
+        return max(map(len, LAST_NAMES))
+    if rule.kind == "hash":
+        return rule.length or 64
+    if rule.kind == "fixed":
+        return len(rule.value or "")
+    return None if rule.kind in ("phone", "text") else 0
+
+
 def is_reserved_email_domain(domain: str) -> bool:
     """True for domains that can never belong to a real person (RFC 2606 and RFC 6761)."""
     domain = domain.lower()

@@ -319,6 +319,7 @@ def step_check(sync: Sync) -> None:
         if swept:
             sync.log(f"step check: deleted unmasked dumps older than a day of other runs: {', '.join(swept)}")
     problems = db.schema_problems(schema, settings.rules, settings.preserve)
+    problems += db.width_problems(schema, settings.rules, settings.email_bits)
     problems += db.coverage_problems(schema, settings.rules, settings.allow)
     if problems:
         raise SchemaDrift("schema drift: " + "; ".join(problems))
