@@ -269,3 +269,28 @@ def test_rules_whose_values_do_not_fit_their_column_are_refused_at_check(sync_se
     assert "column accounts.prefs holds JSON: rule 'text' would not write valid JSON" in message
     assert "column accounts.nick is NOT NULL: rule 'null' cannot be written to it" in message
     assert _rows(sync_setup, "staging", "SELECT id, email FROM orders JOIN accounts USING (id)") == staging_before
+
+
+# --- 8. trigger bodies in the dump are statements, not rows ----------------------------------------------------------
+
+
+def test_stream_masking_passes_trigger_bodies_through(sync_setup):
+    server, database = sync_setup["production"]
+    server.execute(AUDIT[0], database=database)
+    server.execute(
+        "CREATE TRIGGER accounts_audit AFTER UPDATE ON accounts FOR EACH ROW\\n"
+        "INSERT INTO `account_audit` (account_id, old_email) VALUES (OLD.id, OLD.email)".replace("\\n", "\n"),
+        database=database,
+    )
+    server.execute("UPDATE accounts SET country = 'DE' WHERE id <= 3", database=database)
+    raw = sync_setup["raw"]
+    raw["options"]["rules"]["account_audit"] = {"old_email": "email"}
+    raw["options"]["allow"].append("account_audit.account_id")
+    plan = parse_plan("staging-refresh", raw)
+
+    outcome, _ = _run(sync_setup, plan)
+
+    audit = _rows(sync_setup, "staging", "SELECT old_email FROM account_audit ORDER BY id")
+    assert outcome.stats["step_reached"] == "cleanup-scratch"
+    assert len(audit) == 3 and not {row[0] for row in audit} & {row[1] for row in production_rows()}
+    assert [row[0] for row in _rows(sync_setup, "staging", "SHOW TRIGGERS")] == ["accounts_audit"]
