@@ -294,3 +294,36 @@ def test_stream_masking_passes_trigger_bodies_through(sync_setup):
     assert outcome.stats["step_reached"] == "cleanup-scratch"
     assert len(audit) == 3 and not {row[0] for row in audit} & {row[1] for row in production_rows()}
     assert [row[0] for row in _rows(sync_setup, "staging", "SHOW TRIGGERS")] == ["accounts_audit"]
+
+
+# --- 11. decided at check; the safety dump is never overwritten -------------------------------------------------------
+
+
+def test_views_with_scratch_on_the_staging_server_are_dumped_and_loaded_as_decided_at_check(sync_setup):
+    production, prod_db = sync_setup["production"]
+    production.execute("CREATE VIEW big_orders AS SELECT id, total FROM orders WHERE total > 100", database=prod_db)
+    staging, staging_db = sync_setup["staging"]
+    scratch_db = staging.fresh_database(f"{staging_db}_scratch")
+    sync_setup["raw"]["destination"]["scratch"] = {"host": "127.0.0.1", "port": staging.port, "database": scratch_db}
+    plan = parse_plan("staging-refresh", sync_setup["raw"])
+
+    outcome, run = _run(sync_setup, plan)
+
+    assert outcome.stats["step_reached"] == "cleanup-scratch"
+    assert any("the masked tables will be dumped and loaded into staging, not moved" in line for line in run.log_lines)
+    assert any(line.startswith("step export-scratch: ") and "bytes" in line for line in run.log_lines)
+    assert _rows(sync_setup, "staging", "SELECT COUNT(*) FROM big_orders") == [
+        (len(range(91, 360)),)
+    ]  # production totals over 100
+
+
+def test_running_backup_staging_again_keeps_the_runs_safety_dump(sync_setup):
+    _run(sync_setup)
+    dump = sync_setup["dumps"] / "staging-refresh" / "20261123T020000Z" / "staging-before.sql"
+    before = dump.read_bytes()
+
+    _outcome, run = _run(sync_setup, start_at="backup-staging", stop_at="backup-staging")
+
+    assert dump.read_bytes() == before  # staging as it was before the run (3 accounts), not the synced one
+    assert b"old.copy@real-mail.com" in before
+    assert any("safety dump" in line and "is already there; kept" in line for line in run.log_lines)

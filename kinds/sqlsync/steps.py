@@ -106,6 +106,12 @@ class Sync:
     def run_dir(self) -> Path:
         return run_dir(self.plan, self.run)
 
+    @property
+    def moves_tables(self) -> bool:
+        """Masked tables go into staging by RENAME TABLE: scratch shares staging's server, and ``check`` found nothing
+        (views, triggers) that RENAME cannot move across databases."""
+        return self.settings.moves_tables and self.state.get("move_tables", True)
+
     def produced(self, step: str, **what: Any) -> None:
         """Record in the checkpoint what ``step`` made (a dump file, a safety backup), for later steps and people."""
         self.state.setdefault("produced", {})[step] = what
@@ -242,7 +248,7 @@ def sweep_unmasked(plan: Plan[Settings], current: Path, now: float) -> list[str]
 def _do(sync: Sync, step: str) -> bool:
     """Do (or, for a Cloud SQL operation, start or check) ``step``; True once it is finished."""
     settings = sync.settings
-    moved = settings.moves_tables and step in ("export-scratch", "import-staging")
+    moved = sync.moves_tables and step in ("export-scratch", "import-staging")
     if settings.profile == "cloudsql" and step in OPERATION_STEPS and not moved:
         from kinds.sqlsync import cloud
 
@@ -338,6 +344,21 @@ def step_check(sync: Sync) -> None:
         # Tables production no longer has are not touched by a sync: whatever they hold stays in staging.
         sync.log(f"step check: staging has tables production does not (left as they are): {', '.join(staging_only)}")
     sync.stats(flagged_columns=flagged, staging_only_tables=staging_only)
+    if settings.moves_tables:
+        with db.connect(settings.production) as production:
+            triggers = db.query(
+                production,
+                "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = %s",
+                (settings.production.database,),
+            )[0][0]
+        if schema.views or triggers:
+            # Decided here, not found out at import-staging after all the work: views and triggers cannot be moved
+            # by RENAME TABLE across databases, so the masked tables are dumped and loaded instead.
+            sync.state["move_tables"] = False
+            sync.log(
+                f"step check: production has {len(schema.views)} views and {triggers} triggers: the masked tables will"
+                " be dumped and loaded into staging, not moved"
+            )
     sync.log(f"step check: {len(schema.columns)} tables, {len(settings.rules)} masked columns, schema matches")
 
 
@@ -438,7 +459,7 @@ def step_scan_scratch(sync: Sync) -> None:
 
 
 def step_export_scratch(sync: Sync) -> None:
-    if sync.settings.moves_tables:
+    if sync.moves_tables:
         sync.log("step export-scratch: skipped, scratch shares the staging server and its tables will be moved")
         return
     path = sync.run_dir / "masked.sql"
@@ -449,6 +470,13 @@ def step_export_scratch(sync: Sync) -> None:
 
 def step_backup_staging(sync: Sync) -> None:
     path = sync.run_dir / "staging-before.sql"
+    if _complete(path):
+        # Made by an earlier attempt of this run, before anything of it reached staging: the only copy of staging
+        # as it was. A second dump now might be of staging already overwritten by this run.
+        sync.state["staging_backup"] = str(path)
+        sync.stats(staging_backup=str(path), staging_backup_sha256=dumps.file_sha256(path))
+        sync.log(f"step backup-staging: this run's safety dump {path} is already there; kept")
+        return
     size = dumps.dump_database(sync.settings.staging, path)
     sync.state["staging_backup"] = str(path)
     sync.produced("backup-staging", dump=str(path), bytes=size)
@@ -466,7 +494,7 @@ def step_import_staging(sync: Sync) -> None:
         dumps.check_complete(safety)
     elif not sync.state.get("staging_backup"):
         raise Refused("no safety backup of staging for this run (backup-staging did not complete); refusing")
-    if settings.moves_tables:
+    if sync.moves_tables:
         moved = move_tables(settings.scratch, settings.staging)
         sync.log(f"step import-staging: moved {moved} tables from {settings.scratch.label()} with RENAME TABLE")
         return
