@@ -11,7 +11,9 @@ Exit codes: 0 done; 1 failed (the message says why); 2 bad usage; 3 verification
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,18 +87,44 @@ def _exit_codes() -> Iterator[None]:
 
 def open_backup(url: str, rt: Runtime) -> tuple[Store, list[Manifest]]:
     """The store rooted where backup ``url`` (its manifest or data file) was written, and its restore chain."""
+    given = url
     for suffix in (MANIFEST_SUFFIX, DATA_SUFFIX):
         if url.endswith(suffix):
             url = url[: -len(suffix)]
     directory, _, base = url.rpartition("/")
     if not directory or not base:
         raise PermanentError(f"{url!r}: expected the URL or path of a backup's .manifest.json")
-    first = read_manifest(store_for(directory, rt), base)
+    try:
+        first = read_manifest(store_for(directory, rt), base)
+    except (PermanentError, TargetGone):
+        made_by = _other_format(given)
+        if made_by:
+            raise PermanentError(f"{given} is {made_by}, not a backup made by this tool (a .manifest.json)") from None
+        raise
     if not url.endswith("/" + first.name) and url != first.name:
         raise PermanentError(f"{url!r}: the manifest there calls itself {first.name!r}; was it moved?")
     root = url[: -len(first.name)].rstrip("/") or "/"
     store = store_for(root, rt)
     return store, resolve_chain(store, first.name)
+
+
+def _other_format(path: str) -> str | None:
+    """What made the local file ``path``, when it is a backup file of another tool we know (IBM's couchbackup)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).split(b"\n", 1)[0]
+    except OSError:
+        return None
+    try:
+        first = json.loads(head)
+    except ValueError:
+        return None
+    if isinstance(first, dict) and str(first.get("name", "")).endswith("couchbackup"):
+        version, mode = first.get("version", ""), first.get("mode", "?")
+        return f"a couchbackup {version} file ({mode} mode); restore it with couchrestore"
+    if isinstance(first, list) and all(isinstance(d, dict) and "_id" in d for d in first):
+        return "a couchbackup file (lines of document arrays); restore it with couchrestore"
+    return None
 
 
 def _progress(label: str, total: int | None, quiet: bool) -> Any:
@@ -146,6 +174,9 @@ def couchdb() -> None:
 )
 @click.option("--reads-per-second", type=click.FloatRange(0.1), default=None)
 @click.option(
+    "--fetchers", default=4, show_default=True, type=click.IntRange(1, 16), help="_bulk_get requests in flight."
+)
+@click.option(
     "--part-seconds",
     default=10.0,
     show_default=True,
@@ -168,6 +199,7 @@ def backup_command(
     page_size: int,
     read_bytes: int,
     reads_per_second: float | None,
+    fetchers: int,
     part_seconds: float,
     quiet: bool,
     url_env: str,
@@ -184,14 +216,7 @@ def backup_command(
         server=_server_settings(url_env, user_env, password_env),
         databases=("*",) if all_dbs else databases,
         destination=destination,
-        backup=BackupOptions(
-            mode=mode,
-            attachments=attachments,
-            batch_docs=batch_docs,
-            batch_bytes=batch_bytes,
-            page_size=page_size,
-            read_bytes=read_bytes,
-        ),
+        backup=BackupOptions(mode, attachments, batch_docs, batch_bytes, page_size, read_bytes, fetchers),
         incremental=incremental,
         full_every=full_every,
         reads_per_second=reads_per_second,
@@ -210,7 +235,9 @@ def backup_command(
             raise PermanentError(f"no database on {server.url} matches {', '.join(databases) or '--all'}")
         for db in chosen:
             period = rt.now()
-            run = RunContext(run_id=f"cli-{period:%Y%m%dT%H%M%S}", plan=plan.name, target_key=db, period=period)
+            # A run of its own, however many are started in the same second (the lease tells them apart).
+            run_id = f"cli-{period:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+            run = RunContext(run_id=run_id, plan=plan.name, target_key=db, period=period)
             with _progress(f"backup {db}", None if quiet else _doc_count(settings.server, db, rt), quiet) as bar:
                 done_docs = [0]
 
@@ -313,7 +340,7 @@ def restore_command(
             err=True,
         )
         if verify:
-            _verify(server, target, store, chain, quiet)
+            _verify(server, target, store, chain, quiet, check_files=False)  # the restore read them first
         server.close()
 
 
@@ -332,13 +359,15 @@ def verify_command(backup: str, target: str, quiet: bool, url_env: str, user_env
         server.close()
 
 
-def _verify(server: CouchServer, target: str, store: Store, chain: list[Manifest], quiet: bool) -> None:
+def _verify(
+    server: CouchServer, target: str, store: Store, chain: list[Manifest], quiet: bool, check_files: bool = True
+) -> None:
     try:
         total = server.db_info(target).get("doc_count")
     except TargetGone:
         raise PermanentError(f"database {target!r} does not exist on {server.url}") from None
     with _progress(f"verify {target}", total, quiet) as bar:
-        result = verify_database(server, target, store, chain, progress=bar.update)
+        result = verify_database(server, target, store, chain, progress=bar.update, check_files=check_files)
     click.echo(result.summary(), err=True)
     if not result.ok:
         sys.exit(EXIT_MISMATCH)

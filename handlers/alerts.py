@@ -1,4 +1,5 @@
-"""Notification plumbing over HTTP: the queued notify task, and the cron jobs for the stale check and the digest.
+"""Notification plumbing over HTTP: the queued tasks that flush an alert group and send a message, and the cron
+jobs for the stale check (with the alert sweep) and the digest.
 
 The cron URLs start with ``_`` (``/cron/_stale``, ``/cron/_digest``) and so can never be a plan's name (plan names
 are lowercase letters, digits and '-'); the same goes for the task path ``/tasks/_notify``.
@@ -12,7 +13,7 @@ from flask import Blueprint, jsonify, request
 
 from handlers import catalog, queue, runtime
 from handlers.auth import cron_only, queue_only
-from services import notify
+from services import alerts, notify
 from services.stale import AlertStore, check_stale
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,28 @@ def send_notification():  # type: ignore[no-untyped-def]
     return jsonify(result.to_json()), 503 if result.retry else 200
 
 
+@bp.post(alerts.FLUSH_PATH)
+@queue_only
+def flush_alert_group():  # type: ignore[no-untyped-def]
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("plan"), str) or not isinstance(body.get("group"), str):
+        log.error("alert flush task rejected: %r", request.get_data()[:500])
+        return jsonify({"error": 'malformed flush task: expected {"plan": ..., "group": ...}'}), 200
+    try:
+        result = alerts.flush(runtime(), body["plan"], body["group"], repeat=body.get("repeat") is True, queue=queue())
+    except Exception as exc:  # the events stay pending: the queue retries this flush (and the sweep would too)
+        log.warning("alert group %s not flushed, will be retried: %s", body["group"], exc)
+        return jsonify({"error": f"{type(exc).__name__}: {exc}", "retry": True}), 503
+    return jsonify(result.to_json()), 200
+
+
 @bp.get("/cron/_stale")
 @cron_only
 def stale_check():  # type: ignore[no-untyped-def]
-    report = check_stale(runtime(), catalog(), queue=queue())
-    return jsonify(report.to_json())
+    rt = runtime()
+    report = check_stale(rt, catalog(), queue=queue())
+    swept = alerts.sweep(rt, queue())
+    return jsonify(report.to_json() | {"alerts": swept.to_json()})
 
 
 @bp.get("/cron/_digest")

@@ -8,7 +8,6 @@ scrape token in ``BACKUP_METRICS_TOKEN`` as a bearer token, so a Prometheus scra
 from __future__ import annotations
 
 import hmac
-import os
 
 from flask import Blueprint, Response, jsonify, render_template, request
 
@@ -65,7 +64,7 @@ def run_page(record: RunRecord) -> Response:
 
 
 def _scrape_token_ok() -> bool:
-    expected = os.environ.get("BACKUP_METRICS_TOKEN", "")
+    expected = runtime().secrets.env("BACKUP_METRICS_TOKEN") or ""
     header = request.headers.get("Authorization", "")
     if not expected or not header.lower().startswith("bearer "):
         return False

@@ -26,5 +26,6 @@ _FILESTORE_DRILLS: Restorable[FilestoreSettings] = FILESTORE
 _DIRECTORY: Kind[DirectorySettings] = DIRECTORY
 _DIRECTORY_DRILLS: Restorable[DirectorySettings] = DIRECTORY
 _COUCHDB: Kind[CouchdbSettings] = COUCHDB
+_COUCHDB_DRILLS: Restorable[CouchdbSettings] = COUCHDB
 _SQLSYNC: Kind[SqlSyncSettings] = SQLSYNC
 _SQLSYNC_DRILLS: Restorable[SqlSyncSettings] = SQLSYNC

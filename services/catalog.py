@@ -309,6 +309,17 @@ class Catalog:
         entity = self.client.get(self._target_key(plan, target))
         return _target_from_entity(entity) if entity is not None else None
 
+    def target_states_for(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], TargetState]:
+        """The summaries of the given (plan, target) pairs that exist, looked up by key in batches."""
+        found: dict[tuple[str, str], TargetState] = {}
+        unique = sorted(set(pairs))
+        for start in range(0, len(unique), 500):
+            keys = [self._target_key(plan, target) for plan, target in unique[start : start + 500]]
+            for entity in self.client.get_multi(keys):
+                state = _target_from_entity(entity)
+                found[(state.plan, state.target)] = state
+        return found
+
     def active_drills(self, plan: str) -> list[RunRecord]:
         """Drills of ``plan`` started and not yet finished (each may hold a scratch restore)."""
         found: list[RunRecord] = []

@@ -1,17 +1,16 @@
-"""Telling people how backups are doing: per-plan notifications on failure, on success (opt-in), when a target
-goes stale or recovers, and a daily digest.
+"""Telling people how backups are doing: on failure, on success (opt-in), when a target goes stale or recovers,
+and a daily digest.
 
 Sending is itself a queued task (queue ``notify``, ``POST /tasks/_notify``), so a slow or failing channel never
-fails or delays a backup run: ``run_finished`` only logs and enqueues. The task name is a hash of what the message
-says (plan, target, status, a fingerprint of the error) and a time window, so a target that fails the same way
-every hour produces one message per window, not one per run; the queue drops a task whose name it has seen.
+fails or delays a backup run: ``run_finished`` only logs and records an alert event. Events are grouped by plan
+and cause before anything is sent (services/alerts.py): 300 targets failing for one reason are one message.
 
-The notify task sends to each channel the plan names:
-- Pub/Sub: a JSON message (plan, target, status, error, output, run_id ...) with attributes plan / status / kind
-  for subscription filters.
+The notify task sends one message to each channel the plan names:
+- Pub/Sub: a JSON message (plan, target, status, error, output, run_id, count, targets ...) with attributes plan /
+  status / kind for subscription filters.
 - A webhook (Slack or Google Chat incoming webhook): ``{"text": ...}``. Its URL is a secret: the plan names an
   environment variable (``notify.webhook_env``) holding either the URL or a Secret Manager version
-  (``sm://projects/P/secrets/S/versions/V`` or ``projects/P/secrets/S/versions/V``).
+  (``sm://projects/P/secrets/S/versions/V`` or ``projects/P/secrets/S/versions/V``), read through ``rt.secrets``.
 Each channel that succeeded is remembered (``NotificationSent`` in the catalog namespace), so a retry caused by one
 channel's 5xx does not send the message again on the channel that already had it.
 """
@@ -22,10 +21,9 @@ import hashlib
 import ipaddress
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlparse
 
@@ -38,9 +36,8 @@ log = logging.getLogger("backup.notify")
 NOTIFY_QUEUE = "notify"
 NOTIFY_PATH = "/tasks/_notify"
 SENT_KIND = "NotificationSent"
-# Identical messages (same plan, target, status and error fingerprint) inside one window are sent once.
-COLLAPSE_WINDOW = timedelta(hours=6)
-SECRET_TTL_SECONDS = 300.0
+# How long a channel's "already sent" record must outlive its message (a redelivered task within it sends nothing).
+SENT_RECORD_TTL = timedelta(days=2)
 WEBHOOK_TIMEOUT_SECONDS = 10.0
 PUBLISH_TIMEOUT_SECONDS = 30.0
 MAX_TEXT = 3000  # Slack cuts section text at 3000 characters; Google Chat allows more
@@ -48,7 +45,6 @@ MAX_TEXT = 3000  # Slack cuts section text at 3000 characters; Google Chat allow
 FAILURE, SUCCESS, STALE, RECOVERED, DIGEST = "failure", "success", "stale", "recovered", "digest"
 MESSAGE_KINDS = (FAILURE, SUCCESS, STALE, RECOVERED, DIGEST)
 
-_VOLATILE = re.compile(r"0x[0-9a-f]+|[0-9a-f]{8,}|\d+")
 _TASK_NAME_UNSAFE = re.compile(r"[^a-z0-9-]+")
 _SECRET_VERSION = re.compile(r"^projects/[^/]+/secrets/[^/]+(/versions/[^/]+)?$")
 
@@ -66,11 +62,15 @@ class Message:
     error: str | None = None
     output: str | None = None  # where the backup lives
     run_id: str | None = None
-    link: str | None = None  # the run's page on the status site
-    key: str = ""  # collapse key: also the task name
+    link: str | None = None  # the run's page (or the plan's status) on the status site
+    key: str = ""  # what the message is: also the task name
+    count: int = 1  # how many targets the message is about (a grouped alert)
+    targets: tuple[str, ...] = ()  # the first of them, by name
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["targets"] = list(self.targets)
+        return data
 
     @classmethod
     def from_json(cls, raw: Any) -> Message:
@@ -81,8 +81,15 @@ class Message:
                 raise ValueError(f"'{name}' must be a non-empty string")
         if raw["kind"] not in MESSAGE_KINDS:
             raise ValueError(f"'kind' must be one of {', '.join(MESSAGE_KINDS)}, got {raw['kind']!r}")
-        known = cls.__dataclass_fields__
-        return cls(**{k: (str(v) if v is not None else None) for k, v in raw.items() if k in known})  # type: ignore[arg-type]
+        count = raw.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError("'count' must be a whole number of targets")
+        targets = raw.get("targets", [])
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ValueError("'targets' must be a list of target names")
+        known = set(cls.__dataclass_fields__) - {"count", "targets"}
+        texts = {k: (str(v) if v is not None else None) for k, v in raw.items() if k in known}
+        return cls(**texts, count=count, targets=tuple(targets))  # type: ignore[arg-type]
 
     def pubsub_body(self) -> bytes:
         body = {
@@ -95,6 +102,8 @@ class Message:
             "run_id": self.run_id,
             "at": self.at,
             "text": self.text,
+            "count": self.count,
+            "targets": list(self.targets),
         }
         return json.dumps(body, sort_keys=True).encode()
 
@@ -102,23 +111,11 @@ class Message:
         return {"plan": self.plan, "status": self.status, "kind": self.kind, "target": self.target[:1024]}
 
 
-def error_fingerprint(error: str | None) -> str:
-    """The error with what changes from run to run (numbers, ids, hex) blanked, so 'operation 8812 failed' and
-    'operation 9920 failed' collapse into one message."""
-    if not error:
-        return ""
-    return " ".join(_VOLATILE.sub("#", error.lower()).split())[:500]
-
-
 def collapse_key(kind: str, plan: str, target: str, status: str, fingerprint: str, bucket: str) -> str:
     """A Cloud Tasks task id ([A-Za-z0-9_-], <= 500 chars) that is the same for messages saying the same thing."""
     digest = hashlib.sha256("\n".join((kind, plan, target, status, fingerprint, bucket)).encode()).hexdigest()[:20]
     slug = _TASK_NAME_UNSAFE.sub("-", f"{plan}-{kind}-{target}".lower()).strip("-")[:80]
     return f"{digest}-notify-{slug}"
-
-
-def window_bucket(at: datetime, window: timedelta = COLLAPSE_WINDOW) -> str:
-    return str(int(at.timestamp() // window.total_seconds()))
 
 
 def has_channels(plan: Any) -> bool:
@@ -136,51 +133,64 @@ def run_link(rt: Any, run_id: str | None) -> str | None:
 # ------------------------------------------------------------------------------------------------- enqueueing
 
 
+def status_link(rt: Any, plan: str) -> str | None:
+    """The plan's part of the status page, when the service knows its own public URL."""
+    base = rt.settings.service_url
+    if rt.settings.on_app_engine and _is_loopback_url(base):
+        return None
+    return f"{base}/?plan={plan}"
+
+
 def run_finished(rt: Any, plan: Any, record: Any, queue: Any = None) -> None:
-    """Called by the worker when a run ends. Logs the outcome and, when the plan wants to hear about it and has a
-    channel, enqueues a notify task. Never raises: the backup's outcome is already recorded and must stand."""
-    if record.status == FAILED and plan.notify.on_failure:
-        kind = FAILURE
-        log.error(
-            "backup failed: plan %s, target %s: %s",
-            plan.name,
-            record.target,
-            record.error,
-            extra={"plan": plan.name, "target": record.target, "run_id": record.run_id},
-        )
-        text = f"*Backup failed*: plan `{plan.name}`, target `{record.target}`\n{record.error or 'no error message'}"
-        # Identical failures inside the window collapse; the window is what makes "every hour" one message.
-        bucket = window_bucket(rt.now())
-    elif record.status == SUCCEEDED and plan.notify.on_success:
-        kind = SUCCESS
-        log.info(
-            "backup succeeded: plan %s, target %s -> %s",
-            plan.name,
-            record.target,
-            record.output,
-            extra={"plan": plan.name, "target": record.target, "run_id": record.run_id},
-        )
-        text = f"Backup succeeded: plan `{plan.name}`, target `{record.target}` -> {record.output or '(no output)'}"
-        bucket = record.run_id  # every good run is news for whoever opted in
-    else:
+    """Called by the worker when a run ends. Logs the outcome and, when the plan has a channel, records an alert
+    event (grouped and sent by services/alerts.py); a good run resolves the target's earlier failure. Never raises:
+    the backup's outcome is already recorded and must stand."""
+    from services import alerts
+    from services.catalog import DRILL
+
+    drill = getattr(record, "purpose", None) == DRILL
+    labels = {"plan": plan.name, "target": record.target, "run_id": record.run_id}
+    what = "restore drill" if drill else "backup"
+    if record.status == FAILED:
+        log.error("%s failed: plan %s, target %s: %s", what, plan.name, record.target, record.error, extra=labels)
+    elif record.status == SUCCEEDED:
+        log.info("%s succeeded: plan %s, target %s -> %s", what, plan.name, record.target, record.output, extra=labels)
+    if not has_channels(plan):
         return
-    link = run_link(rt, record.run_id)
-    if link:
-        text += f"\n{link}"
-    message = Message(
-        kind=kind,
-        plan=plan.name,
-        target=record.target,
-        status=record.status,
-        text=text,
-        at=rt.now().isoformat(),
-        error=record.error,
-        output=record.output,
-        run_id=record.run_id,
-        link=link,
-        key=collapse_key(kind, plan.name, record.target, record.status, error_fingerprint(record.error), bucket),
-    )
-    enqueue_message(rt, plan, message, queue)
+    try:
+        if record.status == FAILED and plan.notify.on_failure:
+            alerts.record(
+                rt, plan, alerts.FAILURE, record.target, record.error, record.run_id, None, drill=drill, queue=queue
+            )
+        elif record.status == SUCCEEDED:
+            alerts.resolve(rt, plan, alerts.FAILURE, record.target, drill=drill)
+            if plan.notify.on_success and not drill:
+                alerts.record(
+                    rt,
+                    plan,
+                    alerts.SUCCESS,
+                    record.target,
+                    None,
+                    record.run_id,
+                    record.output,
+                    record.run_id,
+                    queue=queue,
+                )
+    except Exception:  # the run is recorded either way; the stale check still sees a target that stops working
+        log.exception("could not record the %s alert for %s/%s", record.status, plan.name, record.target, extra=labels)
+
+
+def fanout_succeeded(rt: Any, plan: Any) -> None:
+    """A fan-out step listed the plan's targets: an earlier failed fan-out is resolved (not repeated). Never raises."""
+    from services import alerts
+    from services.stale import FANOUT_TARGET
+
+    if not (has_channels(plan) and plan.notify.on_failure):
+        return
+    try:
+        alerts.resolve(rt, plan, alerts.FAILURE, FANOUT_TARGET)
+    except Exception:
+        log.exception("could not resolve the fan-out alert of %s", plan.name, extra={"plan": plan.name})
 
 
 def enqueue_message(rt: Any, plan: Any, message: Message, queue: Any = None) -> bool:
@@ -271,14 +281,14 @@ def _mark_sent(rt: Any, key: str, channel: str, message: Message) -> None:
 
     entity = datastore.Entity(_sent_key(rt, key, channel), exclude_from_indexes=("target",))
     now = rt.now()
-    # expire_at is for a Datastore TTL policy: the record only has to outlive the collapse window.
+    # expire_at is for a Datastore TTL policy: the record only has to outlive redeliveries of its task.
     entity.update(
         {
             "plan": message.plan,
             "target": message.target,
             "kind": message.kind,
             "sent_at": now,
-            "expire_at": now + COLLAPSE_WINDOW + timedelta(days=1),
+            "expire_at": now + SENT_RECORD_TTL,
         }
     )
     rt.datastore().put(entity)
@@ -346,18 +356,16 @@ def _is_loopback_url(url: str) -> bool:
 
 
 def resolve_secret(rt: Any, env_name: str) -> str:
-    """The value of environment variable ``env_name``; when that is a Secret Manager version (``sm://...`` or
-    ``projects/.../secrets/...``), the secret's payload, cached for a few minutes so a rotated secret is picked up."""
-    value = os.environ.get(env_name, "").strip()
-    if not value:
-        raise PermanentError(f"environment variable {env_name} (notify.webhook_env) is not set")
+    """The value of environment variable ``env_name`` (from the Runtime's environment); when that is a Secret
+    Manager version (``sm://...`` or ``projects/.../secrets/...``), the secret's payload, cached for a few minutes
+    by ``rt.secrets`` so a rotated secret is picked up."""
+    value = rt.secrets.require_env(env_name, "notify.webhook_env")
     name = value[len("sm://") :] if value.startswith("sm://") else value
     if not _SECRET_VERSION.match(name):
-        return value
+        return str(value)
     if "/versions/" not in name:
         name += "/versions/latest"
-    secret: str = rt.secrets.secret(name)  # cached there for a few minutes
-    return secret
+    return str(rt.secrets.secret(name))
 
 
 # ------------------------------------------------------------------------------------------------- digest

@@ -87,6 +87,11 @@ class Notify(BaseModel):
     digest: bool = False
     pubsub_topic: NonEmptyStr | None = None
     webhook_env: NonEmptyStr | None = None
+    # Grouping (services/alerts.py): wait before the first message of a group, then at most one message per
+    # interval, and a reminder of what still fails every repeat_hours.
+    group_wait_seconds: int = Field(30, ge=0, le=3600)
+    group_interval_seconds: int = Field(300, ge=1, le=86400)
+    repeat_hours: float = Field(6, ge=0.5, le=720)
 
 
 _DURATION = re.compile(r"^([1-9][0-9]{0,4})([hd])$")

@@ -9,9 +9,10 @@ cron (``/cron/_stale``), it looks at every plan with ``rpo_hours`` and every tar
 - a plan with no target at all in the catalog (it never ran, or its fan-out always failed) is checked as one unit
   named ``(plan)``, from the moment the check first saw it.
 
-Per-unit alert state (``StaleAlert`` in the catalog namespace) makes it notify once when a unit goes stale and once
-when it recovers, however often the cron fires. The notify task names are derived from that state, so two cron
-fires racing each other still queue one message.
+Per-unit alert state (``StaleAlert`` in the catalog namespace) makes it report once when a unit goes stale and once
+when it recovers, however often the cron fires. Each change is an alert event (services/alerts.py), grouped by plan
+and reason with every other unit that changed the same way: a failed listing that leaves 10,000 disks stale is one
+message. The event is stored before the unit is marked stale, so a change is never marked without being reported.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from services import notify
+from services import alerts, notify
 from services.catalog import FAILED, NAMESPACE, SKIPPED, Catalog, TargetState
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,9 @@ def _reason(
     return "; ".join(parts)
 
 
-def check_stale(rt: Any, catalog: Catalog, alerts: AlertStore | None = None, queue: Any = None) -> StaleReport:
-    """Compare every known unit of every plan with an RPO against ``rt.now()``; notify on changes."""
-    alerts = alerts or AlertStore(catalog.client, catalog.namespace)
+def check_stale(rt: Any, catalog: Catalog, store: AlertStore | None = None, queue: Any = None) -> StaleReport:
+    """Compare every known unit of every plan with an RPO against ``rt.now()``; report changes."""
+    store = store or AlertStore(catalog.client, catalog.namespace)
     report = StaleReport()
     now = rt.now()
     for plan in rt.plans.values():
@@ -131,7 +132,7 @@ def check_stale(rt: Any, catalog: Catalog, alerts: AlertStore | None = None, que
         targets = {s.target: s for s in states if is_real_target(s.target)}
         fanout = next((s for s in states if s.target == FANOUT_TARGET), None)
         latest_run = max((s.last_run_at for s in targets.values() if s.last_run_at), default=None)
-        known = alerts.for_plan(plan.name)
+        known = store.for_plan(plan.name)
         units: dict[str, TargetState | None] = dict(targets) if targets else {PLAN_UNIT: None}
         for name, state in units.items():
             report.checked += 1
@@ -143,17 +144,17 @@ def check_stale(rt: Any, catalog: Catalog, alerts: AlertStore | None = None, que
                 reason += f"; the plan's fan-out failed at {fanout.last_failure_at:%Y-%m-%d %H:%M} UTC"
                 reason += f": {fanout.last_error}"
             episode = (good_at or alert.first_seen).isoformat()  # the same for every checker racing on this unit
-            _settle(rt, alerts, plan, alert, is_stale, reason, state, report, queue, name in known, episode)
+            _settle(rt, store, plan, alert, is_stale, reason, state, report, queue, name in known, episode)
         # A unit that no longer applies (the "(plan)" unit once targets exist) is resolved, not left stale forever.
         for name, alert in known.items():
             if name not in units and alert.stale:
-                _settle(rt, alerts, plan, alert, False, "", None, report, queue, True, "")
+                _settle(rt, store, plan, alert, False, "", None, report, queue, True, "")
     return report
 
 
 def _settle(
     rt: Any,
-    alerts: AlertStore,
+    alerts_store: AlertStore,
     plan: Any,
     alert: StaleAlert,
     is_stale: bool,
@@ -165,52 +166,37 @@ def _settle(
     episode: str,
 ) -> None:
     """Record and announce a change of ``alert``. ``episode`` names a stale episode (the time of the last good copy,
-    or first sight): two checks racing on the same unit build the same task name, so only one message is queued."""
+    or first sight): two checks racing on the same unit record the same event, so only one is reported."""
     now = rt.now()
     if is_stale:
         report.stale.append(f"{plan.name}/{alert.target}")
     if is_stale and not alert.stale:
+        # The event first: if it cannot be stored this raises, the unit stays unmarked and the next check tries again.
+        if notify.has_channels(plan):
+            alerts.record(
+                rt, plan, alerts.STALE, alert.target, reason, _run_id(state), _output(state), episode, queue=queue
+            )
         alert.stale, alert.since, alert.reason = True, now, reason
-        alerts.put(alert)
+        alerts_store.put(alert)
         labels = {"plan": plan.name, "target": alert.target}
         log.error("backup stale: plan %s, target %s: %s", plan.name, alert.target, reason, extra=labels)
         report.changes.append(StaleChange(plan.name, alert.target, notify.STALE, reason))
-        text = f"*Backup stale*: plan `{plan.name}`, target `{alert.target}`\n{reason}"
-        _notify(rt, plan, alert.target, notify.STALE, text, reason, state, queue, episode)
     elif not is_stale and alert.stale:
         episode = alert.since.isoformat() if alert.since else ""  # as stored: racing checks read the same value
-        alert.stale, alert.recovered_at = False, now
-        alerts.put(alert)
         good = f"good copy at {state.last_good_at:%Y-%m-%d %H:%M} UTC" if state and state.last_good_at else "resolved"
+        if notify.has_channels(plan):
+            alerts.recovered(rt, plan, alert.target, _run_id(state), _output(state), episode, queue=queue)
+        alert.stale, alert.recovered_at = False, now
+        alerts_store.put(alert)
         log.info("backup recovered: plan %s, target %s: %s", plan.name, alert.target, good, extra={"plan": plan.name})
         report.changes.append(StaleChange(plan.name, alert.target, notify.RECOVERED, good))
-        text = f"Backup recovered: plan `{plan.name}`, target `{alert.target}`: {good}"
-        _notify(rt, plan, alert.target, notify.RECOVERED, text, None, state, queue, episode)
     elif not stored:
-        alerts.put(alert)  # remember first_seen: a target that never succeeds goes stale one RPO later
+        alerts_store.put(alert)  # remember first_seen: a target that never succeeds goes stale one RPO later
 
 
-def _notify(
-    rt: Any,
-    plan: Any,
-    target: str,
-    kind: str,
-    text: str,
-    error: str | None,
-    state: TargetState | None,
-    queue: Any,
-    episode: str,
-) -> None:
-    message = notify.Message(
-        kind=kind,
-        plan=plan.name,
-        target=target,
-        status=kind,
-        text=text,
-        at=rt.now().isoformat(),
-        error=error,
-        output=state.last_good_output if state else None,
-        run_id=(state.last_good_run_id or state.last_run_id) if state else None,
-        key=notify.collapse_key(kind, plan.name, target, kind, "", episode),
-    )
-    notify.enqueue_message(rt, plan, message, queue)
+def _run_id(state: TargetState | None) -> str | None:
+    return (state.last_good_run_id or state.last_run_id) if state else None
+
+
+def _output(state: TargetState | None) -> str | None:
+    return state.last_good_output if state else None

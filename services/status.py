@@ -5,6 +5,8 @@ One model (``StatusView``) feeds all three, so the page, the JSON and the metric
 
 Health of a target: green while its last good copy is younger than 75 % of the RPO, amber up to the RPO, red past
 it or when it has no good copy. Without an RPO there is no age to judge: green with a good copy, red without.
+A target whose latest run failed is at least amber whatever its age: a job that started failing tonight must show
+before its RPO runs out, not after.
 """
 
 from __future__ import annotations
@@ -21,18 +23,22 @@ GREEN, AMBER, RED, GREY = "green", "amber", "red", "grey"
 _SEVERITY = {GREEN: 0, GREY: 1, AMBER: 2, RED: 3}
 
 
-def health(last_good_at: datetime | None, rpo_hours: float | None, now: datetime) -> str:
+def health(last_good_at: datetime | None, rpo_hours: float | None, now: datetime, failing: bool = False) -> str:
+    """The colour of one target: its last good copy's age against the RPO, and at least amber when ``failing``
+    (its latest run failed)."""
     if last_good_at is None:
         return RED
-    if rpo_hours is None:
-        return GREEN
-    age = now - last_good_at
-    rpo = timedelta(hours=rpo_hours)
-    if age > rpo:
-        return RED
-    if age > rpo * AMBER_FRACTION:
+    by_age = GREEN
+    if rpo_hours is not None:
+        age = now - last_good_at
+        rpo = timedelta(hours=rpo_hours)
+        if age > rpo:
+            by_age = RED
+        elif age > rpo * AMBER_FRACTION:
+            by_age = AMBER
+    if failing and by_age == GREEN:
         return AMBER
-    return GREEN
+    return by_age
 
 
 def location_url(output: str | None) -> str | None:
@@ -126,20 +132,40 @@ class StatusView:
 
     @property
     def counts(self) -> dict[str, int]:
-        counts = {GREEN: 0, AMBER: 0, RED: 0}
+        counts = {GREEN: 0, AMBER: 0, RED: 0, "failing": 0}
         for plan in self.plans:
             for target in plan.targets:
                 counts[target.health] = counts.get(target.health, 0) + 1
+                counts["failing"] += 1 if target.failing else 0
         return counts
 
     @property
     def health(self) -> str:
         return max((p.health for p in self.plans), key=_SEVERITY.__getitem__, default=GREY)
 
+    @property
+    def headline(self) -> str:
+        """What the page says first: the failures and the overdue, counted; "all good" only when nothing is."""
+        counts = self.counts
+        problems = []
+        if counts["failing"]:
+            problems.append(f"{counts['failing']} failing")
+        if counts[RED]:
+            problems.append(f"{counts[RED]} red")
+        fanouts = sum(1 for p in self.plans if p.fanout_error)
+        if fanouts:
+            problems.append(f"{fanouts} plan{'s' if fanouts > 1 else ''} could not list targets")
+        if problems:
+            return "needs attention: " + ", ".join(problems)
+        if counts[AMBER]:
+            return f"getting old: {counts[AMBER]} amber"
+        return "all good" if self.health == GREEN else "nothing recorded yet"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "generated_at": self.generated_at.isoformat(),
             "health": self.health,
+            "headline": self.headline,
             "counts": self.counts,
             "plans": [p.to_json() for p in self.plans],
         }
@@ -149,7 +175,7 @@ def _row(state: TargetState, rpo_hours: float | None, now: datetime, stale: bool
     age = (now - state.last_good_at).total_seconds() if state.last_good_at else None
     return TargetRow(
         target=state.target,
-        health=health(state.last_good_at, rpo_hours, now),
+        health=health(state.last_good_at, rpo_hours, now, failing=state.last_status == FAILED),
         last_status=state.last_status,
         last_good_at=state.last_good_at,
         age_seconds=age,

@@ -334,6 +334,7 @@ def answer_fanout(rt: Runtime, catalog: Catalog, step: Callable[[], Any], plan: 
     each part of the plan that could not be listed (the other parts are backed up)."""
     try:
         result: FanoutResult = step()
+        notify.fanout_succeeded(rt, plan)
         for problem in result.problems:
             _record_listing_problem(
                 rt, catalog, plan, datetime.fromisoformat(result.period), problem.where, problem.error

@@ -3,12 +3,14 @@ records, and the app served with the local queue delivering its tasks (fast retr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from main import create_app
+from services import alerts, notify
 from services.catalog import FAILED, SUCCEEDED, Catalog, RunRecord
 from services.plans import Plan, parse_plan
 from services.queue import LocalDispatcher, LocalQueue, QueueConfig, RetryPolicy
@@ -64,3 +66,17 @@ def served_app(serve: Any, rt: Any, queue: LocalQueue, catalog: Catalog) -> Iter
             yield served, dispatcher
         finally:
             dispatcher.stop()
+
+
+def sent_messages(rt: Any, queue: LocalQueue) -> list[dict]:
+    """Run every alert flush waiting in ``queue`` (as the notify queue would deliver them, without waiting for their
+    time) and return the bodies of all messages queued for sending so far, oldest first."""
+    while True:
+        flushes = [t for t in queue.tasks("pending") if t["path"] == alerts.FLUSH_PATH]
+        if not flushes:
+            break
+        for task in flushes:
+            queue.settle(task["name"], state="done", status=200, error=None)
+            body = json.loads(task["payload"])
+            alerts.flush(rt, body["plan"], body["group"], repeat=body.get("repeat") is True, queue=queue)
+    return [json.loads(t["payload"]) for t in queue.tasks() if t["path"] == notify.NOTIFY_PATH]

@@ -120,7 +120,11 @@ def runtime(clock: Any = None, env: dict[str, str] | None = None) -> Any:
 
 
 def peak_rss_mb(
-    argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None, stderr_path: str | None = None
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    stderr_path: str | None = None,
+    timeout: float | None = None,
 ) -> tuple[float, int]:
     """Run ``argv`` to completion; return (peak resident memory of that process in MB, exit status).
 
@@ -135,7 +139,11 @@ def peak_rss_mb(
     if stderr_path:
         errors.close()
     peak_kb = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
     while process.poll() is None:
+        if deadline is not None and time.monotonic() > deadline:
+            process.kill()  # the caller sees the kill's status as a failure
+            break
         try:
             with open(f"/proc/{process.pid}/status") as status:
                 for line in status:

@@ -23,10 +23,9 @@ HEAVY = (
     "grpc",
     "couchdb",
     "pymysql",
-    "services.couchdb",
+    "kinds.couchdb",
     "kinds.sqlsync.kind",
     "kinds.sqlsync.steps",
-    "kinds.couchdb",
     "flask",
 )
 

@@ -1,5 +1,5 @@
-"""Notifications: queued by the worker's run_finished, sent by the notify task to a real Pub/Sub emulator and to a
-local webhook server, retried on 5xx, collapsed when the same failure repeats."""
+"""Notifications: recorded by the worker's run_finished, grouped and flushed (services/alerts.py), sent by the notify
+task to a real Pub/Sub emulator and to a local webhook server, retried on 5xx, once for a repeated failure."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import responses
 from google.auth.credentials import AnonymousCredentials
 
 from main import create_app
-from services import notify, worker
+from services import alerts, notify, worker
 from services.catalog import FAILED, SUCCEEDED, Catalog
 from services.errors import PermanentError
 from services.queue import LocalQueue
@@ -50,7 +50,8 @@ def pull_all(subscriber, subscription: str, expect: int) -> list:
 
 
 def notify_tasks(queue: LocalQueue) -> list[dict]:
-    return [t for t in queue.tasks() if t["queue"] == notify.NOTIFY_QUEUE]
+    """The tasks that send a message (not the flushes that compose them)."""
+    return [t for t in queue.tasks() if t["queue"] == notify.NOTIFY_QUEUE and t["path"] == notify.NOTIFY_PATH]
 
 
 def test_failed_run_reaches_pubsub_as_json_with_filterable_attributes(tmp_path, datastore, pubsub_emulator, serve):
@@ -94,11 +95,10 @@ def test_missing_topic_is_a_permanent_failure_not_a_retry_storm(tmp_path, datast
     assert any("no-such-topic" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
 
 
-def test_webhook_gets_chat_text_and_is_retried_after_5xx(tmp_path, datastore, webhook_server, serve, monkeypatch):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", webhook_server.url)
+def test_webhook_gets_chat_text_and_is_retried_after_5xx(tmp_path, datastore, webhook_server, serve):
     plan = make_plan("nightly", webhook_env="OPS_CHAT_WEBHOOK")
     clock = Clock()
-    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock, environ={"OPS_CHAT_WEBHOOK": webhook_server.url})
     queue = LocalQueue(tmp_path / "queue.sqlite3")
     webhook_server.answers = [503, 502]
     record = finished_run("nightly", "acme/Invoice", FAILED, clock.now, error="PERMISSION_DENIED on demo-backups")
@@ -118,11 +118,10 @@ def test_webhook_gets_chat_text_and_is_retried_after_5xx(tmp_path, datastore, we
     assert (task["state"], task["attempts"]) == ("done", 3)
 
 
-def test_webhook_4xx_is_not_retried(tmp_path, datastore, webhook_server, serve, monkeypatch):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", webhook_server.url)
+def test_webhook_4xx_is_not_retried(tmp_path, datastore, webhook_server, serve):
     plan = make_plan("nightly", webhook_env="OPS_CHAT_WEBHOOK")
     clock = Clock()
-    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock, environ={"OPS_CHAT_WEBHOOK": webhook_server.url})
     queue = LocalQueue(tmp_path / "queue.sqlite3")
     webhook_server.answers = [404]
 
@@ -134,44 +133,67 @@ def test_webhook_4xx_is_not_retried(tmp_path, datastore, webhook_server, serve, 
     assert notify_tasks(queue)[0]["last_status"] == 200
 
 
-def test_repeated_identical_failures_collapse_to_one_message_per_window(
-    tmp_path, datastore, webhook_server, serve, monkeypatch
+def test_a_repeated_failure_is_one_message_until_its_cause_changes_or_the_repeat_interval_passes(
+    tmp_path, datastore, webhook_server, serve
 ):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", webhook_server.url)
     plan = make_plan("hourly", webhook_env="OPS_CHAT_WEBHOOK")
+    clock = Clock()
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock, environ={"OPS_CHAT_WEBHOOK": webhook_server.url})
+    queue = LocalQueue(tmp_path / "queue.sqlite3")
+    for attempt in range(40):  # the same failure every few minutes, only the operation number changes
+        clock.advance(minutes=5)
+        error = f"operation projects/p/operations/{9000 + attempt} failed: quota exceeded"
+        notify.run_finished(rt, plan, finished_run("hourly", "Customer", FAILED, clock.now, error=error), queue)
+    with served_app(serve, rt, queue, Catalog(datastore)) as (_served, dispatcher):
+        assert dispatcher.wait_idle(timeout=30)
+    repeated = len(webhook_server.accepted())
+    clock.advance(minutes=10)
+    other = finished_run("hourly", "Customer", FAILED, clock.now, error="bucket demo-backups not found")
+    notify.run_finished(rt, plan, other, queue)  # a different error is news
+    with served_app(serve, rt, queue, Catalog(datastore)) as (_served, dispatcher):
+        assert dispatcher.wait_idle(timeout=30)
+    clock.advance(hours=6, minutes=1)
+    swept = alerts.sweep(rt, queue)  # the hourly check: the group still failing is repeated
+    with served_app(serve, rt, queue, Catalog(datastore)) as (_served, dispatcher):
+        assert dispatcher.wait_idle(timeout=30)
+
+    assert repeated == 1
+    texts = [body["text"] for body in webhook_server.accepted()]
+    assert len(texts) == 3
+    assert "quota exceeded" in texts[0] and "bucket demo-backups not found" in texts[1]
+    assert swept.repeats == 1 and texts[2].startswith("Still: *Backup failed*") and "demo-backups not found" in texts[2]
+
+
+def test_a_good_run_resolves_the_failure_so_it_is_not_repeated(tmp_path, datastore):
+    plan = make_plan("nightly", webhook_env="OPS_CHAT_WEBHOOK")
     clock = Clock()
     rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
     queue = LocalQueue(tmp_path / "queue.sqlite3")
+    catalog = Catalog(datastore)
+    failed = finished_run("nightly", "Customer", FAILED, clock.now, error="quota exceeded")
+    catalog.save(failed)
+    notify.run_finished(rt, plan, failed, queue)
+    [flush_task] = [t for t in queue.tasks() if t["path"] == alerts.FLUSH_PATH]
+    flushed = alerts.flush(rt, "nightly", json.loads(flush_task["payload"])["group"], queue=queue)
+    clock.advance(hours=1)
+    good = finished_run("nightly", "Customer", SUCCEEDED, clock.now)
+    catalog.save(good)
+    notify.run_finished(rt, plan, good, queue)
+    clock.advance(hours=7)
 
-    with served_app(serve, rt, queue, Catalog(datastore)) as (_served, dispatcher):
-        for attempt in range(40):  # the same failure every few minutes, only the operation number changes
-            clock.advance(minutes=5)
-            error = f"operation projects/p/operations/{9000 + attempt} failed: quota exceeded"
-            record = finished_run("hourly", "Customer", FAILED, clock.now, error=error)
-            notify.run_finished(rt, plan, record, queue)
-        assert dispatcher.wait_idle(timeout=30)
-        collapsed = len(webhook_server.accepted())
-        other = finished_run("hourly", "Customer", FAILED, clock.now, error="bucket demo-backups not found")
-        notify.run_finished(rt, plan, other, queue)  # a different error is news
-        clock.advance(seconds=notify.COLLAPSE_WINDOW.total_seconds())
-        again = finished_run("hourly", "Customer", FAILED, clock.now, error="operation 1 failed: quota exceeded")
-        notify.run_finished(rt, plan, again, queue)  # a new window: reminded once
-        assert dispatcher.wait_idle(timeout=30)
+    swept = alerts.sweep(rt, queue)
 
-    # 40 failures between 02:05 and 05:20 UTC: one 6-hour window (00:00-06:00), one message.
-    assert collapsed == 1
-    texts = [body["text"] for body in webhook_server.accepted()]
-    assert len(texts) == collapsed + 2
-    assert sum("bucket demo-backups not found" in t for t in texts) == 1
+    assert flushed.sent == 1
+    assert swept.repeats == 0
+    assert len(notify_tasks(queue)) == 1
 
 
 def test_retry_for_the_webhook_does_not_publish_to_pubsub_twice(
-    tmp_path, datastore, pubsub_emulator, webhook_server, serve, monkeypatch
+    tmp_path, datastore, pubsub_emulator, webhook_server, serve
 ):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", webhook_server.url)
     plan = make_plan("nightly", pubsub_topic="events-both", webhook_env="OPS_CHAT_WEBHOOK")
     clock = Clock()
-    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock, environ={"OPS_CHAT_WEBHOOK": webhook_server.url})
     queue = LocalQueue(tmp_path / "queue.sqlite3")
     subscriber, subscription = pubsub_subscription("test-project", "events-both", "both")
     webhook_server.answers = [503, 503]
@@ -190,10 +212,9 @@ class BrokenQueue:
         raise ConnectionError("Cloud Tasks is unreachable")
 
 
-def test_a_queue_outage_never_fails_the_recorded_run(tmp_path, datastore, caplog, monkeypatch):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", "https://chat.example/hook")
+def test_a_queue_outage_never_fails_the_recorded_run(tmp_path, datastore, caplog):
     plan = make_plan("nightly", webhook_env="OPS_CHAT_WEBHOOK")
-    rt = make_runtime(tmp_path, plans={plan.name: plan})
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, environ={"OPS_CHAT_WEBHOOK": "https://chat.example/hook"})
     rt.client("queue", BrokenQueue)  # what run_finished uses when the worker passes no queue
     catalog = Catalog(datastore)
 
@@ -204,13 +225,14 @@ def test_a_queue_outage_never_fails_the_recorded_run(tmp_path, datastore, caplog
 
     assert answer.status == 200 and answer.body["status"] == FAILED
     assert catalog.get(answer.body["run_id"]).status == FAILED
-    assert any("could not queue the failure notification" in r.getMessage() for r in caplog.records)
+    assert any("could not queue the flush of alert group" in r.getMessage() for r in caplog.records)
 
 
-def test_webhook_url_can_come_from_secret_manager(tmp_path, monkeypatch):
+def test_webhook_url_can_come_from_secret_manager(tmp_path):
     version = "projects/test-project/secrets/chat-hook/versions/3"
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", f"sm://{version}")
-    rt = make_runtime(tmp_path, endpoints={"secretmanager": "https://secrets.test"})
+    rt = make_runtime(
+        tmp_path, endpoints={"secretmanager": "https://secrets.test"}, environ={"OPS_CHAT_WEBHOOK": f"sm://{version}"}
+    )
     rt._credentials = AnonymousCredentials()
     payload = base64.b64encode(b"https://chat.googleapis.com/v1/spaces/X/messages?key=k\n").decode()
 
@@ -223,21 +245,26 @@ def test_webhook_url_can_come_from_secret_manager(tmp_path, monkeypatch):
     assert first == second == "https://chat.googleapis.com/v1/spaces/X/messages?key=k"
 
 
+def test_the_webhook_url_comes_from_the_runtime_not_the_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPS_CHAT_WEBHOOK", "https://from-the-process.example/hook")
+    rt = make_runtime(tmp_path, environ={"OPS_CHAT_WEBHOOK": "https://chat.example/hook"})
+
+    assert notify.resolve_secret(rt, "OPS_CHAT_WEBHOOK") == "https://chat.example/hook"
+
+
 @pytest.mark.parametrize(
     ("value", "problem"),
     [("http://chat.example/hook", "must be https://"), ("", "is not set")],
 )
-def test_a_webhook_url_that_would_leak_or_is_missing_is_refused(tmp_path, monkeypatch, value, problem):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", value)
-    rt = make_runtime(tmp_path)
+def test_a_webhook_url_that_would_leak_or_is_missing_is_refused(tmp_path, value, problem):
+    rt = make_runtime(tmp_path, environ={"OPS_CHAT_WEBHOOK": value})
     message = notify.Message("failure", "nightly", "Customer", "failed", "text", "2026-11-23T02:00:00+00:00", key="k")
 
     with pytest.raises(PermanentError, match=problem):
         notify.post_webhook(rt, "OPS_CHAT_WEBHOOK", message)
 
 
-def test_daily_digest_summarises_the_last_day_once(tmp_path, datastore, monkeypatch):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", "https://chat.example/hook")
+def test_daily_digest_summarises_the_last_day_once(tmp_path, datastore):
     plan = make_plan("nightly", digest=True, on_failure=False, webhook_env="OPS_CHAT_WEBHOOK")
     quiet = make_plan("quiet", webhook_env="OPS_CHAT_WEBHOOK")  # no digest asked for
     clock = Clock()
@@ -261,22 +288,18 @@ def test_daily_digest_summarises_the_last_day_once(tmp_path, datastore, monkeypa
     assert "long ago" not in message["text"]
 
 
-def test_a_message_recreated_after_the_queue_forgot_its_name_is_not_sent_again(
-    tmp_path, datastore, webhook_server, monkeypatch
-):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", webhook_server.url)
+def test_a_message_delivered_twice_is_sent_once_per_channel(tmp_path, datastore, webhook_server):
+    """Cloud Tasks forgets a task name some time after the task ran: the same message can be delivered again."""
     plan = make_plan("nightly", webhook_env="OPS_CHAT_WEBHOOK")
-    rt = make_runtime(tmp_path, plans={plan.name: plan})
-    first_queue, second_queue = LocalQueue(tmp_path / "a.sqlite3"), LocalQueue(tmp_path / "b.sqlite3")
-    record = finished_run("nightly", "Customer", FAILED, rt.now(), error="boom")
-    notify.run_finished(rt, plan, record, first_queue)
-    notify.run_finished(rt, plan, record, second_queue)  # a queue that has never seen the name
-    [first] = [notify.Message.from_json(json.loads(t["payload"])) for t in first_queue.tasks()]
-    [second] = [notify.Message.from_json(json.loads(t["payload"])) for t in second_queue.tasks()]
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, environ={"OPS_CHAT_WEBHOOK": webhook_server.url})
+    queue = LocalQueue(tmp_path / "a.sqlite3")
+    notify.run_finished(rt, plan, finished_run("nightly", "Customer", FAILED, rt.now(), error="boom"), queue)
+    [flush_task] = [t for t in queue.tasks() if t["path"] == alerts.FLUSH_PATH]
+    alerts.flush(rt, "nightly", json.loads(flush_task["payload"])["group"], queue=queue)
+    [message] = [notify.Message.from_json(json.loads(t["payload"])) for t in notify_tasks(queue)]
 
-    sent = notify.deliver(rt, first)
-    again = notify.deliver(rt, second)
+    sent = notify.deliver(rt, message)
+    again = notify.deliver(rt, message)
 
-    assert first.key == second.key
     assert (sent.channels, again.channels) == ({"webhook": "sent"}, {"webhook": "already sent"})
     assert len(webhook_server.received) == 1

@@ -3,7 +3,6 @@ fan-out, a target that disappeared, and recovery, each notified exactly once."""
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 
 from main import create_app
@@ -12,17 +11,15 @@ from services.catalog import NAMESPACE, SUCCEEDED, Catalog
 from services.errors import PermanentError
 from services.queue import LocalQueue
 from services.stale import PLAN_UNIT, STALE_KIND, check_stale
-from tests.alerting import AUTH, finished_run, make_plan
+from tests.alerting import AUTH, finished_run, make_plan, sent_messages
 from tests.helpers import Clock, make_runtime
 
-
-def queued_messages(queue: LocalQueue) -> list[dict]:
-    return [json.loads(t["payload"]) for t in queue.tasks() if t["queue"] == notify.NOTIFY_QUEUE]
+HOOK = {"OPS_CHAT_WEBHOOK": "https://chat.example/hook"}
 
 
 def setup(tmp_path, datastore, *plans):
     clock = Clock()
-    rt = make_runtime(tmp_path, plans={p.name: p for p in plans}, clock=clock)
+    rt = make_runtime(tmp_path, plans={p.name: p for p in plans}, clock=clock, environ=HOOK)
     return clock, rt, Catalog(datastore), LocalQueue(tmp_path / "queue.sqlite3")
 
 
@@ -30,8 +27,7 @@ def good_run(catalog: Catalog, plan: str, target: str, at) -> None:
     catalog.save(finished_run(plan, target, SUCCEEDED, at))
 
 
-def test_a_plan_that_never_ran_goes_stale_once_its_rpo_has_passed(tmp_path, datastore, monkeypatch):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", "https://chat.example/hook")
+def test_a_plan_that_never_ran_goes_stale_once_its_rpo_has_passed(tmp_path, datastore):
     plan = make_plan("nightly", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
     no_rpo = make_plan("adhoc", rpo_hours=None, webhook_env="OPS_CHAT_WEBHOOK")
     clock, rt, catalog, queue = setup(tmp_path, datastore, plan, no_rpo)
@@ -48,12 +44,11 @@ def test_a_plan_that_never_ran_goes_stale_once_its_rpo_has_passed(tmp_path, data
     assert [(c.plan, c.target, c.change) for c in past.changes] == [("nightly", PLAN_UNIT, notify.STALE)]
     assert "no run of this plan recorded" in past.changes[0].reason
     assert repeat.changes == [] and repeat.stale == ["nightly/(plan)"]
-    [message] = queued_messages(queue)
+    [message] = sent_messages(rt, queue)
     assert (message["kind"], message["plan"], message["target"]) == ("stale", "nightly", PLAN_UNIT)
 
 
-def test_failed_fanout_leaves_targets_stale_and_says_why(tmp_path, datastore, monkeypatch):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", "https://chat.example/hook")
+def test_failed_fanout_leaves_targets_stale_and_says_why(tmp_path, datastore):
     plan = make_plan("nightly", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
     clock, rt, catalog, queue = setup(tmp_path, datastore, plan)
     good_run(catalog, "nightly", "Customer", clock.now)
@@ -78,8 +73,9 @@ def test_failed_fanout_leaves_targets_stale_and_says_why(tmp_path, datastore, mo
     assert all(c["change"] == "stale" for c in changes.values())
     assert all("the service account lost datastore.viewer" in c["reason"] for c in changes.values())
     assert all("last good copy 27.0 h ago" in c["reason"] for c in changes.values())
-    stale_messages = [m for m in queued_messages(queue) if m["kind"] == "stale"]
-    assert sorted(m["target"] for m in stale_messages) == ["Customer", "Order"]
+    [stale_message] = [m for m in sent_messages(rt, queue) if m["kind"] == "stale"]
+    assert (stale_message["count"], sorted(stale_message["targets"])) == (2, ["Customer", "Order"])
+    assert "2 targets of plan `nightly`" in stale_message["text"]
 
 
 def test_a_plan_whose_fanout_always_failed_is_stale_as_a_whole(tmp_path, datastore):
@@ -97,16 +93,16 @@ def test_a_plan_whose_fanout_always_failed_is_stale_as_a_whole(tmp_path, datasto
     [change] = report.changes
     assert change.target == PLAN_UNIT
     assert "destination bucket demo-backups does not exist" in change.reason
-    assert queued_messages(queue) == []  # no channel configured: logged only
+    assert sent_messages(rt, queue) == []  # no channel configured: logged only
 
 
-def test_a_stale_target_recovers_once(tmp_path, datastore, monkeypatch):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", "https://chat.example/hook")
+def test_a_stale_target_recovers_once(tmp_path, datastore):
     plan = make_plan("nightly", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
     clock, rt, catalog, queue = setup(tmp_path, datastore, plan)
     good_run(catalog, "nightly", "Customer", clock.now)
     clock.advance(hours=30)
     went_stale = check_stale(rt, catalog, queue=queue)
+    sent_messages(rt, queue)  # the notify queue flushes the group within a minute
     clock.advance(hours=1)
     good_run(catalog, "nightly", "Customer", clock.now)
     recovered = check_stale(rt, catalog, queue=queue)
@@ -116,7 +112,7 @@ def test_a_stale_target_recovers_once(tmp_path, datastore, monkeypatch):
     assert [c.change for c in went_stale.changes] == ["stale"]
     assert [(c.target, c.change) for c in recovered.changes] == [("Customer", "recovered")]
     assert recovered.stale == [] and quiet.changes == []
-    assert [m["kind"] for m in queued_messages(queue)] == ["stale", "recovered"]
+    assert [m["kind"] for m in sent_messages(rt, queue)] == ["stale", "recovered"]
 
 
 def test_never_ran_plan_recovers_when_its_first_backup_lands(tmp_path, datastore):
@@ -151,8 +147,7 @@ def test_a_target_that_disappeared_goes_stale_and_is_named_as_missing(tmp_path, 
     assert report.stale == ["nightly/Archived"]
 
 
-def test_two_checks_racing_on_the_same_target_queue_one_message(tmp_path, datastore, monkeypatch):
-    monkeypatch.setenv("OPS_CHAT_WEBHOOK", "https://chat.example/hook")
+def test_two_checks_racing_on_the_same_target_queue_one_message(tmp_path, datastore):
     plan = make_plan("nightly", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
     clock, rt, catalog, queue = setup(tmp_path, datastore, plan)
     good_run(catalog, "nightly", "Customer", clock.now)
@@ -164,4 +159,17 @@ def test_two_checks_racing_on_the_same_target_queue_one_message(tmp_path, datast
     second = check_stale(rt, catalog, queue=queue)
 
     assert [c.change for c in first.changes] == [c.change for c in second.changes] == ["stale"]
-    assert [m["kind"] for m in queued_messages(queue)] == ["stale"]
+    assert [m["kind"] for m in sent_messages(rt, queue)] == ["stale"]
+
+
+def test_a_stale_alert_resolved_before_it_was_sent_says_nothing_at_all(tmp_path, datastore):
+    plan = make_plan("nightly", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
+    clock, rt, catalog, queue = setup(tmp_path, datastore, plan)
+    good_run(catalog, "nightly", "Customer", clock.now)
+    clock.advance(hours=30)
+    check_stale(rt, catalog, queue=queue)
+    good_run(catalog, "nightly", "Customer", clock.now)  # before the group's flush ran
+    recovered = check_stale(rt, catalog, queue=queue)
+
+    assert [c.change for c in recovered.changes] == ["recovered"]
+    assert sent_messages(rt, queue) == []

@@ -52,7 +52,9 @@ def status_app(tmp_path, datastore):
         make_plan("files-hourly", rpo_hours=2),
         make_plan("sql-weekly", rpo_hours=170),
     ]
-    rt = make_runtime(tmp_path, plans={p.name: p for p in plans}, clock=clock)
+    rt = make_runtime(
+        tmp_path, plans={p.name: p for p in plans}, clock=clock, environ={"BACKUP_METRICS_TOKEN": "scrape-secret-77"}
+    )
     catalog = Catalog(datastore)
     failed = seed_catalog(catalog, clock)
     return create_app(rt, catalog=catalog), failed
@@ -114,6 +116,55 @@ def test_status_page_shows_red_target_with_its_error_and_needs_admin(status_app,
         shutil.copy(tmp_path / "status-page.png", ROOT / "docs" / "status-page.png")
 
 
+COLDLINE_ERROR = "FAILED_PRECONDITION: bucket demo-backups has storage class COLDLINE; exports need STANDARD"
+
+
+def test_a_failing_latest_run_is_never_green_and_the_headline_counts_it(tmp_path, datastore, serve, browser):
+    """The bucket switched to COLDLINE last night: every target's copy is still young, every latest run failed."""
+    clock = Clock()
+    plan = make_plan("datastore-nightly", rpo_hours=26)
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
+    catalog = Catalog(datastore)
+    for target in ("Customer", "Order", "acme/Invoice"):
+        catalog.save(finished_run(plan.name, target, "succeeded", clock.now - timedelta(hours=3)))
+        catalog.save(finished_run(plan.name, target, FAILED, clock.now - timedelta(hours=1), error=COLDLINE_ERROR))
+    catalog.save(finished_run(plan.name, "Product", "succeeded", clock.now - timedelta(hours=2)))
+    app = create_app(rt, catalog=catalog)
+
+    with serve(app) as served:
+        page = browser.new_context(extra_http_headers=AUTH).new_page()
+        page.goto(served.url + "/")
+        headline = page.locator("#headline").inner_text()
+        healths = {
+            name: page.locator(f'tr[data-target="{name}"]').get_attribute("data-health")
+            for name in ("Customer", "Order", "acme/Invoice", "Product")
+        }
+        plan_health = page.locator("#plan-datastore-nightly").get_attribute("data-health")
+    body = app.test_client().get("/api/status", headers=AUTH).get_json()
+
+    assert "all good" not in headline and "3 failing" in headline
+    # 3 h old copies are green by age; their latest runs failed, so they are amber.
+    assert healths == {"Customer": "amber", "Order": "amber", "acme/Invoice": "amber", "Product": "green"}
+    assert plan_health == "amber"
+    assert body["counts"] == {"green": 1, "amber": 3, "red": 0, "failing": 3}
+    assert body["headline"] == "needs attention: 3 failing"
+
+
+def test_a_failure_after_a_fresh_copy_turns_the_target_amber(tmp_path, datastore):
+    clock = Clock()
+    plan = make_plan("datastore-nightly", rpo_hours=26)
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
+    catalog = Catalog(datastore)
+    catalog.save(finished_run(plan.name, "Customer", "succeeded", clock.now - timedelta(hours=2)))
+    catalog.save(finished_run(plan.name, "Customer", FAILED, clock.now - timedelta(hours=1), error=COLDLINE_ERROR))
+
+    body = create_app(rt, catalog=catalog).test_client().get("/api/status", headers=AUTH).get_json()
+
+    [target] = body["plans"][0]["targets"]
+    assert (target["health"], target["last_status"]) == ("amber", FAILED)
+    assert body["health"] == "amber"
+
+
 def test_status_page_fits_a_phone_screen(status_app, serve, browser, tmp_path):
     app, _failed = status_app
     with serve(app) as served:
@@ -149,7 +200,7 @@ def test_api_status_is_json_for_scripts(status_app):
     assert targets["Customer"]["location_url"].startswith("https://console.cloud.google.com/storage/browser/")
     assert plans["files-hourly"]["health"] == "red" and plans["files-hourly"]["fanout_error"] == "Filestore API: 403"
     assert plans["sql-weekly"]["never_ran"] is True
-    assert body["counts"] == {"green": 1, "amber": 1, "red": 2}
+    assert body["counts"] == {"green": 1, "amber": 1, "red": 2, "failing": 1}
 
 
 def test_runs_page_is_html_for_browsers_and_json_for_scripts(status_app):
@@ -168,9 +219,8 @@ def parse_metrics(text: str) -> dict[str, float]:
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
 
 
-def test_metrics_accept_the_scrape_token_or_an_admin(status_app, monkeypatch):
+def test_metrics_accept_the_scrape_token_or_an_admin(status_app):
     app, _failed = status_app
-    monkeypatch.setenv("BACKUP_METRICS_TOKEN", "scrape-secret-77")
     client = app.test_client()
     now = Clock().now
 

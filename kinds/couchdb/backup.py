@@ -14,12 +14,14 @@ page, so the sequence it records covers everything it wrote.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -30,7 +32,6 @@ from kinds.couchdb.http import CouchServer, HttpRefused
 from kinds.couchdb.store import Store, read_back
 from services.errors import PermanentError
 
-Progress = Callable[[int], None]  # called with the number of documents just processed
 PART_SUFFIX = ".part-"  # <data file>.part-00003: one part of a backup still being written
 
 
@@ -50,18 +51,18 @@ def backup_name(plan: str, database: str, period: datetime, mode: str, increment
 # ----------------------------------------------------------------------------------------- reading
 
 
-class _HashingWriter:
-    """Passes bytes through to ``raw`` while counting them and computing their SHA-256."""
+@dataclass
+class _Hashing:
+    """The file a part is written to, seen through its SHA-256 and length as the bytes go by."""
 
-    def __init__(self, raw: IO[bytes]):
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
-        self.count = 0
+    raw: IO[bytes]
+    count: int = 0
+    sha256: Any = field(default_factory=hashlib.sha256)
 
     def write(self, data: bytes) -> int:
+        self.raw.write(data)
         self.sha256.update(data)
         self.count += len(data)
-        self.raw.write(data)
         return len(data)
 
     def flush(self) -> None:
@@ -80,21 +81,33 @@ def _leaf_refs(rows: list[dict[str, Any]], all_leaves: bool) -> list[tuple[str, 
 def _fetch_chunks(
     server: CouchServer, db: str, refs: list[tuple[str, str]], opts: BackupOptions
 ) -> Iterator[list[dict[str, Any]]]:
-    """The documents for ``refs``, in chunks sized so one chunk stays near ``read_bytes`` in memory."""
+    """The documents for ``refs``, in order, in chunks sized so one chunk stays near ``read_bytes`` in memory, with
+    up to ``opts.fetchers`` chunks requested at once: over a link with latency the round trips overlap instead of
+    adding up (memory: at most that many chunks held)."""
     chunk = min(opts.batch_docs, 200)
     i = 0
-    while i < len(refs):
-        part = refs[i : i + chunk]
-        # Keep a document's leaves together: verification groups consecutive rows of one id.
-        while i + len(part) < len(refs) and refs[i + len(part)][0] == part[-1][0]:
-            part.append(refs[i + len(part)])
-        i += len(part)
-        docs = server.bulk_get(db, part, attachments=opts.attachments)
-        yield docs
-        # Attachments make documents vary from bytes to megabytes: aim the next chunk at the byte budget.
-        attachment_chars = sum(len(a.get("data", "")) for d in docs for a in (d.get("_attachments") or {}).values())
-        per_doc = 1024 + attachment_chars // max(1, len(docs))
-        chunk = max(1, min(opts.batch_docs, opts.read_bytes // per_doc))
+    in_flight: collections.deque[Future[list[dict[str, Any]]]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=max(1, opts.fetchers), thread_name_prefix="couchdb-fetch") as pool:
+        try:
+            while i < len(refs) or in_flight:
+                while i < len(refs) and len(in_flight) < max(1, opts.fetchers):
+                    part = refs[i : i + chunk]
+                    # Keep a document's leaves together: verification groups consecutive rows of one id.
+                    while i + len(part) < len(refs) and refs[i + len(part)][0] == part[-1][0]:
+                        part.append(refs[i + len(part)])
+                    i += len(part)
+                    in_flight.append(pool.submit(server.bulk_get, db, part, attachments=opts.attachments))
+                docs = in_flight.popleft().result()
+                yield docs
+                # Attachments make documents vary from bytes to megabytes: aim later chunks at the byte budget.
+                attachment_chars = sum(
+                    len(a.get("data", "")) for d in docs for a in (d.get("_attachments") or {}).values()
+                )
+                per_doc = 1024 + attachment_chars // max(1, len(docs))
+                chunk = max(1, min(opts.batch_docs, opts.read_bytes // per_doc))
+        finally:
+            for future in in_flight:
+                future.cancel()
 
 
 @dataclass
@@ -212,6 +225,8 @@ def begin_backup(
 ) -> BackupState:
     """The checkpoint of a backup of ``db`` called ``name`` that has written nothing yet. With ``previous``, only
     changes since ``previous.seq`` are stored (an increment on top of it)."""
+    if previous is not None and previous.name == name:
+        raise PermanentError(f"backup {name} cannot be an increment on top of itself")
     info = server.db_info(db)
     try:
         security = server.get_json(server.db_path(db, "_security"))
@@ -240,18 +255,14 @@ def begin_backup(
 
 
 def backup_part(
-    server: CouchServer,
-    store: Store,
-    state: BackupState,
-    opts: BackupOptions,
-    *,
-    deadline: float | None = None,
-    progress: Progress | None = None,
+    server: CouchServer, store: Store, state: BackupState, opts: BackupOptions, *, deadline: float | None = None
 ) -> None:
     """Write the next part: the changes since ``state.manifest.seq``, until the feed ends (``feed_done``) or, at
     the end of a ``_changes`` page, ``deadline`` (time.monotonic()) has passed. At least one page is read."""
     manifest = state.manifest
-    part_name = f"{manifest.data_name}{PART_SUFFIX}{len(state.parts):05d}"
+    # Named after this backup's beginning too: a run that took over from a stalled one never writes its parts.
+    began = hashlib.sha256(manifest.started.encode()).hexdigest()[:8]
+    part_name = f"{manifest.data_name}{PART_SUFFIX}{began}-{len(state.parts):05d}"
     # Counted here and added to the manifest only with the part: a part that fails half way changes nothing.
     docs = deleted = attachments = 0
     seq = manifest.seq
@@ -259,7 +270,7 @@ def backup_part(
     chunks = prefetched(doc_chunks(server, manifest.database, seq, opts, with_history=manifest.incremental))
     try:
         with store.open_write(part_name) as raw:
-            hashing = _HashingWriter(raw)
+            hashing = _Hashing(raw)
             # mtime=0 keeps the output a pure function of the documents (same input, same bytes).
             with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
                 batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)  # type: ignore[arg-type]
@@ -270,8 +281,6 @@ def backup_part(
                             deleted += 1
                         attachments += len(doc.get("_attachments") or ())
                     docs += len(chunk.docs)
-                    if progress is not None:
-                        progress(len(chunk.docs))
                     if chunk.seq is not None:
                         seq = chunk.seq
                         if deadline is not None and time.monotonic() >= deadline:
@@ -308,16 +317,16 @@ def finish_backup(
     for part in parts[:-1]:
         offset += part.bytes
         cuts.append(offset)
-    digest, pieces, lines = read_back(store, manifest.data_name, cuts)
+    found = read_back(store, manifest.data_name, cuts)
     expected = [p.sha256 for p in parts]
-    if pieces != expected or lines != manifest.batches:
+    if found.pieces != expected or found.lines != manifest.batches:
         raise PermanentError(
             f"backup {store.url(manifest.data_name)} does not match what was written"
-            f" ({sum(a != b for a, b in zip(pieces, expected, strict=False))} of {len(parts)} parts differ,"
-            f" lines {lines} vs {manifest.batches})"
+            f" ({sum(a != b for a, b in zip(found.pieces, expected, strict=False))} of {len(parts)} parts differ,"
+            f" lines {found.lines} vs {manifest.batches})"
         )
     manifest.bytes = offset + parts[-1].bytes
-    manifest.sha256 = digest
+    manifest.sha256 = found.sha256
     manifest.finished = now().isoformat()
     store.write_bytes(manifest.manifest_name, manifest.to_bytes())
     return manifest
@@ -332,11 +341,10 @@ def backup_database(
     *,
     plan: str = "",
     previous: Manifest | None = None,
-    progress: Progress | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Manifest:
     """One backup of ``db`` as ``name`` in one go (no budget: a single part), returning its manifest."""
     state = begin_backup(server, db, name, opts, plan=plan, previous=previous, now=now)
     while not state.feed_done:
-        backup_part(server, store, state, opts, progress=progress)
+        backup_part(server, store, state, opts)
     return finish_backup(store, state, now)

@@ -37,6 +37,7 @@ class BackupOptions:
     batch_bytes: int = 8 * 1024 * 1024
     page_size: int = 2000  # _changes rows per request, at most
     read_bytes: int = 4 * 1024 * 1024  # aim of one read (a _changes page with documents, a _bulk_get chunk)
+    fetchers: int = 4  # _bulk_get requests in flight at once (full mode, increments, verify)
 
 
 @dataclass

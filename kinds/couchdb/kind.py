@@ -14,11 +14,14 @@ retention (services/retention.py: only this plan's own backups, never one a kept
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kinds.couchdb.backup import (
+    PART_SUFFIX,
     BackupState,
     backup_name,
     backup_part,
@@ -32,12 +35,16 @@ from kinds.couchdb.http import CouchServer, redact_url
 from kinds.couchdb.plan import ServerSettings, Settings
 from kinds.couchdb.store import Store, list_manifests, open_store
 from services import retention
-from services.errors import PermanentError
-from services.kinds import Done, Execution, Outcome, Pending, RunContext, Target, TargetPage
+from services.errors import PermanentError, TargetGone, TransientError
+from services.kinds import Done, DrillsIn, Execution, Outcome, Pending, RunContext, Target, TargetPage
 from services.plans import Plan
 
 # The part of a task's budget kept for what follows the last page of a part: closing the part, saving the state.
 PART_RESERVE_SECONDS = 20.0
+# One backup of a database at a time per plan: a lease beside its backups, renewed by every part, given up when
+# the backup is finished or has failed; one older than this was left by a run that died, and is taken over.
+LEASE_NAME = ".backup-in-progress.json"
+LEASE_TIME = timedelta(hours=1)
 
 
 def connect(
@@ -87,76 +94,52 @@ def store_for(url: str, rt: Any) -> Store:
     return open_store(url, rt.storage() if url.startswith("gs://") else None)
 
 
-def enumerate_targets(plan: Plan[Settings], page_token: str | None, rt: Any) -> TargetPage:
-    settings = plan.settings
-    server = connect(settings.server, rt, reads_per_second=settings.reads_per_second)
-    try:
-        names = select_databases(settings.databases, server.all_dbs())
-    finally:
-        server.close()
-    offset = int(page_token or 0)
-    page = names[offset : offset + plan.fanout_page_size]
-    following = offset + len(page)
-    return TargetPage(
-        targets=[Target(key=db, params={"database": db}) for db in page],
-        next_page_token=str(following) if following < len(names) else None,
-    )
-
-
-def resolve_target(plan: Plan[Settings], key: str, rt: Any) -> Target:
-    """The database ``key`` names, if the plan's selection covers it (the server is asked when backing up)."""
-    if not select_databases(plan.settings.databases, [key]):
-        raise PermanentError(f"refused: database {key[:200]!r} is not selected by plan {plan.name}")
-    return Target(key=key, params={"database": key})
-
-
 def our_backups(store: Store, plan: Plan[Settings], db: str) -> list[Manifest]:
     """The backups of ``db`` this plan made, oldest first (anything else in the folder is not looked at)."""
     listed = list_manifests(store, backup_prefix(plan.name, db))
     return [m for m in listed if m.created_by == CREATED_BY and m.plan == plan.name and m.database == db]
 
 
-def start(plan: Plan[Settings], target: Target, run: RunContext, rt: Any) -> Outcome:
-    """Begin the backup of one database for this run's period (or find it already made), then write its first
-    part."""
-    settings = plan.settings
-    db = target.key
-    store = store_for(settings.destination, rt)
-    existing = our_backups(store, plan, db)
-    stamp = utc_stamp(run.period)
-    same_run = [m for m in existing if m.name.startswith(backup_prefix(plan.name, db) + stamp + "-")]
-    if same_run:
-        # A redelivered task: the backup of this period is already written and confirmed.
-        run.log(f"backup {store.url(same_run[0].manifest_name)} already exists for this period")
-        return _done(plan, store, same_run[0], run)
-    previous = _previous_for_increment(settings, existing)
-    name = backup_name(plan.name, db, run.period, settings.backup.mode, previous is not None)
-    server = connect(settings.server, rt, reads_per_second=settings.reads_per_second)
+def _hold_lease(store: Store, backup: str, run: RunContext, rt: Any) -> None:
+    """Take (or renew) the lease on backing up this database for ``run``; TransientError while another run of the
+    plan holds it, so the queue tries again later (the CLI says so and stops)."""
+    name = backup.rsplit("/", 1)[0] + "/" + LEASE_NAME
+    now = rt.now()
+    ours = json.dumps({"run_id": run.run_id, "backup": backup, "until": (now + LEASE_TIME).isoformat()}).encode()
+    if store.create_exclusive(name, ours):
+        return
     try:
-        run.log(f"backing up {db} from {redact_url(server.url)} to {store.url(name)}")
-        state = begin_backup(server, db, name, settings.backup, plan=plan.name, previous=previous, now=rt.now)
-        return _go_on(plan, store, server, state, run, rt)
-    finally:
-        server.close()
+        held = json.loads(store.read_bytes(name))
+        holder, until = str(held["run_id"]), datetime.fromisoformat(held["until"])
+    except (ValueError, KeyError, TypeError, TargetGone):
+        holder, until = "", now  # unreadable, or gone since: take it
+    if holder != run.run_id and until > now:
+        raise TransientError(
+            f"another backup of this database is in progress ({held.get('backup')}, run {holder}) until"
+            f" {until.isoformat()} at the latest; not starting a second one alongside it"
+        )
+    store.write_bytes(name, ours)
 
 
-def poll(plan: Plan[Settings], target: Target, state: dict[str, Any], run: RunContext, rt: Any) -> Outcome:
-    """The next part of the backup the checkpoint ``state`` describes."""
-    settings = plan.settings
-    backup = BackupState.from_json(state.get("backup"))
-    # The checkpoint comes from this run's own record, yet it must still name this plan's backup of this target.
-    expected = backup_prefix(plan.name, target.key)
-    if backup.manifest.database != target.key or not backup.manifest.name.startswith(expected):
-        raise PermanentError(f"refused: checkpoint names backup {backup.manifest.name[:200]!r}, not one of {expected}")
-    store = store_for(settings.destination, rt)
-    server = connect(settings.server, rt, reads_per_second=settings.reads_per_second)
-    try:
-        return _go_on(plan, store, server, backup, run, rt)
-    finally:
-        server.close()
+def _give_up_lease(store: Store, backup: str, run: RunContext) -> None:
+    name = backup.rsplit("/", 1)[0] + "/" + LEASE_NAME
+    with contextlib.suppress(ValueError, KeyError, TypeError, TargetGone):
+        if json.loads(store.read_bytes(name))["run_id"] == run.run_id:
+            store.delete(name)
 
 
 def _go_on(
+    plan: Plan[Settings], store: Store, server: CouchServer, state: BackupState, run: RunContext, rt: Any
+) -> Outcome:
+    _hold_lease(store, state.manifest.name, run, rt)
+    try:
+        return _next_step(plan, store, server, state, run, rt)
+    except PermanentError:
+        _give_up_lease(store, state.manifest.name, run)
+        raise
+
+
+def _next_step(
     plan: Plan[Settings], store: Store, server: CouchServer, state: BackupState, run: RunContext, rt: Any
 ) -> Outcome:
     reserve = min(PART_RESERVE_SECONDS, run.time_left() / 4)
@@ -171,7 +154,19 @@ def _go_on(
         if not state.feed_done or run.out_of_time(reserve):
             return Pending({"backup": state.to_json()}, delay_seconds=0)
     manifest = finish_backup(store, state, rt.now)
-    return _done(plan, store, manifest, run)
+    done = _done(plan, store, manifest, run)
+    for leftover in _leftovers(store, manifest):
+        store.delete(leftover)
+        run.log(f"removed {store.url(leftover)}, left by a backup that did not finish")
+    _give_up_lease(store, manifest.name, run)
+    return done
+
+
+def _leftovers(store: Store, finished: Manifest) -> list[str]:
+    """Parts and half-written files beside the backup just finished: left by runs that died (only the lease
+    holder writes here, and it has just joined its own parts)."""
+    folder = finished.name.rsplit("/", 1)[0] + "/"
+    return [n for n in store.list(folder) if PART_SUFFIX in n or n.endswith(".partial")]
 
 
 def _done(plan: Plan[Settings], store: Store, manifest: Manifest, run: RunContext) -> Done:
@@ -194,12 +189,6 @@ def _done(plan: Plan[Settings], store: Store, manifest: Manifest, run: RunContex
         },
         message=f"{manifest.docs} document revisions, {manifest.bytes} bytes",
     )
-
-
-def describe(plan: Plan[Settings], target: Target, rt: Any) -> str:
-    settings = plan.settings
-    how = f"{settings.backup.mode} mode" + (", incremental" if settings.incremental else "")
-    return f"back up CouchDB database {target.key!r} ({how}) to {settings.destination}"
 
 
 def _previous_for_increment(settings: Settings, existing: list[Manifest]) -> Manifest | None:
@@ -248,27 +237,81 @@ def prune_backups(store: Store, plan: Plan[Settings], newest: Manifest) -> list[
     return deleted
 
 
-class CouchDB:
-    """The ``couchdb`` kind: database backups written by this code in budgeted parts."""
+class CouchDB(DrillsIn):
+    """The ``couchdb`` kind: database backups written by this code in budgeted parts (see the module docstring)."""
 
     name = "couchdb"
-    default_queue = "backups"
     execution: Execution = "job"
+    default_queue = "backups"
+    drill_module = "kinds.couchdb.drill"
 
     def enumerate(self, plan: Plan[Settings], page_token: str | None, rt: Any) -> TargetPage:
-        return enumerate_targets(plan, page_token, rt)
+        """One page of the databases on the server that the plan selects (the page token is an offset)."""
+        settings = plan.settings
+        server = connect(settings.server, rt, reads_per_second=settings.reads_per_second)
+        try:
+            names = select_databases(settings.databases, server.all_dbs())
+        finally:
+            server.close()
+        offset = int(page_token or 0)
+        page = names[offset : offset + plan.fanout_page_size]
+        following = offset + len(page)
+        return TargetPage(
+            targets=[Target(key=db, params={"database": db}) for db in page],
+            next_page_token=str(following) if following < len(names) else None,
+        )
 
     def resolve(self, plan: Plan[Settings], key: str, rt: Any) -> Target:
-        return resolve_target(plan, key, rt)
+        """The database ``key`` names, if the plan's selection covers it (the server is asked when backing up)."""
+        if not select_databases(plan.settings.databases, [key]):
+            raise PermanentError(f"refused: database {key[:200]!r} is not selected by plan {plan.name}")
+        return Target(key=key, params={"database": key})
 
     def start(self, plan: Plan[Settings], target: Target, run: RunContext, rt: Any) -> Outcome:
-        return start(plan, target, run, rt)
+        """Begin the backup of one database for this run's period (or find it already made), then write its
+        first part."""
+        settings = plan.settings
+        db = target.key
+        store = store_for(settings.destination, rt)
+        existing = our_backups(store, plan, db)
+        stamp = utc_stamp(run.period)
+        same_run = [m for m in existing if m.name.startswith(backup_prefix(plan.name, db) + stamp + "-")]
+        if same_run:
+            # A redelivered task: the backup of this period is already written and confirmed.
+            run.log(f"backup {store.url(same_run[0].manifest_name)} already exists for this period")
+            return _done(plan, store, same_run[0], run)
+        previous = _previous_for_increment(settings, existing)
+        name = backup_name(plan.name, db, run.period, settings.backup.mode, previous is not None)
+        server = connect(settings.server, rt, reads_per_second=settings.reads_per_second)
+        try:
+            run.log(f"backing up {db} from {redact_url(server.url)} to {store.url(name)}")
+            state = begin_backup(server, db, name, settings.backup, plan=plan.name, previous=previous, now=rt.now)
+            return _go_on(plan, store, server, state, run, rt)
+        finally:
+            server.close()
 
     def poll(self, plan: Plan[Settings], target: Target, state: dict[str, Any], run: RunContext, rt: Any) -> Outcome:
-        return poll(plan, target, state, run, rt)
+        """The next part of the backup the checkpoint ``state`` describes."""
+        backup = BackupState.from_json(state.get("backup"))
+        # The checkpoint comes from this run's own record, yet it must still name this plan's backup of this target.
+        expected = backup_prefix(plan.name, target.key)
+        if backup.manifest.database != target.key or not backup.manifest.name.startswith(expected):
+            raise PermanentError(
+                f"refused: checkpoint names backup {backup.manifest.name[:200]!r}, not one of {expected}"
+            )
+        store = store_for(plan.settings.destination, rt)
+        server = connect(plan.settings.server, rt, reads_per_second=plan.settings.reads_per_second)
+        try:
+            return _go_on(plan, store, server, backup, run, rt)
+        finally:
+            server.close()
 
     def describe(self, plan: Plan[Settings], target: Target, rt: Any) -> str:
-        return describe(plan, target, rt)
+        settings = plan.settings
+        how = f"{settings.backup.mode} mode" + (", incremental" if settings.incremental else "")
+        return f"back up CouchDB database {target.key!r} ({how}) to {settings.destination}"
 
 
 KIND = CouchDB()
+enumerate_targets = KIND.enumerate
+start = KIND.start

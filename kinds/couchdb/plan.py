@@ -86,37 +86,30 @@ class Options(BaseModel):
     batch_docs: int = Field(500, ge=1, le=10000)
     batch_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=60 * 1024 * 1024)
     page_size: int = Field(2000, ge=1, le=10000)
+    fetchers: int = Field(4, ge=1, le=16)
     incremental: bool = False
     full_every: int = Field(7, ge=1, le=1000)
-    reads_per_second: float | None = Field(None, ge=0.1)
     drill_sample: int = Field(100, ge=1, le=100_000)
+    reads_per_second: float | None = Field(None, ge=0.1)
 
 
 class Sections(PlanSections[Settings]):
     default_queue = "backups"
-    server: Server
     select: Select
+    server: Server
     destination: Destination
     options: Options
 
     def settings(self) -> Settings:
-        server, options = self.server, self.options
+        options = self.options
+        written = options.model_dump(
+            include={"mode", "attachments", "batch_docs", "batch_bytes", "page_size", "fetchers"}
+        )
         return Settings(
-            server=ServerSettings(
-                url_env=server.url_env,
-                user_env=server.user_env,
-                password_env=server.password_env,
-                password_secret=server.password_secret,
-            ),
+            server=ServerSettings(**self.server.model_dump()),
             databases=tuple(self.select.databases),
             destination=self.destination.url,
-            backup=BackupOptions(
-                mode=options.mode,
-                attachments=options.attachments,
-                batch_docs=options.batch_docs,
-                batch_bytes=options.batch_bytes,
-                page_size=options.page_size,
-            ),
+            backup=BackupOptions(**written),
             incremental=options.incremental,
             full_every=options.full_every,
             reads_per_second=options.reads_per_second,

@@ -8,9 +8,11 @@ the CLI, or in the task's state for a restore that runs in budgeted parts (a dri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -58,9 +60,16 @@ class Checkpoint:
     backups: list[str]
     position: list[int] = field(default_factory=lambda: [0, 0])  # [backup index, lines applied in it]
     ahead: list[int] = field(default_factory=list)  # lines of that backup applied past the position (concurrency)
+    marker: str | None = None  # the token this restore left in the target (MARKER_DOC): the same target on resume
 
     def to_json(self) -> dict[str, Any]:
-        return {"database": self.database, "backups": self.backups, "position": self.position, "ahead": self.ahead}
+        return {
+            "database": self.database,
+            "backups": self.backups,
+            "position": self.position,
+            "ahead": self.ahead,
+            "marker": self.marker,
+        }
 
     def save(self) -> None:
         if self.path is None:
@@ -81,7 +90,8 @@ class Checkpoint:
                 f"{where} belongs to a restore of {data.get('backups')} into {data.get('database')!r};"
                 " remove it or choose another checkpoint file"
             )
-        return cls(path=path, database=database, backups=backups, position=position, ahead=ahead)
+        marker = data.get("marker")
+        return cls(path, database, backups, position, ahead, marker if isinstance(marker, str) else None)
 
     @classmethod
     def load(cls, path: Path, database: str, backups: list[str]) -> Checkpoint | None:
@@ -104,6 +114,35 @@ def database_is_empty(server: CouchServer, db: str) -> bool | None:
         return False
     page = server.get_json(server.db_path(db, "_changes"), {"limit": 1})
     return not page.get("results")
+
+
+# A local document (never replicated, never in _changes or the document counts) that a restore leaves in its target
+# while it runs: a resumed restore finds it again, or knows the target was dropped or replaced in between.
+MARKER_DOC = "_local/backup-scheduler-restore"
+
+
+def _marker_in(server: CouchServer, db: str) -> dict[str, Any] | None:
+    try:
+        found = server.get_json(server.db_path(db, MARKER_DOC))
+    except TargetGone:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _leave_marker(server: CouchServer, db: str, checkpoint: Checkpoint) -> None:
+    checkpoint.marker = uuid.uuid4().hex
+    body: dict[str, Any] = {"token": checkpoint.marker, "backups": checkpoint.backups}
+    current = _marker_in(server, db)
+    if current is not None:
+        body["_rev"] = current.get("_rev")
+    server.request("PUT", server.db_path(db, MARKER_DOC), body=json.dumps(body).encode(), write=True)
+
+
+def _remove_marker(server: CouchServer, db: str) -> None:
+    current = _marker_in(server, db)
+    if current is not None:
+        with contextlib.suppress(TargetGone):
+            server.request("DELETE", server.db_path(db, MARKER_DOC), params={"rev": current.get("_rev")}, write=True)
 
 
 class OutOfTime(Exception):
@@ -136,11 +175,22 @@ def restore_chain(
     if resume is None:
         for manifest in chain:
             # A damaged backup is refused before the target is touched (or dropped, with overwrite).
-            check_data_file(store, manifest)
+            check_data_file(store, manifest, check_lines=True)
     if resume is not None:
         checkpoint: Checkpoint | None = Checkpoint.from_json(resume, None, db, names, "the restore's checkpoint")
     else:
         checkpoint = Checkpoint.load(checkpoint_path, db, names) if checkpoint_path is not None else None
+    if checkpoint is not None and checkpoint.marker is not None:
+        found = _marker_in(server, db)
+        if found is None or found.get("token") != checkpoint.marker:
+            # The target is not the database this checkpoint's lines went into (dropped or replaced since):
+            # the lines it counts as applied are not there. Start again if it is empty, else touch nothing.
+            if database_is_empty(server, db) is False:
+                raise PermanentError(
+                    f"restore target {db!r} on {server.url} is no longer the database this restore's checkpoint was"
+                    " written for (it was dropped or replaced, and now holds other data); nothing was written"
+                )
+            checkpoint = None
     if checkpoint is not None:
         result.resumed = True
         if database_is_empty(server, db) is None:
@@ -164,6 +214,7 @@ def restore_chain(
         checkpoint = Checkpoint(path=checkpoint_path, database=db, backups=names)
         if checkpoint.path is not None:
             checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
+        _leave_marker(server, db, checkpoint)
         checkpoint.save()
     security = chain[-1].security
     if security:
@@ -192,6 +243,7 @@ def restore_chain(
         result.finished = False
         result.checkpoint = checkpoint.to_json()
         return result
+    _remove_marker(server, db)
     if checkpoint.path is not None:
         checkpoint.path.unlink()
     return result

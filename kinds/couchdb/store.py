@@ -17,10 +17,11 @@ import os
 import shutil
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from kinds.couchdb.format import DATA_SUFFIX, MANIFEST_SUFFIX, Manifest, iter_lines
+from kinds.couchdb.format import DATA_SUFFIX, MANIFEST_SUFFIX, Manifest, decode_line, iter_lines
 from services.errors import ConfigError, PermanentError, TargetGone
 
 GCS_COMPOSE_LIMIT = 32  # source objects one Cloud Storage compose request may join
@@ -30,6 +31,10 @@ class Store:
     """A place for backup files. Names are '/'-separated and relative to the store's root."""
 
     def url(self, name: str) -> str:
+        raise NotImplementedError
+
+    def name_of(self, url: str) -> str:
+        """The name whose ``url`` this is; PermanentError for a URL outside this store."""
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -63,6 +68,10 @@ class Store:
         """Join ``parts`` (in order) into ``name`` and delete them."""
         raise NotImplementedError
 
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write ``name`` only if it does not exist yet (atomically); False when it already did."""
+        raise NotImplementedError
+
 
 class LocalStore(Store):
     def __init__(self, root: Path):
@@ -77,13 +86,19 @@ class LocalStore(Store):
     def url(self, name: str) -> str:
         return str(self._path(name))
 
+    def name_of(self, url: str) -> str:
+        path = Path(url.removeprefix("file://")).resolve()
+        if self.root.resolve() not in path.parents:
+            raise PermanentError(f"{url} is not in the destination {self.root}")
+        return path.relative_to(self.root.resolve()).as_posix()
+
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[IO[bytes]]:
         path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._folder_for(path)
         partial = path.with_name(path.name + ".partial")
         try:
-            with open(partial, "wb") as f:
+            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
@@ -91,6 +106,25 @@ class LocalStore(Store):
         finally:
             if partial.exists():
                 partial.unlink()
+
+    def _folder_for(self, path: Path) -> None:
+        """The folders down to ``path``, made 0700: backups hold a database's data."""
+        missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+        for folder in reversed(missing):
+            folder.mkdir(mode=0o700, exist_ok=True)
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        path = self._path(name)
+        self._folder_for(path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
 
     @contextlib.contextmanager
     def open_read(self, name: str) -> Iterator[IO[bytes]]:
@@ -138,6 +172,12 @@ class GcsStore(Store):
     def url(self, name: str) -> str:
         return f"gs://{self.bucket_name}/{self._key(name)}"
 
+    def name_of(self, url: str) -> str:
+        head = self.url("")
+        if not url.startswith(head) or len(url) == len(head):
+            raise PermanentError(f"{url} is not in the destination {head}")
+        return url[len(head) :]
+
     @contextlib.contextmanager
     def open_write(self, name: str) -> Iterator[IO[bytes]]:
         blob = self.bucket.blob(self._key(name))
@@ -170,13 +210,23 @@ class GcsStore(Store):
         with contextlib.suppress(NotFound):
             self.bucket.blob(self._key(name)).delete()
 
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        from google.api_core.exceptions import PreconditionFailed
+
+        try:
+            self.bucket.blob(self._key(name)).upload_from_string(data, if_generation_match=0)
+        except PreconditionFailed:
+            return False
+        return True
+
     def compose(self, parts: Sequence[str], name: str) -> None:
         # Server side, at most GCS_COMPOSE_LIMIT sources a request: the result so far is the first source of the next.
-        target = self.bucket.blob(self._key(name))
+        # A fresh destination object each time, so no checksum of an earlier round is sent along as the new one's.
+        key = self._key(name)
         sources = [self.bucket.blob(self._key(p)) for p in parts]
-        target.compose(sources[:GCS_COMPOSE_LIMIT])
+        self.bucket.blob(key).compose(sources[:GCS_COMPOSE_LIMIT])
         for start in range(GCS_COMPOSE_LIMIT, len(sources), GCS_COMPOSE_LIMIT - 1):
-            target.compose([target, *sources[start : start + GCS_COMPOSE_LIMIT - 1]])
+            self.bucket.blob(key).compose([self.bucket.blob(key), *sources[start : start + GCS_COMPOSE_LIMIT - 1]])
         for part in parts:
             self.delete(part)
 
@@ -229,9 +279,13 @@ def list_manifests(store: Store, prefix: str) -> list[Manifest]:
 def resolve_chain(store: Store, name: str) -> list[Manifest]:
     """The full backup and the increments leading to backup ``name``, in the order to apply them."""
     chain = [read_manifest(store, name)]
+    seen = {chain[0].name}
     while chain[-1].previous is not None:
-        if len(chain) > 10000:
-            raise PermanentError(f"backup chain of {name} is longer than 10000: a loop in 'previous'?")
+        if chain[-1].previous in seen:
+            raise PermanentError(
+                f"backup chain of {name} loops: {chain[-1].name} names {chain[-1].previous} as previous"
+            )
+        seen.add(chain[-1].previous)
         chain.append(read_manifest(store, chain[-1].previous))
     chain.reverse()
     return chain
@@ -267,27 +321,48 @@ class _Tee:
         return data
 
 
-def read_back(store: Store, name: str, cuts: Sequence[int] = ()) -> tuple[str, list[str], int]:
-    """Read the data file ``name`` to its end: its SHA-256, the SHA-256 of each piece between the byte offsets
-    ``cuts``, and its line count. The gzip CRC of every member is checked on the way; PermanentError if the file
-    is missing, truncated or not gzip."""
+@dataclass
+class ReadBack:
+    """A data file read to its end: its SHA-256, the SHA-256 of each piece between the cuts asked for, its line
+    count, and (when lines were checked) the first line that is not a ``_bulk_docs`` body."""
+
+    sha256: str
+    pieces: list[str]
+    lines: int
+    bad_line: str | None = None
+
+
+def read_back(store: Store, name: str, cuts: Sequence[int] = (), *, check_lines: bool = False) -> ReadBack:
+    """Read the data file ``name`` to its end (see ReadBack). The gzip CRC of every member is checked on the way;
+    PermanentError if the file is missing, truncated or not gzip, saying where reading stopped."""
     lines = 0
+    bad_line = None
+    tee: _Tee | None = None
     try:
         with store.open_read(name) as raw:
             tee = _Tee(raw, list(cuts))
             with gzip.GzipFile(fileobj=tee, mode="rb") as gz:  # type: ignore[call-overload]
-                for _ in iter_lines(gz):  # type: ignore[arg-type]
+                for line in iter_lines(gz):  # type: ignore[arg-type]
                     lines += 1
+                    if check_lines and bad_line is None:
+                        try:
+                            decode_line(line, f"{store.url(name)} line {lines}")
+                        except ValueError as exc:
+                            bad_line = str(exc)
     except (OSError, EOFError, zlib.error, TargetGone) as exc:
-        raise PermanentError(f"backup {store.url(name)} is unreadable: {exc}") from None
-    return tee.whole.hexdigest(), [p.hexdigest() for p in tee.pieces], lines
+        where = f" (after {tee.offset} bytes, line {lines + 1})" if tee is not None else ""
+        raise PermanentError(f"backup {store.url(name)} is unreadable{where}: {exc or type(exc).__name__}") from None
+    return ReadBack(tee.whole.hexdigest(), [p.hexdigest() for p in tee.pieces], lines, bad_line)
 
 
-def check_data_file(store: Store, manifest: Manifest) -> None:
-    """Read the data file back: checksum, gzip integrity (CRC) and line count must match the manifest."""
-    digest, _pieces, lines = read_back(store, manifest.data_name)
-    if digest != manifest.sha256 or lines != manifest.batches:
+def check_data_file(store: Store, manifest: Manifest, *, check_lines: bool = False) -> None:
+    """Read the data file back: checksum, gzip integrity (CRC) and line count must match the manifest; with
+    ``check_lines``, every line must also be a ``_bulk_docs`` body (a restore checks before writing anything)."""
+    found = read_back(store, manifest.data_name, check_lines=check_lines)
+    if found.sha256 != manifest.sha256 or found.lines != manifest.batches:
         raise PermanentError(
             f"backup {store.url(manifest.data_name)} does not match what was written"
-            f" (sha256 {digest[:12]} vs {manifest.sha256[:12]}, lines {lines} vs {manifest.batches})"
+            f" (sha256 {found.sha256[:12]} vs {manifest.sha256[:12]}, lines {found.lines} vs {manifest.batches})"
         )
+    if found.bad_line is not None:
+        raise PermanentError(f"backup {found.bad_line}; nothing was restored")

@@ -12,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from kinds.couchdb.backup import BackupOptions, doc_chunks, prefetched
 from kinds.couchdb.format import Manifest, decode_line
 from kinds.couchdb.http import CouchServer
-from kinds.couchdb.store import Store, iter_backup_lines
+from kinds.couchdb.store import Store, check_data_file, iter_backup_lines
+from services.errors import TargetGone
 
 Progress = Callable[[int], None]  # called with the number of documents just read
 
@@ -93,20 +95,17 @@ def verify_database(
     page_size: int = 2000,
     progress: Progress | None = None,
     show: int = 10,
+    check_files: bool = True,
 ) -> VerifyResult:
     """Compare ``db`` with what ``chain`` holds: live and deleted document counts, the set of (id, rev) leaf
     pairs and the attachment digests. ``differing_ids`` lists the first ``show`` ids that differ."""
     mode = chain[-1].mode
+    for manifest in chain if check_files else ():
+        check_data_file(store, manifest)  # a damaged backup is named as such, not half read
     with tempfile.TemporaryDirectory(prefix="couchdb-verify-") as tmp:
         conn = sqlite3.connect(str(Path(tmp) / "verify.sqlite3"))
         try:
-            conn.executescript(_SCHEMA)
-            expected = _Loader(conn, "e")
-            for manifest in chain:
-                for line_no, line in enumerate(iter_backup_lines(store, manifest)):
-                    for doc in decode_line(line, f"{store.url(manifest.data_name)} line {line_no + 1}"):
-                        expected.add(doc)
-            expected.flush()
+            _load_backup(conn, store, chain)
             actual = _Loader(conn, "a")
             opts = BackupOptions(mode=mode, attachments=False, page_size=page_size)
             for chunk in prefetched(doc_chunks(server, db, 0, opts, with_history=False)):
@@ -120,7 +119,19 @@ def verify_database(
             conn.close()
 
 
-def _compare(conn: sqlite3.Connection, db: str, show: int) -> VerifyResult:
+def _load_backup(conn: sqlite3.Connection, store: Store, chain: list[Manifest]) -> None:
+    """The rows of what ``chain`` holds, as side 'e' (expected)."""
+    conn.executescript(_SCHEMA)
+    expected = _Loader(conn, "e")
+    for manifest in chain:
+        for line_no, line in enumerate(iter_backup_lines(store, manifest)):
+            for doc in decode_line(line, f"{store.url(manifest.data_name)} line {line_no + 1}"):
+                expected.add(doc)
+    expected.flush()
+
+
+def _summarise(conn: sqlite3.Connection) -> None:
+    """Per side and id: the leaves of its latest occurrence (``latest``) and their signature (``sigs``)."""
     conn.executescript(
         """
         CREATE INDEX rows_side_id ON rows (side, id, occ);
@@ -137,14 +148,18 @@ def _compare(conn: sqlite3.Connection, db: str, show: int) -> VerifyResult:
         """
     )
 
-    def counts(side: str) -> dict[str, int]:
-        docs, deleted, revisions, atts = conn.execute(
-            "SELECT COALESCE(SUM(all_deleted = 0), 0), COALESCE(SUM(all_deleted = 1), 0),"
-            " COALESCE(SUM(revisions), 0), COALESCE(SUM(with_atts), 0) FROM sigs WHERE side = ?",
-            (side,),
-        ).fetchone()
-        return {"docs": docs, "deleted": deleted, "revisions": revisions, "attachments": atts}
 
+def _counts(conn: sqlite3.Connection, side: str) -> dict[str, int]:
+    docs, deleted, revisions, atts = conn.execute(
+        "SELECT COALESCE(SUM(all_deleted = 0), 0), COALESCE(SUM(all_deleted = 1), 0),"
+        " COALESCE(SUM(revisions), 0), COALESCE(SUM(with_atts), 0) FROM sigs WHERE side = ?",
+        (side,),
+    ).fetchone()
+    return {"docs": docs, "deleted": deleted, "revisions": revisions, "attachments": atts}
+
+
+def _compare(conn: sqlite3.Connection, db: str, show: int) -> VerifyResult:
+    _summarise(conn)
     differing = [
         row[0]
         for row in conn.execute(
@@ -159,7 +174,61 @@ def _compare(conn: sqlite3.Connection, db: str, show: int) -> VerifyResult:
             (show,),
         )
     ]
-    expected, actual = counts("e"), counts("a")
+    expected, actual = _counts(conn, "e"), _counts(conn, "a")
     return VerifyResult(
         database=db, ok=not differing and expected == actual, expected=expected, actual=actual, differing_ids=differing
     )
+
+
+def check_sample(
+    server: CouchServer, db: str, store: Store, chain: list[Manifest], *, sample: int, seed: str
+) -> VerifyResult:
+    """A cheaper check than ``verify_database``, for restore drills: the number of live documents (and of deleted
+    ones, where the server reports it) against what ``chain`` holds, and ``sample`` documents, picked by a hash of
+    ``seed`` and their id, read back with all their leaves and compared revision by revision (deleted flags and
+    attachment digests too). ``differing_ids`` lists the sampled ids that differ."""
+    with tempfile.TemporaryDirectory(prefix="couchdb-drill-") as tmp:
+        conn = sqlite3.connect(str(Path(tmp) / "expected.sqlite3"))
+        try:
+            _load_backup(conn, store, chain)
+            _summarise(conn)
+            counts = _counts(conn, "e")
+            expected = {"docs": counts["docs"], "deleted": counts["deleted"], "sampled": 0}
+            conn.create_function("pick", 1, lambda doc_id: hashlib.sha256(f"{seed}\n{doc_id}".encode()).hexdigest())
+            picked = [
+                row[0]
+                for row in conn.execute("SELECT id FROM sigs WHERE side = 'e' ORDER BY pick(id) LIMIT ?", (sample,))
+            ]
+            wanted = {
+                doc_id: _signature(
+                    conn.execute("SELECT rev, deleted, atts FROM latest WHERE side = 'e' AND id = ?", (doc_id,))
+                )
+                for doc_id in picked
+            }
+        finally:
+            conn.close()
+    info = server.db_info(db)
+    actual = {"docs": int(info.get("doc_count", -1)), "sampled": len(wanted)}
+    expected["sampled"] = len(wanted)
+    if "doc_del_count" in info:
+        actual["deleted"] = int(info["doc_del_count"])
+    else:
+        expected.pop("deleted")  # pouchdb-server does not report it
+    differing = [doc_id for doc_id, signature in wanted.items() if _leaves_of(server, db, doc_id) != signature]
+    return VerifyResult(
+        database=db, ok=not differing and expected == actual, expected=expected, actual=actual, differing_ids=differing
+    )
+
+
+def _signature(rows: Any) -> list[tuple[str, int, str]]:
+    return sorted((str(rev), int(deleted), str(atts)) for rev, deleted, atts in rows)
+
+
+def _leaves_of(server: CouchServer, db: str, doc_id: str) -> list[tuple[str, int, str]]:
+    """Every leaf of ``doc_id`` in ``db`` as (rev, deleted, attachment digests), sorted like ``_signature``."""
+    try:
+        answer = server.get_json(server.db_path(db, quote(doc_id, safe="")), {"open_revs": "all"})
+    except TargetGone:
+        return []  # not in the database at all
+    docs = [entry["ok"] for entry in answer if isinstance(entry, dict) and "ok" in entry]
+    return _signature(_row(doc)[1:] for doc in docs)
