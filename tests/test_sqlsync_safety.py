@@ -327,3 +327,99 @@ def test_running_backup_staging_again_keeps_the_runs_safety_dump(sync_setup):
     assert dump.read_bytes() == before  # staging as it was before the run (3 accounts), not the synced one
     assert b"old.copy@real-mail.com" in before
     assert any("safety dump" in line and "is already there; kept" in line for line in run.log_lines)
+
+
+# --- 9. a server that stops answering is a transient error, not a hang ----------------------------------------------
+
+
+class StallingProxy:
+    """A TCP proxy to a real server that passes ``allow`` bytes of the server's answers, then nothing more (the
+    connection stays open, as a stalled network path does)."""
+
+    def __init__(self, port: int, allow: int):
+        import socket
+        import threading
+
+        self.upstream, self.allow = port, allow
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            self.sockets += [client, server]
+            budget = [self.allow]
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, budget), daemon=True).start()
+
+    def _pump(self, source, sink, budget):
+        while not self.stop.is_set():
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if budget is not None:
+                data = data[: max(0, budget[0])]
+                budget[0] -= len(data)
+            if data:
+                try:
+                    sink.sendall(data)
+                except OSError:
+                    return
+
+    def close(self):
+        self.stop.set()
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def stalled_production(sync_setup, monkeypatch):
+    from kinds.sqlsync import db, dumps
+
+    monkeypatch.setattr(dumps, "STALL_SECONDS", 1.0)
+    monkeypatch.setattr(db, "NET_TIMEOUT_SECONDS", 1)
+    server, _ = sync_setup["production"]
+    proxies = []
+
+    def through_proxy(allow):
+        proxies.append(StallingProxy(server.port, allow))
+        sync_setup["raw"]["select"]["port"] = proxies[-1].port
+        return parse_plan("staging-refresh", sync_setup["raw"])
+
+    yield through_proxy
+    for proxy in proxies:
+        proxy.close()
+
+
+def test_a_dump_whose_server_stops_sending_is_stopped_and_retried(sync_setup, stalled_production):
+    from services.errors import TransientError
+
+    plan = stalled_production(allow=20_000)  # the handshake and the dump's first queries, then silence
+
+    with pytest.raises(
+        TransientError, match="step export-production: SQL connection error: .*stalled: no data for 1 s"
+    ):
+        _run(sync_setup, plan, start_at="export-production")
+
+
+def test_a_query_whose_server_stops_answering_times_out_as_transient(sync_setup, stalled_production):
+    from services.errors import TransientError
+
+    plan = stalled_production(allow=2_000)
+
+    with pytest.raises(TransientError, match="step check: SQL connection error 2013"):
+        _run(sync_setup, plan)

@@ -25,6 +25,9 @@ from kinds.sqlsync.plan import DatabaseRef
 MAP_BATCH = 5000
 PARALLEL_MIN = 50_000  # below this, starting worker processes costs more than it saves
 UPDATE_CHUNK = 50_000
+CONNECT_TIMEOUT_SECONDS = 20
+# Longer than any one statement of a sync takes (an index rebuilt on a big table), far shorter than for ever.
+NET_TIMEOUT_SECONDS = 1800
 # Kinds whose original values are personal data worth checking for after the import.
 VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash")
 
@@ -48,6 +51,10 @@ def connect(ref: DatabaseRef, database: str | None = None, *, streaming: bool = 
         "charset": "utf8mb4",
         "local_infile": True,
         "max_allowed_packet": 64 * 1024 * 1024,
+        # A server that stops answering must not hold a worker for ever: the step fails as a transient error.
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "read_timeout": NET_TIMEOUT_SECONDS,
+        "write_timeout": NET_TIMEOUT_SECONDS,
     }
     if streaming:
         kwargs["cursorclass"] = pymysql.cursors.SSCursor

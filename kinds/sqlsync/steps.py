@@ -287,7 +287,7 @@ def classify(step: str, exc: BaseException) -> Exception:
             return PermanentError(f"step {step}: auth: {exc}")
         if "Unknown database" in text:
             return PermanentError(f"step {step}: not found: {exc}")
-        if "Can't connect" in text or "Lost connection" in text:
+        if "Can't connect" in text or "Lost connection" in text or text.startswith("stalled:"):
             return TransientError(f"step {step}: SQL connection error: {exc}")
         return PermanentError(f"step {step}: SQL error: {exc}")
     if isinstance(exc, (ValueError, LookupError)):
