@@ -423,3 +423,30 @@ def test_a_query_whose_server_stops_answering_times_out_as_transient(sync_setup,
 
     with pytest.raises(TransientError, match="step check: SQL connection error 2013"):
         _run(sync_setup, plan)
+
+
+# --- 7. what the column tells apart, masking must not merge ------------------------------------------------------
+
+
+def test_case_twins_in_a_case_sensitive_unique_email_column_are_refused_at_check(sync_setup):
+    server, database = sync_setup["production"]
+    server.execute("ALTER TABLE accounts MODIFY email VARCHAR(255) COLLATE utf8mb4_bin NOT NULL", database=database)
+    server.execute("UPDATE accounts SET email = 'customer.7@real-mail.com ' WHERE id = 8", database=database)
+    staging_before = _rows(sync_setup, "staging", "SELECT id, email FROM accounts ORDER BY id")
+
+    with pytest.raises(PermanentError) as error:
+        _run(sync_setup)
+
+    message = str(error.value)
+    assert message.startswith("step check: column accounts.email (utf8mb4_bin, unique index uq_email) holds ")
+    assert "'Customer.7@Real-Mail.com'" in message and "'customer.7@real-mail.com '" in message
+    assert _rows(sync_setup, "staging", "SELECT id, email FROM accounts ORDER BY id") == staging_before
+
+
+def test_letters_a_collation_holds_equal_mask_alike():
+    from kinds.sqlsync.masking import ColumnRule, Masker
+
+    rule = ColumnRule("accounts", "email", "email", "email")
+    masked = Masker(b"test-secret-0123456789abcdef").mapping(rule, ["οδυσσεασ@mail.gr", "Οδυσσεας@mail.gr"])
+
+    assert len(set(masked.values())) == 1  # final sigma and sigma: one letter to a *_ci collation, and so here

@@ -249,6 +249,37 @@ def width_problems(schema: Schema, rules: Iterable[ColumnRule], email_bits: int)
     return problems
 
 
+def twin_problems(conn: Any, schema: Schema, rules: Iterable[ColumnRule]) -> list[str]:
+    """Email columns with a unique index of their own that hold values the column tells apart but email masking
+    does not (case, or spaces around them, in a case-sensitive collation such as utf8mb4_bin): both would get the
+    same masked address and the load would fail on the index (1062) after all the copying."""
+    problems = []
+    for rule in rules:
+        if rule.kind != "email":
+            continue
+        alone = [
+            index
+            for index, cols in schema.unique_indexes.get(rule.table, {}).items()
+            if [c for c, _ in cols] == [rule.column]
+        ]
+        if not alone:
+            continue
+        column = quote(rule.column)
+        twins = query(
+            conn,
+            f"SELECT MIN({column}), MAX({column}) FROM {quote(rule.table)} WHERE {column} IS NOT NULL"
+            f" GROUP BY LOWER(TRIM({column})) HAVING COUNT(DISTINCT {column}) > 1 LIMIT 1",
+        )
+        if twins:
+            first, second = twins[0]
+            collation = schema.types.get((rule.table, rule.column), ("", None, None))[2]
+            problems.append(
+                f"column {rule.table}.{rule.column} ({collation}, unique index {alone[0]}) holds {first!r} and"
+                f" {second!r}, which differ only in case or spaces: masked alike, they would break the index"
+            )
+    return problems
+
+
 def _json_checks(conn: Any, database: str) -> list[tuple[Any, ...]]:
     """MariaDB's check constraints with their tables (MySQL's CHECK_CONSTRAINTS has no TABLE_NAME, and needs none:
     its JSON columns have their own type)."""

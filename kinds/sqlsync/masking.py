@@ -397,8 +397,9 @@ def is_reserved_email_domain(domain: str) -> bool:
 
 def normalise_email(value: str) -> str:
     """Email addresses compare without case and surrounding spaces (as a MySQL *_ci collation does), so
-    ``Ann@X.com`` in one table and ``ann@x.com`` in another mask alike."""
-    return value.strip().lower()
+    ``Ann@X.com`` in one table and ``ann@x.com`` in another mask alike. Case is folded the Unicode way (``casefold``):
+    letters a *_ci collation holds equal, such as Greek final sigma and sigma, fold alike too."""
+    return value.strip().casefold()
 
 
 class Masker:

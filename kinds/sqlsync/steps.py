@@ -330,6 +330,9 @@ def step_check(sync: Sync) -> None:
     if problems:
         raise SchemaDrift("schema drift: " + "; ".join(problems))
     with db.connect(settings.production) as production, db.connect(settings.staging) as staging:
+        twins = db.twin_problems(production, schema, settings.rules)
+        if twins:
+            raise Refused("; ".join(twins))
         copied = [
             (table, column)
             for table in schema.tables
