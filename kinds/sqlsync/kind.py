@@ -59,8 +59,13 @@ def _step_summary(settings: Settings, step: str) -> str:
     return {
         "check": "refuse if staging is production or a rule names a missing column",
         "export-production": f"dump {settings.production.label()}",
-        "import-scratch": f"empty {settings.scratch.label()} and load the production dump"
-        + (f", masking {', '.join(ruled)} on the way in" if stream else ""),
+        "import-scratch": (
+            f"mask {', '.join(ruled)} of the export object into another object, then import that into"
+            f" {settings.scratch.label()}"
+            if stream and settings.profile == "cloudsql"
+            else f"empty {settings.scratch.label()} and load the production dump"
+            + (f", masking {', '.join(ruled)} on the way in" if stream else "")
+        ),
         "mask": "nothing left: masked during import-scratch" if stream else f"mask {', '.join(ruled)}",
         "preserve": "re-insert staging rows "
         + (", ".join(f"{t} WHERE {w}" for t, w in settings.preserve.items()) or "(none)"),

@@ -96,9 +96,10 @@ class Settings:
     email_bits: int = 80
     move_tables: str = "auto"  # "auto": RENAME scratch tables into staging when they share a server; "never"
     mask_workers: int = 1  # processes computing masked values (big tables on a multi-core worker)
-    # "stream": the production dump is masked on its way into scratch (local profile); "in-place": loaded as it
-    # is, then masked by UPDATEs in scratch (the only way when Cloud SQL does the import).
-    mask_mode: str = "in-place"
+    # "stream": the production dump is masked on its way into scratch (local: piped into the loader; cloudsql: the
+    # export object masked into another object, which Cloud SQL imports); "in-place": loaded as it is, then masked
+    # by UPDATEs in scratch.
+    mask_mode: str = "stream"
     drill_sample: int = 50  # production rows per ruled table a drill looks for in staging
     allow: tuple[str, ...] = ()  # "table.column" or "table.*": copied as they are, by decision
 
@@ -267,11 +268,7 @@ class Sections(PlanSections[Settings]):
             preserve[table] = where
         if bool(options.secret_env) == bool(options.secret):
             raise FieldError("options.secret_env", "give exactly one of secret_env (an environment variable) or secret")
-        mask_mode = options.mask_mode or ("stream" if profile == "local" else "in-place")
-        if mask_mode == "stream" and profile != "local":
-            raise FieldError(
-                "options.mask_mode", "stream needs profile local (with cloudsql, Cloud SQL imports the dump itself)"
-            )
+        mask_mode = options.mask_mode or "stream"
         settings = Settings(
             profile,
             production,

@@ -252,6 +252,17 @@ def _do(sync: Sync, step: str) -> bool:
     if settings.profile == "cloudsql" and step in OPERATION_STEPS and not moved:
         from kinds.sqlsync import cloud
 
+        if step == "import-scratch" and settings.mask_mode == "stream" and not sync.state.get("masked_export"):
+            began = time.monotonic()
+            report = cloud.mask_export(sync.plan, settings, sync.masker(), sync.run, sync.rt)
+            seconds = time.monotonic() - began
+            sync.state["masked_export"] = cloud.dump_uri(sync.plan, sync.run, cloud.MASKED_EXPORT)
+            sync.stats(masked_rows=report.rows, masked_values=report.values)
+            sync.log(
+                f"step import-scratch: masked {report.rows} rows of {', '.join(report.tables) or 'no table'} of the"
+                f" export into {sync.state['masked_export']} ({report.rows / seconds if seconds else 0.0:.0f} rows/s);"
+                " the unmasked export is deleted"
+            )
         return cloud.operation_step(sync.plan, settings, step, sync.state, sync.run, sync.rt)
     STEP_FUNCTIONS[step](sync)
     return True
@@ -405,6 +416,12 @@ def step_import_scratch(sync: Sync) -> None:
 
 def step_mask(sync: Sync) -> None:
     settings = sync.settings
+    if settings.mask_mode == "stream":
+        # Masked on the way in (the local loader, or the export object for Cloud SQL): scratch never held originals.
+        with db.connect(settings.scratch) as conn:
+            db.mark_progress(conn, "mask", "done")
+        sync.log("step mask: scratch is already masked (on import, or by an earlier attempt of this step); skipped")
+        return
     masker = sync.masker()
     with db.connect(settings.scratch) as conn, db.connect(settings.scratch, streaming=True) as streaming:
         schema = db.read_schema(conn, settings.scratch.database)
