@@ -265,6 +265,11 @@ def twin_problems(conn: Any, schema: Schema, rules: Iterable[ColumnRule]) -> lis
         if not alone:
             continue
         column = quote(rule.column)
+        collation = schema.types.get((rule.table, rule.column), ("", None, None))[2] or ""
+        if collation.endswith("_ci") and not query(
+            conn, f"SELECT 1 FROM {quote(rule.table)} WHERE {column} <> TRIM({column}) LIMIT 1"
+        ):
+            continue  # case-insensitive and no value with spaces around it: the index itself rules out twins
         twins = query(
             conn,
             f"SELECT MIN({column}), MAX({column}) FROM {quote(rule.table)} WHERE {column} IS NOT NULL"
@@ -272,7 +277,6 @@ def twin_problems(conn: Any, schema: Schema, rules: Iterable[ColumnRule]) -> lis
         )
         if twins:
             first, second = twins[0]
-            collation = schema.types.get((rule.table, rule.column), ("", None, None))[2]
             problems.append(
                 f"column {rule.table}.{rule.column} ({collation}, unique index {alone[0]}) holds {first!r} and"
                 f" {second!r}, which differ only in case or spaces: masked alike, they would break the index"
