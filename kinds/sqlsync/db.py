@@ -29,7 +29,7 @@ CONNECT_TIMEOUT_SECONDS = 20
 # Longer than any one statement of a sync takes (an index rebuilt on a big table), far shorter than for ever.
 NET_TIMEOUT_SECONDS = 1800
 # Kinds whose original values are personal data worth checking for after the import.
-VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash")
+VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash", "date", "card", "address")
 
 
 def quote(name: str) -> str:
@@ -302,7 +302,7 @@ def _json_checks(conn: Any, database: str) -> list[tuple[Any, ...]]:
 def _valid_json(rule: ColumnRule) -> bool:
     import json
 
-    if rule.kind == "null":
+    if rule.kind in ("null", "json"):
         return True
     if rule.kind != "fixed":
         return False

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from kinds.sqlsync.masking import KINDS, ColumnRule, is_reserved_email_domain
+from kinds.sqlsync.masking import DEFAULT_DATE_DAYS, JSON_PATH_KINDS, KINDS, ColumnRule, is_reserved_email_domain
 from services.plans import STRICT, FieldError, NonEmptyStr, PlanSections
 from services.runtime import ROOT
 
@@ -172,6 +172,8 @@ class Rule(BaseModel):
     value: str | int | float | bool | None = None
     length: int | None = Field(None, ge=8, le=64)
     email_domain: NonEmptyStr = "example.com"
+    days: int = Field(DEFAULT_DATE_DAYS, ge=1, le=3650)
+    paths: dict[NonEmptyStr, Literal[JSON_PATH_KINDS]] | None = None  # type: ignore[valid-type]
 
     @field_validator("email_domain")
     @classmethod
@@ -305,6 +307,8 @@ def _rules(tables: dict[str, dict[str, Rule]]) -> tuple[ColumnRule, ...]:
             rule = tables[table][column]
             if rule.kind == "fixed" and rule.value is None:
                 raise FieldError(f"{where}.value", "is required for kind fixed")
+            if (rule.kind == "json") != bool(rule.paths):
+                raise FieldError(f"{where}.paths", "give paths (dotted keys: kind) with kind json, and only with it")
             column_rule = ColumnRule(
                 table=table,
                 column=column,
@@ -313,6 +317,8 @@ def _rules(tables: dict[str, dict[str, Rule]]) -> tuple[ColumnRule, ...]:
                 value=None if rule.value is None else str(rule.value),
                 length=rule.length,
                 email_domain=rule.email_domain,
+                days=rule.days,
+                paths=tuple(sorted((rule.paths or {}).items())),
             )
             seen = email_domains.setdefault((column_rule.kind, column_rule.domain), column_rule.email_domain)
             if seen != column_rule.email_domain:
