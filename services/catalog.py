@@ -23,12 +23,15 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from services import summary
+
 NAMESPACE = "backup-scheduler"
 RUN_KIND = "BackupRun"
 TARGET_KIND = "TargetState"
 TRIGGER_KIND = "ManualTrigger"
 BOOKKEEPING_KINDS = frozenset({RUN_KIND, TARGET_KIND, TRIGGER_KIND})
 MAX_LOG_LINES = 200
+TREND_DAYS = 90
 MAX_KEY_BYTES = 500  # Datastore allows 1,500 bytes per key name; run ids are task names (at most 500 characters)
 _RESERVED_NAME = re.compile(r"^__.*__$")
 _CONTENTION_ATTEMPTS = 3
@@ -90,6 +93,9 @@ class TargetState:
     last_drill_status: str | None = None
     last_drill_seconds: float | None = None  # how long the restore took
     last_drill_error: str | None = None
+    # {day: {kind: [entities, bytes]}} of the last good run of each day, TREND_DAYS days: the status page's chart,
+    # read with the target instead of from the run history
+    trend: dict[str, dict[str, list[int | None]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -128,10 +134,26 @@ class TargetState:
             self.last_good_at = at
             self.last_good_output = record.output
             self.last_good_period = record.period
+        if record.status == SUCCEEDED and isinstance(record.stats.get("kinds"), dict):
+            self._add_trend(record)
         elif record.status == FAILED:
             self.last_failure_run_id = record.run_id
             self.last_failure_at = at
             self.last_error = record.error
+
+    def _add_trend(self, record: RunRecord) -> None:
+        figures: dict[str, list[int | None]] = {}
+        for kind, numbers in record.stats["kinds"].items():
+            if isinstance(numbers, dict):
+                figures[str(kind)] = [_whole(numbers.get("entities")), _whole(numbers.get("bytes"))]
+        day = record.period.date().isoformat()
+        self.trend[day] = figures
+        for old in sorted(self.trend)[:-TREND_DAYS]:
+            del self.trend[old]
+
+
+def _whole(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)
@@ -247,15 +269,20 @@ class Catalog:
                     existing = self.client.get(self._run_key(run_id))
                     record = change(self._from_entity(existing) if existing is not None else None)
                     entities = [self._to_entity(record)]
+                    gone: list[Any] = []
                     if record.final:
                         key = self._target_key(record.plan, record.target)
                         found = self.client.get(key)
                         state = (
                             _target_from_entity(found) if found is not None else TargetState(record.plan, record.target)
                         )
+                        before = summary.Contribution.of(_target_from_entity(found) if found is not None else None)
                         state.record_run(record)
                         entities.append(self._target_entity(key, state))
+                        self._fold_into_summary(state, before, entities, gone)
                     self.client.put_multi(entities)
+                    if gone:
+                        self.client.delete_multi(gone)
                 return record
             except core.Aborted:
                 # Contention with another delivery's transaction: try again on what it wrote. Past the last
@@ -264,6 +291,37 @@ class Catalog:
                     raise
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _fold_into_summary(
+        self, state: TargetState, before: summary.Contribution | None, entities: list[Any], gone: list[Any]
+    ) -> None:
+        """Move the target's contribution in its plan's summary shard, and put or remove its attention entity, in
+        the transaction that changes its state (services/summary.py)."""
+        after = summary.Contribution.of(state)
+        if after is None or before == after:
+            return
+        shard_key = summary.shard_key(
+            self.client, self.namespace, state.plan, summary.shard_of(state.plan, state.target)
+        )
+        stored = self.client.get(shard_key)
+        shard = summary.Shard.from_json(stored.get("data") if stored is not None else None)
+        shard.apply(state.target, before, after)
+        entities.append(summary.shard_entity(self.client, shard_key, state.plan, shard))
+        was = before is not None and before.needs_attention
+        if was != after.needs_attention:
+            key = summary.attention_key(self.client, self.namespace, state.plan, summary.STATE_REASON, state.target)
+            if after.needs_attention:
+                entities.append(
+                    summary.attention_entity(
+                        self.client, key, state.plan, summary.STATE_REASON, state.target, state.last_run_at
+                    )
+                )
+            else:
+                gone.append(key)
+
+    def rebuild_summary(self, plan: str) -> None:
+        """Count every target of ``plan`` into its summary afresh (data recorded before summaries existed)."""
+        summary.rebuild(self.client, self.namespace, plan, self.target_states(plan))
 
     def record_trigger(self, trigger: ManualTrigger) -> None:
         """Remember that an authenticated admin started ``trigger.plan`` for ``trigger.period``."""
@@ -287,9 +345,10 @@ class Catalog:
         from google.cloud import datastore
 
         entity = datastore.Entity(
-            key, exclude_from_indexes=("last_error", "last_good_output", "target", "last_drill_error")
+            key, exclude_from_indexes=("last_error", "last_good_output", "target", "last_drill_error", "trend")
         )
         entity.update(asdict(state))
+        entity["trend"] = json.dumps(state.trend, sort_keys=True) if state.trend else None
         return entity
 
     def recent_runs(self, limit: int = 50, plan: str | None = None, scan: int = 5000) -> list[RunRecord]:
@@ -304,6 +363,20 @@ class Catalog:
                 if len(records) >= limit:
                     break
         return records
+
+    def target_page(self, plan: str, size: int, cursor: str | None = None) -> tuple[list[str], str | None]:
+        """One page of ``plan``'s target names in key order, and the cursor of the next page (None at the end)."""
+        import base64
+
+        query = self.client.query(kind=TARGET_KIND, namespace=self.namespace)
+        query.add_filter(filter=_eq("plan", plan))
+        start = base64.urlsafe_b64decode(cursor.encode()) if cursor else None
+        iterator = query.fetch(limit=size, start_cursor=start)
+        page = next(iterator.pages)
+        names = [entity["target"] for entity in page if summary.is_real_target(entity["target"])]
+        token = iterator.next_page_token
+        more = token is not None and len(names) > 0
+        return names, base64.urlsafe_b64encode(token).decode() if more and isinstance(token, bytes) else None
 
     def target_state(self, plan: str, target: str) -> TargetState | None:
         entity = self.client.get(self._target_key(plan, target))
@@ -359,4 +432,6 @@ def _eq(name: str, value: Any) -> Any:
 
 def _target_from_entity(entity: Any) -> TargetState:
     known = TargetState.__dataclass_fields__
-    return TargetState(**{k: v for k, v in dict(entity).items() if k in known})
+    data = {k: v for k, v in dict(entity).items() if k in known}
+    data["trend"] = json.loads(data["trend"]) if data.get("trend") else {}
+    return TargetState(**data)
