@@ -241,3 +241,93 @@ def test_metrics_accept_the_scrape_token_or_an_admin(status_app):
     assert samples['backup_plan_rpo_seconds{plan="datastore-nightly"}'] == 26 * 3600
     assert samples['backup_plan_fanout_failed{plan="files-hourly"}'] == 1
     assert "# TYPE backup_last_success_timestamp_seconds gauge" in scraper.get_data(as_text=True)
+
+
+def drill_plan():
+    from services.plans import parse_plan
+
+    return parse_plan(
+        "datastore-nightly",
+        {
+            "kind": "datastore",
+            "rpo_hours": 26,
+            "destination": {"bucket": "demo-backups", "prefix": "datastore"},
+            "options": {"location": "us-central1"},
+            "drill": {"every": "7d"},
+        },
+    )
+
+
+def seed_growth_and_drills(catalog: Catalog, clock: Clock) -> None:
+    """Three days of exports with per-kind figures, then a passed drill of Customer and a failed one of Order."""
+    from services.catalog import DRILL, RunRecord
+
+    for day, (customers, orders) in enumerate(((1200, 300), (1350, 310), (1600, 330))):
+        at = clock.now - timedelta(days=2 - day, hours=1)
+        for target, count in (("Customer", customers), ("Order", orders)):
+            run = finished_run("datastore-nightly", target, "succeeded", at)
+            run.stats = {"kinds": {target: {"entities": count, "bytes": count * 410}}}
+            catalog.save(run)
+    for target, status, seconds, error in (
+        ("Customer", "succeeded", 72.4, None),
+        ("Order", FAILED, 15.0, "entity counts differ: Order 330 in the export, 329 restored"),
+    ):
+        drill = RunRecord(
+            run_id=f"drill-{target.lower()}",
+            plan="datastore-nightly",
+            target=target,
+            kind="datastore",
+            period=clock.now - timedelta(minutes=30),
+            status=status,
+            created=clock.now - timedelta(minutes=30),
+            started=clock.now - timedelta(minutes=30),
+            ended=clock.now - timedelta(minutes=28),
+            error=error,
+            stats={"restored_in_seconds": seconds},
+            purpose=DRILL,
+        )
+        catalog.save(drill)
+
+
+def test_the_growth_chart_and_the_last_drill_of_each_target_are_drawn(tmp_path, datastore, serve, browser):
+    clock = Clock()
+    plan = drill_plan()
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
+    catalog = Catalog(datastore)
+    seed_growth_and_drills(catalog, clock)
+    app = create_app(rt, catalog=catalog)
+
+    with serve(app) as served:
+        page = browser.new_context(extra_http_headers=AUTH, viewport={"width": 1100, "height": 900}).new_page()
+        page.goto(served.url + "/")
+        lines = page.locator('figure.chart[data-plan="datastore-nightly"] polyline.series')
+        kinds = [lines.nth(i).get_attribute("data-kind") for i in range(lines.count())]
+        points = [lines.nth(i).get_attribute("points").split() for i in range(lines.count())]
+        box = page.locator('figure.chart[data-plan="datastore-nightly"] svg').bounding_box()
+        caption = page.locator('figure.chart[data-plan="datastore-nightly"] figcaption').inner_text()
+        customer_drill = page.locator('tr[data-target="Customer"] td.drill')
+        order_drill = page.locator('tr[data-target="Order"] td.drill')
+        drills = {
+            "Customer": (customer_drill.get_attribute("data-drill"), customer_drill.inner_text()),
+            "Order": (order_drill.get_attribute("data-drill"), order_drill.inner_text()),
+        }
+    body = app.test_client().get("/api/status", headers=AUTH).get_json()
+    metrics = parse_metrics(app.test_client().get("/metrics", headers=AUTH).get_data(as_text=True))
+
+    assert kinds == ["Customer", "Order"]
+    assert [len(p) for p in points] == [3, 3]
+    # The newest Customer point is the chart's top (its largest value); y grows downwards in SVG.
+    assert float(points[0][-1].split(",")[1]) < float(points[0][0].split(",")[1])
+    assert box is not None and box["width"] > 100 and box["height"] > 40
+    assert "Customer 1,600" in caption and "Order 330" in caption
+    assert drills["Customer"][0] == "passed" and "restored in 1 min 12 s" in drills["Customer"][1]
+    assert drills["Order"][0] == "failed" and "329 restored" in drills["Order"][1]
+    [shown] = body["plans"]
+    assert shown["growth"]["kinds"]["Customer"][-1] == {"day": "2026-11-23", "entities": 1600, "bytes": 656000}
+    targets = {t["target"]: t for t in shown["targets"]}
+    assert (targets["Customer"]["drill_ok"], targets["Customer"]["last_drill_seconds"]) == (True, 72.4)
+    assert targets["Order"]["drill_ok"] is False
+    assert metrics['backup_restore_seconds{plan="datastore-nightly",target="Customer"}'] == 72.4
+    assert metrics['backup_drill_success{plan="datastore-nightly",target="Customer"}'] == 1
+    assert metrics['backup_drill_success{plan="datastore-nightly",target="Order"}'] == 0
+    assert metrics['backup_plan_drills{plan="datastore-nightly",result="failed"}'] == 1
