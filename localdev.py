@@ -7,6 +7,7 @@ once and prints where to look. Ctrl-C stops everything it started. State lives i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -54,6 +55,13 @@ def write_private(path: Path, text: str) -> None:
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+
+
+def env_for_cli(env: dict[str, str]) -> dict[str, str]:
+    """What ./backup needs from this run (commands.LOCAL_KEYS): never the admin token."""
+    from commands import LOCAL_KEYS
+
+    return {key: value for key, value in env.items() if key in LOCAL_KEYS}
 
 
 def start_datastore(port: int) -> subprocess.Popen:
@@ -111,6 +119,8 @@ def main() -> None:
         "BACKUP_LOCAL_QUEUE_DB": str(STATE / "queue.sqlite3"),
     }
     os.environ.update(env)
+    # The CLI (./backup) reads this while we run, so its commands reach these emulators with nothing exported.
+    write_private(STATE / "env.json", json.dumps({"pid": os.getpid(), "env": env_for_cli(env)}))
     children: list[subprocess.Popen] = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -164,8 +174,7 @@ backup-scheduler is running on {service_url} (app log: .local/app.log)
   runs:        curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/runs
   run a plan:  curl -X POST -H "Authorization: Bearer $(cat .local/token)" -H "X-Backup-Client: curl" \\
                {service_url}/admin/plans/{DEMO_PLAN}/run
-  CLI:         BACKUP_LOCAL_QUEUE_DB=.local/queue.sqlite3 DATASTORE_EMULATOR_HOST=127.0.0.1:{ds_port} \\
-               BACKUP_PROJECT={PROJECT} ./backup runs
+  CLI:         ./backup runs    (uses these emulators while make run is running)
   exports:     gs://{DEMO_BUCKET}/datastore/... in the GCS emulator ({env["STORAGE_EMULATOR_HOST"]}), .local/exports
 Ctrl-C stops everything.
 """,
@@ -194,6 +203,7 @@ Ctrl-C stops everything.
                 child.kill()
         if gcs_server is not None:
             gcs_server.stop()
+        (STATE / "env.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
