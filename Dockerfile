@@ -18,4 +18,4 @@ USER backup
 
 # Cloud Run sets PORT. A task may run up to the queue's dispatch deadline; gunicorn must not kill it first.
 ENV BACKUP_QUEUE_BACKEND=cloudtasks BACKUP_TASKS_TARGET=http PYTHONUNBUFFERED=1
-CMD exec gunicorn --bind :$PORT --workers 1 --threads 4 --timeout 0 main:app
+CMD exec gunicorn --bind :$PORT --workers 1 --threads 4 --timeout 0 --no-control-socket main:app

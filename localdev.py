@@ -1,8 +1,10 @@
 """`make run`: the whole service on this machine with no cloud account.
 
 Starts the Datastore emulator (from the installed Cloud SDK) seeded with demo kinds, a GCS emulator with the demo
-bucket, the app under gunicorn, the local queue's dispatcher and the local cron runner; triggers the demo plan
-once and prints where to look. Ctrl-C stops everything it started. State lives in .local/.
+bucket, the app under gunicorn, a second gunicorn standing in for the Cloud Run worker (the queues in
+BACKUP_WORKER_QUEUES go there, as in production), the local queue's dispatcher and the local cron runner; triggers
+the demo plan once and prints where to look. Ctrl-C stops everything it started. State lives in .local/ (or
+BACKUP_LOCAL_STATE); BACKUP_PLANS and BACKUP_JOB_BUDGET_SECONDS are honoured as by the service.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from services.queue import LocalDispatcher, LocalQueue, load_queue_configs
 from services.schedule import load_cron
 
 ROOT = Path(__file__).resolve().parent
-STATE = ROOT / ".local"
+STATE = Path(os.environ.get("BACKUP_LOCAL_STATE") or ROOT / ".local").resolve()
 PROJECT = "demo-backups"
 DEMO_PLAN = "datastore-nightly"
 DEMO_BUCKET = "demo-backups"
@@ -41,10 +43,10 @@ def wait_for(url: str, what: str, process: subprocess.Popen | None = None, timeo
         if process is not None and process.poll() is not None:
             sys.exit(f"{what} exited with code {process.returncode}; see .local/*.log")
         try:
-            if requests.get(url, timeout=1).status_code < 500:
+            if requests.get(url, timeout=5).status_code < 500:
                 return
-        except requests.ConnectionError:
-            pass
+        except requests.RequestException:
+            pass  # not listening yet, or still importing
         time.sleep(0.2)
     sys.exit(f"{what} did not come up at {url} within {timeout:.0f}s")
 
@@ -62,6 +64,14 @@ def env_for_cli(env: dict[str, str]) -> dict[str, str]:
     from commands import LOCAL_KEYS
 
     return {key: value for key, value in env.items() if key in LOCAL_KEYS}
+
+
+def start_gunicorn(port: int, log_name: str) -> subprocess.Popen:
+    """The app (the same code serves App Engine and the Cloud Run worker) on 127.0.0.1:``port``."""
+    log_file = open(STATE / log_name, "w")  # noqa: SIM115 - lives as long as the process
+    command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "8"]
+    command += ["--timeout", "0", "--no-control-socket", "main:app"]  # two servers: no shared socket in ~/
+    return subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(), stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def start_datastore(port: int) -> subprocess.Popen:
@@ -96,16 +106,32 @@ def seed_demo_data() -> None:
         )
 
 
+def drill_when_backed_up(service_url: str, auth: dict[str, str], stop: threading.Event) -> None:
+    """Once the demo plan's first backups are good, ask for the drills that are due (cron asks hourly), so a
+    newcomer sees a restore drill and its time without waiting for the hour."""
+    while not stop.wait(2.0):
+        try:
+            runs = requests.get(f"{service_url}/runs?plan={DEMO_PLAN}", headers=auth, timeout=10).json()
+        except (requests.RequestException, ValueError):
+            continue
+        targets = runs.get("targets") or []
+        if targets and all(t.get("last_good_output") for t in targets):
+            answer = requests.get(f"{service_url}/cron/_drills", headers=auth, timeout=30)
+            log.info("restore drills of %s requested: %s", DEMO_PLAN, answer.text.strip())
+            return
+
+
 def main() -> None:
     logs.configure(on_app_engine=False)
     logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)  # one line per request is noise here
     STATE.mkdir(mode=0o700, exist_ok=True)
     STATE.chmod(0o700)  # run records, exports and the token: this user's only
     app_port = int(os.environ.get("PORT", "8080"))
-    ds_port, gcs_port = app_port + 1, app_port + 2
+    ds_port, gcs_port, worker_port = app_port + 1, app_port + 2, app_port + 3
     token = os.environ.get("BACKUP_LOCAL_TOKEN") or secrets.token_urlsafe(24)
     write_private(STATE / "token", token + "\n")
     service_url = f"http://127.0.0.1:{app_port}"
+    worker_url = f"http://127.0.0.1:{worker_port}"
     env = {
         "BACKUP_PROJECT": PROJECT,
         "DATASTORE_PROJECT_ID": PROJECT,
@@ -115,9 +141,12 @@ def main() -> None:
         "BACKUP_EXPORT_LOCAL_ROOT": str(STATE / "exports"),
         "BACKUP_LOCAL_TOKEN": token,
         "BACKUP_SERVICE_URL": service_url,
+        "BACKUP_WORKER_URL": worker_url,
         "BACKUP_QUEUE_BACKEND": "local",
         "BACKUP_LOCAL_QUEUE_DB": str(STATE / "queue.sqlite3"),
     }
+    # The demo talks only to emulators; your own plans (BACKUP_PLANS) against real APIs want BACKUP_CREDENTIALS=default.
+    env.setdefault("BACKUP_CREDENTIALS", os.environ.get("BACKUP_CREDENTIALS", "anonymous"))
     os.environ.update(env)
     # The CLI (./backup) reads this while we run, so its commands reach these emulators with nothing exported.
     write_private(STATE / "env.json", json.dumps({"pid": os.getpid(), "env": env_for_cli(env)}))
@@ -133,42 +162,28 @@ def main() -> None:
         gcs_server.start()
         wait_for(f"http://127.0.0.1:{ds_port}/", "the Datastore emulator", children[0])
         seed_demo_data()
-        app_log = open(STATE / "app.log", "w")  # noqa: SIM115 - lives as long as the app
-        children.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "--bind",
-                    f"127.0.0.1:{app_port}",
-                    "--workers",
-                    "1",
-                    "--threads",
-                    "8",
-                    "--timeout",
-                    "0",
-                    "main:app",
-                ],
-                cwd=ROOT,
-                env=os.environ.copy(),
-                stdout=app_log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+        children.append(start_gunicorn(app_port, "app.log"))
         wait_for(f"{service_url}/healthz", "the app", children[-1])
+        children.append(start_gunicorn(worker_port, "worker.log"))
+        wait_for(f"{worker_url}/healthz", "the worker", children[-1])
+        worker_queues = [q.strip() for q in os.environ.get("BACKUP_WORKER_QUEUES", "directory,sqlsync").split(",")]
         queue = LocalQueue(STATE / "queue.sqlite3")
-        dispatcher = LocalDispatcher(queue, service_url, token, load_queue_configs(ROOT / "queue.yaml")).start()
+        dispatcher = LocalDispatcher(
+            queue,
+            service_url,
+            token,
+            load_queue_configs(ROOT / "queue.yaml"),
+            routes={name: worker_url for name in worker_queues if name},
+        ).start()
         cron = LocalCron(load_cron(ROOT / "cron.yaml"), service_url, token).start()
-        started = requests.post(
-            f"{service_url}/admin/plans/{DEMO_PLAN}/run",
-            headers={"Authorization": f"Bearer {token}", "X-Backup-Client": "make-run"},
-            timeout=60,
-        )
+        auth = {"Authorization": f"Bearer {token}", "X-Backup-Client": "make-run"}
+        started = requests.post(f"{service_url}/admin/plans/{DEMO_PLAN}/run", headers=auth, timeout=60)
+        threading.Thread(target=drill_when_backed_up, args=(service_url, auth, stop), daemon=True).start()
         print(
             f"""
 backup-scheduler is running on {service_url} (app log: .local/app.log)
   demo plan '{DEMO_PLAN}' started: {started.text.strip()}
+               its restore drill follows once every kind is backed up (restore times on the status page)
   status:      curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/api/status
                (the page {service_url}/ wants the same header: e.g. a browser extension that sets it)
   runs:        curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/runs

@@ -2,6 +2,12 @@
 
     .venv/bin/python bench/couchdb.py              # 100,000 documents, plus 20,000 to show memory is flat
     .venv/bin/python bench/couchdb.py --docs 10000 --also 0
+    .venv/bin/python bench/couchdb.py --link --docs 20000 --delay-ms 25 --rounds 3
+
+``--link`` runs each pair of the tools directly and through a loopback TCP delay line (bench/delayline.py,
+``--delay-ms`` each way, so a round trip costs twice that) in front of the server, ``--rounds`` times with the
+order of the two tools alternating, and prints medians: ours against couchbackup on the same link, and each of
+ours through the delay line against its own direct rate.
 
 The database: ~1 KB documents, 5% with a 20 KB attachment, in a pouchdb-server started here (in memory,
 127.0.0.1). Each tool runs as its own process; peak RSS is its kernel high-water mark (VmHWM). couchbackup runs
@@ -18,6 +24,7 @@ import argparse
 import base64
 import hashlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,11 +36,13 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.delayline import DelayLine  # noqa: E402
 from tests.couch_data import peak_rss_mb  # noqa: E402
 from tests.couch_proxy import FaultProxy  # noqa: E402
 from tests.fixtures.pouchdb import free_port  # noqa: E402
 
 BIN = ROOT / ".local" / "node_modules" / ".bin"
+TOOL_TIMEOUT_SECONDS = 600
 
 
 def make_batch(start: int, count: int) -> list[dict]:
@@ -101,7 +110,8 @@ def timed(
             "exec " + " ".join(argv) + (f" < {stdin}" if stdin else "") + (f" > {stdout}" if stdout else ""),
         ]
     errors = work / "stderr.txt"
-    rss, status = peak_rss_mb(argv, env, str(ROOT), stderr_path=str(errors))
+    # A tool that hangs (couchbackup's full mode, without the proxy's help, waits forever) fails its row.
+    rss, status = peak_rss_mb(argv, env, str(ROOT), stderr_path=str(errors), timeout=TOOL_TIMEOUT_SECONDS)
     secs = time.monotonic() - start
     failure = ""
     if status != 0:
@@ -159,10 +169,120 @@ def run_size(url: str, restore_url: str, n: int, work: Path) -> list[Row]:
     return rows
 
 
+LinkRow = tuple[str, str, str, float, float, str]  # link, tool, op, seconds, peak RSS MB, failure
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def link_round(
+    link: str, url: str, restore_url: str, src: str, n: int, work: Path, ours_first: bool, admin: str
+) -> list[LinkRow]:
+    """One round of the pairs on one link: (ours, couchbackup) for a full backup, a winning/shallow backup, and a
+    restore (ours with its verify; couchrestore of couchbackup's backup with attachments), in the order asked."""
+    env = {**os.environ, "COUCHDB_URL": url, "COUCH_URL": url}
+    restore_env = {**os.environ, "COUCHDB_URL": restore_url, "COUCH_URL": restore_url}
+    ours = [sys.executable, "-m", "commands.couchdb"]
+    cb = [str(BIN / "couchbackup"), "--db", src, "--quiet"]
+    rows: list[LinkRow] = []
+    folder = work / f"{link.split()[0]}-{len(os.listdir(work))}"
+    folder.mkdir()
+
+    def run(tool: str, op: str, argv: list[str], run_env: dict[str, str], **io: Path) -> None:
+        _tool, _op, secs, rss, failure = timed(f"{link}: {tool}", op, argv, run_env, folder, **io)
+        rows.append((link, tool, op, secs, rss, failure))
+
+    def ours_full() -> None:
+        run("ours full", "backup", [*ours, "backup", src, "--to", str(folder / "full"), "--quiet"], env)
+
+    def theirs_full() -> None:
+        run("couchbackup (default: full)", "backup", cb, env, stdout=folder / "cb-full.txt")
+
+    def ours_winning() -> None:
+        argv = [*ours, "backup", src, "--to", str(folder / "winning"), "--mode", "winning", "--quiet"]
+        run("ours winning", "backup", argv, env)
+
+    def theirs_shallow() -> None:
+        argv = [*cb, "--mode", "shallow", "--attachments"]
+        run("couchbackup --mode shallow --attachments", "backup", argv, env, stdout=folder / "cb-shallow.txt")
+
+    def ours_restore() -> None:
+        manifest = next((folder / "full").rglob("*.manifest.json"))
+        target = f"ours-restored-{folder.name}"
+        run(
+            "ours restore (with verify)",
+            "restore",
+            [*ours, "restore", str(manifest), "--db", target, "--quiet"],
+            restore_env,
+        )
+        requests.delete(f"{admin}/{target}", timeout=300)
+
+    def theirs_restore() -> None:
+        target = f"cb-restored-{folder.name}"
+        requests.put(f"{admin}/{target}", timeout=30).raise_for_status()  # couchrestore needs it to exist (#151)
+        argv = [str(BIN / "couchrestore"), "--quiet", "--db", target, "--attachments"]
+        run("couchrestore --attachments", "restore", argv, restore_env, stdin=folder / "cb-shallow.txt")
+        requests.delete(f"{admin}/{target}", timeout=300)
+
+    for pair in ((ours_full, theirs_full), (ours_winning, theirs_shallow), (ours_restore, theirs_restore)):
+        for step in pair if ours_first else reversed(pair):
+            step()
+    return rows
+
+
+def link_benchmark(url: str, proxy_url: str, n: int, delay_ms: float, rounds: int, work: Path) -> None:
+    src = f"bench-link-{n}"
+    seed(url, src, n)
+    rows: list[LinkRow] = []
+    delay_label = f"{delay_ms:g} ms each way"
+    # Every tool, ours included, reads and writes through the same compatibility proxy (the one couchrestore needs
+    # for doc_del_count, which also lets couchbackup's full mode run against pouchdb-server), so all pay its hop.
+    with DelayLine(_port(proxy_url), delay_ms / 1000) as delayed:
+        links = {"direct": (proxy_url, proxy_url), delay_label: (f"http://127.0.0.1:{delayed.port}",) * 2}
+        for number in range(rounds):
+            for link, (backup_url, restore_url) in links.items():
+                print(f"round {number + 1}, {link}:", flush=True)
+                rows += link_round(link, backup_url, restore_url, src, n, work, number % 2 == 0, url)
+    requests.delete(f"{url}/{src}", timeout=300)
+    print(
+        f"\nCouchDB over a link, {time.strftime('%Y-%m-%d')}: {n} docs, pouchdb-server 4.2.0 in memory,"
+        f" medians of {rounds} rounds, {os.cpu_count()} cores"
+    )
+    medians: dict[tuple[str, str, str], float] = {}
+    print(f"{'link':<18} {'tool':<42} {'op':<8} {'median s':>9} {'docs/s':>9} {'peak RSS MB':>12}")
+    for key in dict.fromkeys((link, tool, op) for link, tool, op, *_ in rows):
+        runs = [r for r in rows if r[:3] == key]
+        failures = [r[5] for r in runs if r[5]]
+        if failures:
+            print(f"{key[0]:<18} {key[1]:<42} {key[2]:<8} {'fails':>9} {'-':>9} {'-':>12}  {failures[0]}")
+            continue
+        medians[key] = statistics.median(r[3] for r in runs)
+        rss = max(r[4] for r in runs)
+        print(f"{key[0]:<18} {key[1]:<42} {key[2]:<8} {medians[key]:>9.2f} {n / medians[key]:>9.0f} {rss:>12.1f}")
+    pairs = (
+        ("ours full", "couchbackup (default: full)", "backup"),
+        ("ours winning", "couchbackup --mode shallow --attachments", "backup"),
+        ("ours restore (with verify)", "couchrestore --attachments", "restore"),
+    )
+    for link in links:
+        for ours_tool, theirs_tool, op in pairs:
+            a, b = medians.get((link, ours_tool, op)), medians.get((link, theirs_tool, op))
+            if a and b:
+                print(f"{link}: {ours_tool} vs {theirs_tool}: {b / a:.2f}x docs/s")
+    for ours_tool, _theirs, op in pairs:
+        a, b = medians.get((delay_label, ours_tool, op)), medians.get(("direct", ours_tool, op))
+        if a and b:
+            print(f"{ours_tool} through the delay line vs direct: {b / a:.2f}x of its direct docs/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--also", type=int, default=20_000, help="a smaller size too, to show memory is flat (0: none)")
+    parser.add_argument("--link", action="store_true", help="direct and through a delay line, in rounds (see above)")
+    parser.add_argument("--delay-ms", type=float, default=25.0, help="with --link: delay each way")
+    parser.add_argument("--rounds", type=int, default=3, help="with --link: rounds, medians reported")
     args = parser.parse_args()
     for tool in ("pouchdb-server", "couchbackup", "couchrestore"):
         if not (BIN / tool).exists():
@@ -190,6 +310,10 @@ def main() -> None:
             # the proxy adds it. Restores of both tools go through it.
             with FaultProxy(url) as proxy:
                 proxy.state.add_doc_del_count = True
+                if args.link:
+                    proxy.state.couchbackup_compat = True
+                    link_benchmark(url, proxy.url, args.docs, args.delay_ms, args.rounds, work)
+                    return
                 for n in sizes:
                     print(f"size {n}:", flush=True)
                     table[n] = run_size(url, proxy.url, n, work)

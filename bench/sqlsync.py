@@ -11,7 +11,6 @@ faster of two plain copies, one before and one after the sync.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from google.auth.credentials import AnonymousCredentials  # noqa: E402
 
-from services import sqlsync  # noqa: E402
+from kinds.sqlsync import kind as sqlsync  # noqa: E402
 from services.kinds import RunContext  # noqa: E402
 from services.plans import parse_plan  # noqa: E402
 from services.runtime import Runtime, Settings  # noqa: E402
@@ -104,7 +103,6 @@ def main() -> None:
         "--mask-mode", choices=("stream", "in-place"), default="stream", help="the plan's options.mask_mode"
     )
     args = parser.parse_args()
-    os.environ["SQLSYNC_BENCH_SECRET"] = "bench-secret-not-for-production"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         servers = {}
@@ -148,10 +146,15 @@ def main() -> None:
                         "mask_mode": args.mask_mode,
                         "rules": {args.users_table: {"email": "email", "phone": "phone", "name": "name"}},
                         "preserve": {args.users_table: "demo = 1"},
+                        "allow": [f"{args.users_table}.demo", "orders.total", "orders.created"],
                     },
                 },
             )
-            rt = Runtime(Settings.from_env({}), plans={}, credentials=AnonymousCredentials())
+            rt = Runtime(
+                Settings.from_env({"SQLSYNC_BENCH_SECRET": "bench-secret-not-for-production"}),
+                plans={},
+                credentials=AnonymousCredentials(),
+            )
             results = []
             for number in range(1, args.runs + 1):
                 # Run 1 finds staging nearly empty; later runs find the previous sync there (the steady state:

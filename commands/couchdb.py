@@ -11,32 +11,30 @@ Exit codes: 0 done; 1 failed (the message says why); 2 bad usage; 3 verification
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
+from google.api_core.retry import Retry
 
 from commands import current_runtime
-from services.couchdb import ServerSettings, select_databases, server_from_env, store_for
-from services.couchdb_engine import (
-    BackupOptions,
-    RestoreOptions,
-    backup_database,
-    backup_name,
-    backup_prefix,
-    list_manifests,
-    read_manifest,
-    resolve_chain,
-    restore_chain,
-    verify_database,
-)
-from services.couchdb_format import DATA_SUFFIX, MANIFEST_SUFFIX, Manifest
-from services.couchdb_http import CouchServer
-from services.couchdb_store import Store
-from services.errors import BackupError, PermanentError, TargetGone, TransientError
+from kinds.couchdb.backup import BackupOptions, backup_database, backup_name
+from kinds.couchdb.format import DATA_SUFFIX, MANIFEST_SUFFIX, Manifest
+from kinds.couchdb.http import CouchServer
+from kinds.couchdb.kind import KIND, connect, select_databases, store_for
+from kinds.couchdb.plan import ServerSettings, Settings
+from kinds.couchdb.restore import RestoreOptions, restore_chain
+from kinds.couchdb.store import Store, read_manifest, resolve_chain
+from kinds.couchdb.verify import verify_database
+from services.errors import BackupError, PermanentError, TargetGone, TargetNotEmpty, TransientError
+from services.jobs import drive
+from services.kinds import Pending, RunContext, Target
+from services.plans import Plan
 from services.runtime import ROOT, Runtime
 
 EXIT_FAILED = 1
@@ -58,9 +56,17 @@ def _server_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _server_settings(url_env: str, user_env: str, password_env: str) -> ServerSettings:
+    return ServerSettings(url_env=url_env, user_env=user_env, password_env=password_env)
+
+
 def _server(url_env: str, user_env: str, password_env: str, **limits: float | None) -> CouchServer:
-    settings = ServerSettings(url_env=url_env, user_env=user_env, password_env=password_env)
-    return server_from_env(settings, current_runtime(), **limits)
+    return connect(_server_settings(url_env, user_env, password_env), current_runtime(), **limits)
+
+
+# Every request to the server is already retried with backoff (kinds/couchdb/http.py); a person at a terminal is
+# told at once when that was not enough, rather than waiting through the queue's quarter of an hour of retries.
+NO_MORE_RETRIES = Retry(predicate=lambda exc: isinstance(exc, TransientError), timeout=0.0)
 
 
 @contextmanager
@@ -68,7 +74,7 @@ def _exit_codes() -> Iterator[None]:
     """Turn the service's errors into one line on stderr and a documented exit code."""
     try:
         yield
-    except NotEmptyTarget as exc:
+    except TargetNotEmpty as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_NOT_EMPTY)
     except TransientError as exc:
@@ -79,24 +85,46 @@ def _exit_codes() -> Iterator[None]:
         sys.exit(EXIT_FAILED)
 
 
-class NotEmptyTarget(PermanentError):
-    pass
-
-
 def open_backup(url: str, rt: Runtime) -> tuple[Store, list[Manifest]]:
     """The store rooted where backup ``url`` (its manifest or data file) was written, and its restore chain."""
+    given = url
     for suffix in (MANIFEST_SUFFIX, DATA_SUFFIX):
         if url.endswith(suffix):
             url = url[: -len(suffix)]
     directory, _, base = url.rpartition("/")
     if not directory or not base:
         raise PermanentError(f"{url!r}: expected the URL or path of a backup's .manifest.json")
-    first = read_manifest(store_for(directory, rt), base)
+    try:
+        first = read_manifest(store_for(directory, rt), base)
+    except (PermanentError, TargetGone):
+        made_by = _other_format(given)
+        if made_by:
+            raise PermanentError(f"{given} is {made_by}, not a backup made by this tool (a .manifest.json)") from None
+        raise
     if not url.endswith("/" + first.name) and url != first.name:
         raise PermanentError(f"{url!r}: the manifest there calls itself {first.name!r}; was it moved?")
     root = url[: -len(first.name)].rstrip("/") or "/"
     store = store_for(root, rt)
     return store, resolve_chain(store, first.name)
+
+
+def _other_format(path: str) -> str | None:
+    """What made the local file ``path``, when it is a backup file of another tool we know (IBM's couchbackup)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).split(b"\n", 1)[0]
+    except OSError:
+        return None
+    try:
+        first = json.loads(head)
+    except ValueError:
+        return None
+    if isinstance(first, dict) and str(first.get("name", "")).endswith("couchbackup"):
+        version, mode = first.get("version", ""), first.get("mode", "?")
+        return f"a couchbackup {version} file ({mode} mode); restore it with couchrestore"
+    if isinstance(first, list) and all(isinstance(d, dict) and "_id" in d for d in first):
+        return "a couchbackup file (lines of document arrays); restore it with couchrestore"
+    return None
 
 
 def _progress(label: str, total: int | None, quiet: bool) -> Any:
@@ -128,6 +156,13 @@ def couchdb() -> None:
 @click.option("--mode", type=click.Choice(["full", "winning"]), default="full", show_default=True)
 @click.option("--attachments/--no-attachments", default=True, show_default=True)
 @click.option("--incremental", is_flag=True, help="Store only changes since the latest backup of the same mode.")
+@click.option(
+    "--full-every",
+    default=7,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="With --incremental: a new full backup once a chain holds this many backups.",
+)
 @click.option("--prefix", "name_prefix", default="cli", show_default=True, help="First path element of the names.")
 @click.option("--batch-docs", default=500, show_default=True, type=click.IntRange(1, 10000))
 @click.option("--batch-bytes", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(64 * 1024))
@@ -138,6 +173,16 @@ def couchdb() -> None:
     "--read-bytes", default=4 * 1024 * 1024, show_default=True, type=click.IntRange(16 * 1024), help="Aim per read."
 )
 @click.option("--reads-per-second", type=click.FloatRange(0.1), default=None)
+@click.option(
+    "--fetchers", default=4, show_default=True, type=click.IntRange(1, 16), help="_bulk_get requests in flight."
+)
+@click.option(
+    "--part-seconds",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.0),
+    help="Each part of a backup runs this long, as one task of the service would, then checkpoints and goes on.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_server_options
 def backup_command(
@@ -147,56 +192,86 @@ def backup_command(
     mode: str,
     attachments: bool,
     incremental: bool,
+    full_every: int,
     name_prefix: str,
     batch_docs: int,
     batch_bytes: int,
     page_size: int,
     read_bytes: int,
     reads_per_second: float | None,
+    fetchers: int,
+    part_seconds: float,
     quiet: bool,
     url_env: str,
     user_env: str,
     password_env: str,
 ) -> None:
-    """Back up DATABASES (names or globs) to --to; prints each backup's manifest URL."""
+    """Back up DATABASES (names or globs) to --to; prints each backup's manifest URL.
+
+    Each database is backed up by the couchdb kind itself, in the same budgeted parts a queued task runs."""
     if not databases and not all_dbs:
         raise click.UsageError("name at least one database (names or globs), or pass --all")
     rt = current_runtime()
-    opts = BackupOptions(
-        mode=mode,
-        attachments=attachments,
-        batch_docs=batch_docs,
-        batch_bytes=batch_bytes,
-        page_size=page_size,
-        read_bytes=read_bytes,
+    settings = Settings(
+        server=_server_settings(url_env, user_env, password_env),
+        databases=("*",) if all_dbs else databases,
+        destination=destination,
+        backup=BackupOptions(mode, attachments, batch_docs, batch_bytes, page_size, read_bytes, fetchers),
+        incremental=incremental,
+        full_every=full_every,
+        reads_per_second=reads_per_second,
     )
+    plan = Plan(name=name_prefix, kind=KIND.name, settings=settings)
     with _exit_codes():
-        server = _server(url_env, user_env, password_env, reads_per_second=reads_per_second)
-        store = store_for(destination, rt)
-        available = server.all_dbs()
-        chosen = select_databases(("*",) if all_dbs else databases, available)
+        server = connect(settings.server, rt, reads_per_second=reads_per_second)
+        try:
+            available = server.all_dbs()
+        finally:
+            server.close()
+        chosen = select_databases(settings.databases, available)
         # A database named exactly is taken even when it is a system database.
         chosen = sorted(set(chosen) | {d for d in databases if d in available})
         if not chosen:
             raise PermanentError(f"no database on {server.url} matches {', '.join(databases) or '--all'}")
         for db in chosen:
-            previous = None
-            if incremental:
-                same = [m for m in list_manifests(store, backup_prefix(name_prefix, db)) if m.mode == mode]
-                previous = same[-1] if same else None
-            name = backup_name(name_prefix, db, rt.now(), mode, previous is not None)
-            total = server.db_info(db).get("doc_count")
-            with _progress(f"backup {db}", total, quiet) as bar:
-                manifest = backup_database(
-                    server, db, store, name, opts, plan=name_prefix, previous=previous, progress=bar.update, now=rt.now
+            period = rt.now()
+            # A run of its own, however many are started in the same second (the lease tells them apart).
+            run_id = f"cli-{period:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+            run = RunContext(run_id=run_id, plan=plan.name, target_key=db, period=period)
+            with _progress(f"backup {db}", None if quiet else _doc_count(settings.server, db, rt), quiet) as bar:
+                done_docs = [0]
+
+                def show(pending: Pending, bar: Any = bar, done_docs: list[int] = done_docs) -> None:
+                    docs = int(pending.state.get("backup", {}).get("manifest", {}).get("docs", 0))
+                    bar.update(docs - done_docs[0])
+                    done_docs[0] = docs
+
+                done = drive(
+                    KIND,
+                    plan,
+                    Target(key=db, params={"database": db}),
+                    run,
+                    rt,
+                    budget_seconds=part_seconds,
+                    retry=NO_MORE_RETRIES,
+                    on_pending=show,
                 )
-            click.echo(store.url(manifest.manifest_name))
+            click.echo(done.output)
+            stats = done.stats
             click.echo(
-                f"{db}: {manifest.docs} revisions ({manifest.deleted} deleted), {manifest.attachment_count}"
-                f" attachments, {manifest.bytes} bytes, seq {manifest.seq}",
+                f"{db}: {stats['docs']} revisions ({stats['deleted']} deleted), {stats['attachments']}"
+                f" attachments, {stats['bytes']} bytes, seq {stats['seq']}",
                 err=True,
             )
+
+
+def _doc_count(server_settings: ServerSettings, db: str, rt: Runtime) -> int | None:
+    server = connect(server_settings, rt)
+    try:
+        count = server.db_info(db).get("doc_count")
+    finally:
         server.close()
+    return count if isinstance(count, int) else None
 
 
 @couchdb.command("restore")
@@ -247,22 +322,17 @@ def restore_command(
             batch_docs=batch_docs, batch_bytes=batch_bytes, overwrite=overwrite, concurrency=concurrency
         )
         total = sum(m.batches for m in chain)
-        try:
-            with _progress(f"restore {target}", total, quiet) as bar:
-                result = restore_chain(
-                    server,
-                    target,
-                    store,
-                    chain,
-                    opts,
-                    checkpoint_path=checkpoint,
-                    safety_backup=safety_backup,
-                    progress=bar.update,
-                )
-        except PermanentError as exc:
-            if "is not empty" in str(exc):
-                raise NotEmptyTarget(str(exc)) from None
-            raise
+        with _progress(f"restore {target}", total, quiet) as bar:
+            result = restore_chain(
+                server,
+                target,
+                store,
+                chain,
+                opts,
+                checkpoint_path=checkpoint,
+                safety_backup=safety_backup,
+                progress=bar.update,
+            )
         click.echo(
             f"{target}: restored {len(chain)} backup(s), {result.lines_done} batches"
             + (f" (resumed, {result.lines_skipped} already applied)" if result.resumed else "")
@@ -270,7 +340,7 @@ def restore_command(
             err=True,
         )
         if verify:
-            _verify(server, target, store, chain, quiet)
+            _verify(server, target, store, chain, quiet, check_files=False)  # the restore read them first
         server.close()
 
 
@@ -289,13 +359,15 @@ def verify_command(backup: str, target: str, quiet: bool, url_env: str, user_env
         server.close()
 
 
-def _verify(server: CouchServer, target: str, store: Store, chain: list[Manifest], quiet: bool) -> None:
+def _verify(
+    server: CouchServer, target: str, store: Store, chain: list[Manifest], quiet: bool, check_files: bool = True
+) -> None:
     try:
         total = server.db_info(target).get("doc_count")
     except TargetGone:
         raise PermanentError(f"database {target!r} does not exist on {server.url}") from None
     with _progress(f"verify {target}", total, quiet) as bar:
-        result = verify_database(server, target, store, chain, progress=bar.update)
+        result = verify_database(server, target, store, chain, progress=bar.update, check_files=check_files)
     click.echo(result.summary(), err=True)
     if not result.ok:
         sys.exit(EXIT_MISMATCH)

@@ -100,6 +100,13 @@ def directory_group() -> None:
     show_default=True,
     help="Threads walking the source (more for NFS, where each lstat waits on the server).",
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 16),
+    default=dircopy.CLI_PROCESSES,
+    show_default=True,
+    help="Processes sharing the walk of a local copy (this one and forked workers, as rsync runs two).",
+)
 @click.option("--no-sync", is_flag=True, help="Skip the file-system flush before the copy is marked complete.")
 def directory_run(
     source: Path | None,
@@ -109,6 +116,7 @@ def directory_run(
     min_keep: int,
     threads: int,
     walkers: int,
+    processes: int,
     no_sync: bool,
 ) -> None:
     """Copy SOURCE into DEST/<UTC timestamp>/ (DEST a folder or gs://BUCKET/PREFIX), reusing unchanged files."""
@@ -131,6 +139,7 @@ def directory_run(
             rt.now(),
             threads=threads,
             walkers=walkers,
+            processes=processes,
             sync=not no_sync,
             on_progress=bar,
             progress_every=0.2,

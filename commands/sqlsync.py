@@ -1,8 +1,10 @@
 """``backup sqlsync PLAN``: run a production -> staging sync in this process, step by step, printing each step.
 
-``--stop-at STEP`` ends after that step, ``--start-at STEP --period P`` resumes a run (the dump files and objects
-of a run are named by its period, printed at the start), ``--dry-run`` prints the steps and runs only the
-read-only ``check``. Exit codes: 0 done, 1 failed (not worth retrying), 75 failed but worth retrying (EX_TEMPFAIL).
+The steps are the ones the queue runs (kinds/sqlsync), driven by services/jobs.drive, which retries a transient
+failure with backoff as the queue would. ``--stop-at STEP`` ends after that step, ``--start-at STEP --period P``
+resumes a run (the dump files and objects of a run are named by its period, printed at the start), ``--dry-run``
+prints the steps and runs only the read-only ``check``. Exit codes: 0 done, 1 failed (not worth retrying), 75 failed
+but worth retrying (EX_TEMPFAIL).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from datetime import UTC, datetime
 import click
 
 from commands import current_runtime
-from services import sqlsync
+from kinds.sqlsync.steps import STEPS
 from services.errors import BackupError, TransientError
 from services.kinds import RunContext
 
 EX_TEMPFAIL = 75
-STEP = click.Choice(sqlsync.STEPS)
+STEP = click.Choice(STEPS)
 
 
 def _period(value: str | None) -> datetime | None:
@@ -43,16 +45,22 @@ def sqlsync_command(
     plan_name: str, start_at: str | None, stop_at: str | None, period_text: str | None, dry_run: bool
 ) -> None:
     """Copy production into staging with personal data masked (a plan of kind sqlsync)."""
+    from kinds.sqlsync import kind as sqlsync
+    from kinds.sqlsync.errors import HalfDone
+    from services import jobs
+
     rt = current_runtime()
     plans = rt.plans
     plan = plans.get(plan_name)
     if plan is None:
         raise click.UsageError(f"no plan named {plan_name!r}; plans: {', '.join(sorted(plans))}")
-    if plan.kind != sqlsync.KIND:
-        raise click.UsageError(f"plan {plan_name!r} is of kind {plan.kind}, not {sqlsync.KIND}")
+    if plan.kind != sqlsync.KIND.name:
+        raise click.UsageError(f"plan {plan_name!r} is of kind {plan.kind}, not {sqlsync.KIND.name}")
     period = _period(period_text)
-    if start_at and sqlsync.STEPS.index(start_at) > 1 and period is None:
+    if start_at and STEPS.index(start_at) > 1 and period is None:
         raise click.UsageError(f"--start-at {start_at} resumes a run: give that run's --period")
+    if start_at and stop_at and STEPS.index(stop_at) < STEPS.index(start_at):
+        raise click.UsageError(f"--stop-at {stop_at} comes before --start-at {start_at}")
     period = period or rt.now().astimezone(UTC).replace(microsecond=0)
     stamp = period.strftime("%Y%m%dT%H%M%SZ")
     target = sqlsync.enumerate_targets(plan, None, rt).targets[0]
@@ -65,11 +73,14 @@ def sqlsync_command(
     else:
         click.echo(f"run period {stamp} (resume with --start-at STEP --period {stamp})")
     try:
-        outcome = sqlsync.drive(plan, run, rt, start_at=start_at, stop_at=stop_at)
+        outcome = sqlsync.drive(plan, run, rt, start_at=start_at, stop_at=stop_at, retry=jobs.DRIVE_RETRY)
     except TransientError as exc:
         click.echo(f"error (worth retrying): {exc}", err=True)
         sys.exit(EX_TEMPFAIL)
     except BackupError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, HalfDone):
+            click.echo(f"resume with: backup sqlsync {plan.name} --start-at {cause.restart_at} --period {stamp}")
         raise click.ClickException(str(exc)) from exc
     if dry_run:
         click.echo("dry run: the check passed; nothing was changed")

@@ -17,12 +17,12 @@ if TYPE_CHECKING:
 
 # name -> ("module:attribute" of its plan sections, "module:attribute" of its Kind object)
 REGISTRY: dict[str, tuple[str, str]] = {
-    "couchdb": ("kinds._legacy:couchdb_sections", "kinds._legacy:couchdb_kind"),
+    "couchdb": ("kinds.couchdb.plan:Sections", "kinds.couchdb.kind:KIND"),
     "datastore": ("kinds.datastore.plan:Sections", "kinds.datastore.exports:KIND"),
     "directory": ("kinds.directory.plan:Sections", "kinds.directory.kind:KIND"),
     "disks": ("kinds.disks.plan:Sections", "kinds.disks.snapshots:KIND"),
     "filestore": ("kinds.filestore.plan:Sections", "kinds.filestore.backups:KIND"),
-    "sqlsync": ("kinds._legacy:sqlsync_sections", "kinds._legacy:sqlsync_kind"),
+    "sqlsync": ("kinds.sqlsync.plan:Sections", "kinds.sqlsync.kind:KIND"),
 }
 
 

@@ -3,6 +3,8 @@
 - ``TransientError``: the queue should retry (the worker answers 503, or 429 when rate limited).
 - ``PermanentError``: retrying cannot help; the run is recorded as failed and the task answered 2xx.
 - ``TargetGone``: the target vanished since enumeration; recorded as skipped, answered 2xx.
+- ``TargetNotEmpty``: a restore refused to write into a place that already holds data (a PermanentError); the
+  CLI tells it apart by type (its own exit code), never by the wording of the message.
 - ``ConfigError``: plans.yaml (or a setting) is wrong; start-up stops with the plan and field named.
 """
 
@@ -32,3 +34,7 @@ class PermanentError(BackupError):
 
 class TargetGone(BackupError):
     """The target no longer exists (deleted since enumeration). Recorded as skipped, not failed."""
+
+
+class TargetNotEmpty(PermanentError):
+    """A restore target already holds data and overwriting was not asked for: nothing was touched."""

@@ -163,6 +163,9 @@ class BackupRef:
 # removed by the next drill, and nothing carrying it is ever mistaken for real data.
 DRILL_LABEL = "backup-scheduler-drill"
 
+# What a drill's earlier step saved (None on the first step).
+DrillState = dict[str, Any] | None
+
 
 class Restorable(Protocol[S]):
     """A kind whose backups can be proven by a restore drill: ``drill`` restores ``backup`` into a scratch place
@@ -173,13 +176,7 @@ class Restorable(Protocol[S]):
     real restore target."""
 
     def drill(
-        self,
-        plan: Plan[S],
-        target: Target,
-        backup: BackupRef,
-        state: dict[str, Any] | None,
-        run: RunContext,
-        rt: Runtime,
+        self, plan: Plan[S], target: Target, backup: BackupRef, state: DrillState, run: RunContext, rt: Runtime
     ) -> Outcome: ...
 
 
@@ -187,13 +184,7 @@ class DrillStep(Protocol[S]):
     """The ``drill`` function of a kind's drill module (see Restorable), held to its signature by mypy."""
 
     def __call__(
-        self,
-        plan: Plan[S],
-        target: Target,
-        backup: BackupRef,
-        state: dict[str, Any] | None,
-        run: RunContext,
-        rt: Runtime,
+        self, plan: Plan[S], target: Target, backup: BackupRef, state: DrillState, run: RunContext, rt: Runtime
     ) -> Outcome: ...
 
 
@@ -204,13 +195,7 @@ class DrillsIn:
     drill_module: str
 
     def drill(
-        self,
-        plan: Plan[Any],
-        target: Target,
-        backup: BackupRef,
-        state: dict[str, Any] | None,
-        run: RunContext,
-        rt: Runtime,
+        self, plan: Plan[Any], target: Target, backup: BackupRef, state: DrillState, run: RunContext, rt: Runtime
     ) -> Outcome:
         step: Outcome = importlib.import_module(self.drill_module).drill(plan, target, backup, state, run, rt)
         return step

@@ -58,6 +58,9 @@ class Settings:
     # client), at worker_url; every other queue's tasks run on App Engine (or service_url for HTTP targets).
     worker_url: str | None = None
     worker_queues: tuple[str, ...] = ("directory", "sqlsync")
+    # BACKUP_CREDENTIALS=anonymous: Google API clients send no credentials, for local stand-ins only (make run);
+    # refused on App Engine and Cloud Run.
+    anonymous_credentials: bool = False
     # The environment as it was read, for the variables plans name (a server URL, a password): read through
     # Runtime.secrets, never from os.environ further down.
     environ: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -92,9 +95,9 @@ class Settings:
             budget = float(budget_text)
         except ValueError:
             budget = -1.0
-        if not 0.5 <= budget <= 3300:
+        if not 0 <= budget <= 3300:  # 0: every task does one smallest unit of work, then hands on (try resumes)
             raise ConfigError(
-                f"BACKUP_JOB_BUDGET_SECONDS: expected seconds from 0.5 to 3300 (under the request deadline), got"
+                f"BACKUP_JOB_BUDGET_SECONDS: expected seconds from 0 to 3300 (under the request deadline), got"
                 f" {budget_text!r}"
             )
         worker_url = (env.get("BACKUP_WORKER_URL") or "").rstrip("/") or None
@@ -116,6 +119,11 @@ class Settings:
                 f"BACKUP_LOCAL_TOKEN is set on {where}: it is for local runs only (make run); admins use IAP or a"
                 " Google ID token (BACKUP_ADMIN_EMAILS). Remove it from the deployment's environment"
             )
+        credentials = env.get("BACKUP_CREDENTIALS", "default")
+        if credentials not in ("default", "anonymous"):
+            raise ConfigError(f"BACKUP_CREDENTIALS: expected 'default' or 'anonymous', got {credentials!r}")
+        if (on_app_engine or on_cloud_run) and credentials == "anonymous":
+            raise ConfigError("BACKUP_CREDENTIALS=anonymous is for local stand-ins; remove it from the deployment")
         if on_cloud_run and not env.get("BACKUP_TASKS_AUDIENCE"):
             raise ConfigError(
                 "BACKUP_TASKS_AUDIENCE is not set: on the Cloud Run worker it must be the worker's own URL, the"
@@ -158,6 +166,7 @@ class Settings:
             worker_queues=tuple(
                 q.strip() for q in env.get("BACKUP_WORKER_QUEUES", "directory,sqlsync").split(",") if q.strip()
             ),
+            anonymous_credentials=credentials == "anonymous",
             environ=env,
         )
 
@@ -204,7 +213,12 @@ class Runtime:
 
     def credentials(self) -> Any:
         """Credentials for Google APIs built with googleapiclient: the ones given (tests pass anonymous
-        credentials for local fakes), else Application Default Credentials."""
+        credentials for local fakes; BACKUP_CREDENTIALS=anonymous does the same for make run), else Application
+        Default Credentials."""
+        if self._credentials is None and self.settings.anonymous_credentials:
+            from google.auth.credentials import AnonymousCredentials
+
+            self._credentials = AnonymousCredentials()
         if self._credentials is None:
             import google.auth
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from typing import Any
 
 import requests
@@ -113,11 +114,17 @@ def runtime(clock: Any = None, env: dict[str, str] | None = None) -> Any:
 
     from services.runtime import Runtime, Settings, utcnow
 
-    return Runtime(Settings.from_env(env or {}), plans={}, clock=clock or utcnow, credentials=AnonymousCredentials())
+    if env is None:  # the deployment's CouchDB variables (tests set them as a deployment would), nothing else
+        env = {name: value for name, value in os.environ.items() if name.startswith("COUCHDB_")}
+    return Runtime(Settings.from_env(env), plans={}, clock=clock or utcnow, credentials=AnonymousCredentials())
 
 
 def peak_rss_mb(
-    argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None, stderr_path: str | None = None
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    stderr_path: str | None = None,
+    timeout: float | None = None,
 ) -> tuple[float, int]:
     """Run ``argv`` to completion; return (peak resident memory of that process in MB, exit status).
 
@@ -132,7 +139,11 @@ def peak_rss_mb(
     if stderr_path:
         errors.close()
     peak_kb = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
     while process.poll() is None:
+        if deadline is not None and time.monotonic() > deadline:
+            process.kill()  # the caller sees the kill's status as a failure
+            break
         try:
             with open(f"/proc/{process.pid}/status") as status:
                 for line in status:

@@ -488,10 +488,12 @@ class ComputeFake:
 
 
 class FakeServer:
-    """Serves a ComputeFake on 127.0.0.1 over real HTTP/1.1 (keep-alive), in a background thread."""
+    """Serves a fake (``handle(method, url, body)`` -> status, JSON answer: ComputeFake, FilestoreFake) on
+    127.0.0.1 over real HTTP/1.1 (keep-alive), in a background thread; ``api_path`` is where the API's paths begin."""
 
-    def __init__(self, fake: ComputeFake):
+    def __init__(self, fake: Any, api_path: str = "/compute/v1/"):
         self.fake = fake
+        self.api_path = api_path
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -511,7 +513,7 @@ class FakeServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = do_DELETE = _serve
+            do_GET = do_POST = do_DELETE = do_PATCH = _serve
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -522,7 +524,7 @@ class FakeServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/compute/v1/"
+        return f"http://127.0.0.1:{self.server.server_address[1]}{self.api_path}"
 
     def __enter__(self) -> FakeServer:
         self.thread.start()

@@ -87,20 +87,25 @@ class FilestoreFake:
     # --- serving ----------------------------------------------------------------------------------------------
 
     def callback(self, request: Any) -> tuple[int, dict[str, str], str]:
-        url = urlsplit(request.url)
-        path = url.path.split("/v1/", 1)[1]
-        params = {k: v[0] for k, v in parse_qs(url.query).items()}
-        body = json.loads(request.body) if request.body else {}
-        self.calls.append((request.method, path))
+        """For ``responses``: one intercepted request answered."""
+        status, payload = self.handle(request.method, request.url, request.body)
+        return status, {"Content-Type": "application/json"}, json.dumps(payload)
+
+    def handle(self, method: str, url: str, raw_body: bytes | str | None) -> tuple[int, dict[str, Any]]:
+        """One request (also served over real HTTP by tests.fakes_compute.FakeServer): status and JSON answer."""
+        split = urlsplit(url)
+        path = split.path.split("/v1/", 1)[1]
+        params = {k: v[0] for k, v in parse_qs(split.query).items()}
+        body = json.loads(raw_body) if raw_body else {}
+        self.calls.append((method, path))
         try:
-            for i, (method, fragment, status) in enumerate(self.injected):
-                if method == request.method and fragment in path:
+            for i, (injected_method, fragment, status) in enumerate(self.injected):
+                if injected_method == method and fragment in path:
                     del self.injected[i]
                     raise ApiError(status, f"injected {status}")
-            payload = self._route(request.method, path, params, body)
-            return 200, {"Content-Type": "application/json"}, json.dumps(payload)
+            return 200, self._route(method, path, params, body)
         except ApiError as exc:
-            return exc.status, {"Content-Type": "application/json"}, json.dumps(exc.body())
+            return exc.status, exc.body()
 
     def _require(self, path: str, permission: str) -> None:
         project = path.split("/")[1]

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from services import sqlsync
-from services.sqlsync_db import DatabaseRef
+from kinds.sqlsync import dumps as sqlsync
+from kinds.sqlsync.plan import DatabaseRef
 
 PATH = re.compile(r"^/?sql/v1beta4/projects/(?P<project>[^/]+)/(?P<rest>.*)$")
 

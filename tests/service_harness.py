@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from google.auth.credentials import AnonymousCredentials
@@ -54,3 +55,14 @@ class Service:
 
     def cron(self, path: str) -> Any:
         return self.client.get(path, headers=AUTH)
+
+    def run_drills(self) -> tuple[list[dict[str, Any]], list[Any]]:
+        """The hourly drills cron, then each drill task it enqueued run to the end (follow-ups too): what the cron
+        answered per plan, and the last answer of each drill."""
+        scheduled = self.cron("/cron/_drills").get_json()["plans"]
+        answers = []
+        for task in [t for t in self.queue.tasks("pending") if t["path"].endswith("/drill")]:
+            self.queue.settle(task["name"], state="done", status=200, error=None)
+            spec = SimpleNamespace(name=task["name"], path=task["path"], payload=json.loads(task["payload"]))
+            answers.append(self.run(spec))
+        return scheduled, answers

@@ -11,6 +11,7 @@ from services.plans import parse_plan
 from services.runtime import Runtime, Settings
 
 SECRET_ENV = "SQLSYNC_TEST_SECRET"
+SECRET = "a-test-secret-of-enough-length"
 _names = itertools.count()
 
 SCHEMA = """
@@ -90,7 +91,6 @@ def load_shop(production, prod_db: str, staging, staging_db: str) -> None:
 def make_sync_setup(mariadb_servers, tmp_path, monkeypatch, mask_mode: str | None = None) -> dict:
     """Fresh production/scratch/staging databases with data, and a plan pointing at them (``mask_mode`` unset:
     the profile's default, stream masking on import for the local profile)."""
-    monkeypatch.setenv(SECRET_ENV, "a-test-secret-of-enough-length")
     suffix = next(_names)
     production, scratch, staging = (mariadb_servers[k] for k in ("production", "scratch", "staging"))
     prod_db = production.fresh_database(f"shop_{suffix}")
@@ -125,11 +125,12 @@ def make_sync_setup(mariadb_servers, tmp_path, monkeypatch, mask_mode: str | Non
                 "orders": {"contact_email": "email"},
             },
             "preserve": {"accounts": "demo = 1", "orders": "account_id IN (SELECT id FROM accounts WHERE demo = 1)"},
+            "allow": ["accounts.demo", "orders.total"],
         },
     }
     if mask_mode:
         raw["options"]["mask_mode"] = mask_mode
-    rt = Runtime(Settings.from_env({}), plans={}, credentials=AnonymousCredentials())
+    rt = Runtime(Settings.from_env({SECRET_ENV: SECRET}), plans={}, credentials=AnonymousCredentials())
     return {
         "raw": raw,
         "plan": parse_plan("staging-refresh", raw),

@@ -216,6 +216,16 @@ def test_the_local_token_works_only_over_loopback(client_for):
         ({"K_SERVICE": "backup-worker", "BACKUP_LOCAL_TOKEN": "x"}, "BACKUP_LOCAL_TOKEN is set on Cloud Run"),
         ({"K_SERVICE": "backup-worker"}, "BACKUP_TASKS_AUDIENCE is not set"),
         ({"GAE_ENV": "standard", "GOOGLE_CLOUD_PROJECT": "p"}, "BACKUP_SERVICE_URL is not set"),
+        (
+            {
+                "GAE_ENV": "standard",
+                "GOOGLE_CLOUD_PROJECT": "p",
+                "BACKUP_SERVICE_URL": "https://x",
+                "BACKUP_CREDENTIALS": "anonymous",
+            },
+            "BACKUP_CREDENTIALS=anonymous is for local stand-ins",
+        ),
+        ({"BACKUP_CREDENTIALS": "none"}, "BACKUP_CREDENTIALS: expected 'default' or 'anonymous', got 'none'"),
     ],
 )
 def test_deployed_settings_that_would_weaken_auth_stop_start_up(env, message):

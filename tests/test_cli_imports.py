@@ -17,7 +17,17 @@ import commands
 from commands import LAZY_COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("google", "googleapiclient", "grpc", "couchdb", "pymysql", "services.couchdb", "services.sqlsync", "flask")
+HEAVY = (
+    "google",
+    "googleapiclient",
+    "grpc",
+    "couchdb",
+    "pymysql",
+    "kinds.couchdb",
+    "kinds.sqlsync.kind",
+    "kinds.sqlsync.steps",
+    "flask",
+)
 
 PROBE = """
 import json, sys

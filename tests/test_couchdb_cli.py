@@ -6,7 +6,7 @@ import requests
 from click.testing import CliRunner
 
 from commands.couchdb import couchdb
-from services.couchdb_http import RetryPolicy
+from kinds.couchdb.http import RetryPolicy
 from tests.couch_data import leaves, make_docs, seed, winners
 
 
@@ -50,7 +50,7 @@ def test_a_server_that_is_down_exits_5(monkeypatch, tmp_path):
     from tests.fixtures.pouchdb import free_port
 
     monkeypatch.setenv("COUCHDB_URL", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setattr("services.couchdb_http.DEFAULT_RETRY", RetryPolicy(attempts=3, base_delay=0.01))
+    monkeypatch.setattr("kinds.couchdb.http.DEFAULT_RETRY", RetryPolicy(attempts=3, base_delay=0.01))
 
     down = _cli("backup", "x", "--to", str(tmp_path))
 

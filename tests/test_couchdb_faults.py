@@ -10,9 +10,11 @@ import time
 
 import pytest
 
-from services.couchdb_engine import BackupOptions, RestoreOptions, backup_database, restore_chain, verify_database
-from services.couchdb_http import CouchServer, RetryPolicy, TokenBucket, retry_after_seconds
-from services.couchdb_store import open_store
+from kinds.couchdb.backup import BackupOptions, backup_database
+from kinds.couchdb.http import CouchServer, RetryPolicy, TokenBucket, retry_after_seconds
+from kinds.couchdb.restore import RestoreOptions, restore_chain
+from kinds.couchdb.store import open_store
+from kinds.couchdb.verify import verify_database
 from services.errors import TransientError
 from services.runtime import ROOT
 from tests.couch_data import leaves, make_docs, seed

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from services.couchdb import access_secret, enumerate_targets, select_databases, start
-from services.couchdb_engine import RestoreOptions, list_manifests, resolve_chain, restore_chain, verify_database
-from services.couchdb_http import CouchServer
-from services.couchdb_store import open_store
+from kinds.couchdb.http import CouchServer
+from kinds.couchdb.kind import access_secret, enumerate_targets, select_databases, start
+from kinds.couchdb.restore import RestoreOptions, restore_chain
+from kinds.couchdb.store import list_manifests, open_store, resolve_chain
+from kinds.couchdb.verify import verify_database
 from services.errors import ConfigError, PermanentError
 from services.kinds import Done, RunContext, Target
 from services.plans import parse_plan

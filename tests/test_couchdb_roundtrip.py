@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from services.couchdb_engine import (
-    BackupOptions,
-    RestoreOptions,
-    backup_database,
-    read_manifest,
-    restore_chain,
-    verify_database,
-)
-from services.couchdb_http import CouchServer
-from services.couchdb_store import open_store
+from kinds.couchdb.backup import BackupOptions, backup_database
+from kinds.couchdb.http import CouchServer
+from kinds.couchdb.restore import RestoreOptions, restore_chain
+from kinds.couchdb.store import open_store, read_manifest
+from kinds.couchdb.verify import verify_database
 from services.errors import PermanentError
 from tests.couch_data import leaves, make_docs, seed, winners
 from tests.couch_proxy import FaultProxy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from google.cloud import datastore as ds
 
@@ -141,3 +143,32 @@ def test_preflight_accepts_same_region_and_containing_multi_region(rt, gcs):
 def test_preflight_names_a_missing_bucket(rt, gcs):
     with pytest.raises(PermanentError, match="gs://nowhere does not exist"):
         kind.check_bucket(rt, "nowhere", "us-central1")
+
+
+def test_restore_exports_what_it_overwrites_first_then_brings_the_export_back(rt, datastore, gcs):
+    seed(datastore, "Customer", count=3)
+    make_bucket(gcs, "exports-bucket", location="us-central1")
+    plan = plan_of()
+    target = kind.KIND.resolve(plan, "Customer", rt)
+    done = kind.KIND.start(plan, target, RunContext("r1", plan.name, "Customer", Clock()()), rt)
+    assert isinstance(done, Done)
+    changed = datastore.get(datastore.key("Customer", "Customer-1"))
+    changed["label"] = "edited after the backup"
+    datastore.put(changed)
+    datastore.delete(datastore.key("Customer", "Customer-2"))
+
+    result = kind.restore(rt, done.output, kinds=["Customer"], safety_url_prefix="gs://exports-bucket/safety/t1")
+
+    assert result.imported_from == done.output  # (the emulator reports no entity counts: the data is checked below)
+    safety = Path(result.safety_export)  # the emulator exports to its local folder for the bucket
+    assert safety.is_relative_to(rt.settings.export_local_root / "exports-bucket" / "safety" / "t1")
+    assert kind.count_local_export(safety.parent)["Customer"]["entities"] == 2  # the data as the restore found it
+    restored = {e.key.name: e["label"] for e in datastore.query(kind="Customer").fetch()}
+    assert restored == {f"Customer-{i}": f"Customer number {i}" for i in range(3)}
+
+
+def test_restore_of_a_folder_without_one_export_names_what_it_found(rt, gcs):
+    make_bucket(gcs, "exports-bucket", location="us-central1")
+
+    with pytest.raises(PermanentError, match=r"expected one \.overall_export_metadata under gs://exports-bucket/x"):
+        kind.restore(rt, "gs://exports-bucket/x")

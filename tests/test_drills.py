@@ -34,16 +34,8 @@ def _back_up(svc, key):
 
 
 def _drill_all(svc):
-    scheduled = svc.cron("/cron/_drills").get_json()["plans"][0]
-    answers = []
-    for task in [t for t in svc.queue.tasks("pending") if t["path"].endswith("/drill")]:
-        svc.queue.settle(task["name"], state="done", status=200, error=None)
-
-        class Spec:
-            name, path, payload = task["name"], task["path"], json.loads(task["payload"])
-
-        answers.append(svc.run(Spec))
-    return scheduled, answers
+    scheduled, answers = svc.run_drills()
+    return scheduled[0], answers
 
 
 KEY = "projects/proj-alpha/zones/us-east1-b/disks/db"
@@ -232,16 +224,8 @@ def test_leftovers_in_the_scratch_are_cleared_before_the_import(ds_service):
 
 
 def _drill_all_of(svc, plan_name):
-    scheduled = [p for p in svc.cron("/cron/_drills").get_json()["plans"] if p["plan"] == plan_name][0]
-    answers = []
-    for task in [t for t in svc.queue.tasks("pending") if t["path"].endswith("/drill")]:
-        svc.queue.settle(task["name"], state="done", status=200, error=None)
-
-        class Spec:
-            name, path, payload = task["name"], task["path"], json.loads(task["payload"])
-
-        answers.append(svc.run(Spec))
-    return scheduled, answers
+    scheduled, answers = svc.run_drills()
+    return [p for p in scheduled if p["plan"] == plan_name][0], answers
 
 
 @pytest.fixture

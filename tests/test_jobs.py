@@ -62,3 +62,13 @@ def test_the_driver_runs_the_same_chunks_in_one_process(tmp_path, counting):
     assert isinstance(outcome, Done) and len(outcome.stats["chunks"]) >= 3
     assert [i for chunk in outcome.stats["chunks"] for i in chunk] == list(range(12))
     assert unbudgeted.stats["chunks"] == [list(range(12))]
+
+
+@pytest.mark.parametrize("text", ["-1", "3301", "eight", ""])
+def test_a_budget_outside_the_request_deadline_stops_start_up_naming_the_setting(text):
+    from services.errors import ConfigError
+    from services.runtime import Settings
+
+    with pytest.raises(ConfigError, match=r"BACKUP_JOB_BUDGET_SECONDS: expected seconds from 0 to 3300"):
+        Settings.from_env({"BACKUP_JOB_BUDGET_SECONDS": text})
+    assert Settings.from_env({"BACKUP_JOB_BUDGET_SECONDS": "0"}).job_budget_seconds == 0.0

@@ -12,13 +12,13 @@ import pytest
 import responses
 from google.auth.credentials import AnonymousCredentials
 
-from services import sqlsync
+from kinds.sqlsync import kind as sqlsync
 from services.errors import PermanentError, TransientError
 from services.kinds import Pending, RunContext, Target
 from services.plans import parse_plan
 from services.runtime import Runtime, Settings
 from tests.fakes_sqladmin import Backend, SqlAdminFake
-from tests.sqlsync_data import load_shop, production_rows
+from tests.sqlsync_data import SECRET, SECRET_ENV, load_shop, production_rows
 
 ENDPOINT = "https://sqladmin.fake.test/"
 PROJECT = "shop-prod"
@@ -29,7 +29,6 @@ _names = itertools.count()
 
 @pytest.fixture
 def cloud(mariadb_servers, gcs, monkeypatch):
-    monkeypatch.setenv("SQLSYNC_TEST_SECRET", "a-test-secret-of-enough-length")
     gcs.create_bucket(BUCKET)
     n = next(_names)
     production, scratch, staging = (mariadb_servers[k] for k in ("production", "scratch", "staging"))
@@ -71,6 +70,7 @@ def cloud(mariadb_servers, gcs, monkeypatch):
                 "orders": {"contact_email": "email"},
             },
             "preserve": {"accounts": "demo = 1", "orders": "account_id IN (SELECT id FROM accounts WHERE demo = 1)"},
+            "allow": ["accounts.notes", "accounts.ssn", "accounts.country", "accounts.demo", "orders.total"],
         },
     }
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
@@ -81,7 +81,7 @@ def cloud(mariadb_servers, gcs, monkeypatch):
             "fake": fake,
             "raw": raw,
             "plan": parse_plan("staging-refresh", raw),
-            "rt": Runtime(Settings.from_env({}), plans={}, credentials=AnonymousCredentials()),
+            "rt": Runtime(Settings.from_env({SECRET_ENV: SECRET}), plans={}, credentials=AnonymousCredentials()),
             "staging": (staging, staging_db),
             "gcs": gcs,
         }
@@ -208,7 +208,7 @@ def test_the_endpoint_can_come_from_the_environment(cloud):
     raw = dict(cloud["raw"], options={k: v for k, v in cloud["raw"]["options"].items() if k != "endpoint"})
     cloud["plan"] = parse_plan("staging-refresh", raw)
     cloud["rt"] = Runtime(
-        Settings.from_env({"BACKUP_SQLADMIN_ENDPOINT": ENDPOINT.rstrip("/")}),
+        Settings.from_env({"BACKUP_SQLADMIN_ENDPOINT": ENDPOINT.rstrip("/"), SECRET_ENV: SECRET}),
         plans={},
         credentials=AnonymousCredentials(),
     )
@@ -217,3 +217,26 @@ def test_the_endpoint_can_come_from_the_environment(cloud):
 
     assert outcome.stats["step_reached"] == "import-scratch"
     assert cloud["fake"].started == [("production", "EXPORT"), ("scratch", "IMPORT")]
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "words"),
+    [
+        (409, TransientError, "step export-production: another operation is running: "),
+        (400, PermanentError, "step export-production: request refused (400): "),
+    ],
+)
+def test_conflicts_and_refusals_are_judged_as_for_every_kind(cloud, status, error, words):
+    from googleapiclient.errors import HttpError
+
+    from services import gcp_errors
+
+    cloud["fake"].http_fault("POST", "/instances/production/export", status, "the fake says no")
+
+    with pytest.raises(error) as raised:
+        _run(cloud)
+
+    assert str(raised.value) == words + "the fake says no"
+    cause = raised.value.__cause__
+    assert isinstance(cause, HttpError)
+    assert type(gcp_errors.classify(cause, "anything")) is type(raised.value)

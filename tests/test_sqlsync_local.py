@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services import sqlsync
+from kinds.sqlsync import kind as sqlsync
 from services.errors import ConfigError, PermanentError
 from services.kinds import RunContext
 from services.plans import parse_plan

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from services.masking import FIRST_NAMES, LAST_NAMES, ColumnRule, Masker, is_reserved_email_domain
+from kinds.sqlsync.masking import FIRST_NAMES, LAST_NAMES, ColumnRule, Masker, is_reserved_email_domain
 
 SECRET = b"test-secret-0123456789abcdef"
 EMAIL = ColumnRule("users", "email", "email", "email")

@@ -93,3 +93,8 @@ def test_columns_of_one_domain_must_share_an_email_domain():
 
     with pytest.raises(ConfigError, match="must share one email_domain"):
         parse_plan("staging-refresh", raw)
+
+
+def test_allow_entries_must_name_a_table_and_a_column():
+    with pytest.raises(ConfigError, match=r"field 'options.allow': expected table.column or table.\*, got 'users'"):
+        parse_plan("staging-refresh", _with("options.allow", ["users.*", "users"]))

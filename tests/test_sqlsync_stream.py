@@ -1,4 +1,4 @@
-"""Stream masking of a mariadb-dump file on its way into scratch (services/sqlsync_stream.py): real dumps from a
+"""Stream masking of a mariadb-dump file on its way into scratch (kinds/sqlsync/stream.py): real dumps from a
 real MariaDB, compared with the in-place masking the cloudsql profile uses."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from collections import Counter
 
 import pytest
 
-from services import sqlsync, sqlsync_db
-from services.masking import ColumnRule, Masker, _Feistel
-from services.sqlsync_stream import DumpFormatError, decode_value, encode_value, mask_dump
+from kinds.sqlsync import db as sqlsync_db
+from kinds.sqlsync import dumps as sqlsync
+from kinds.sqlsync.masking import ColumnRule, Masker, _Feistel
+from kinds.sqlsync.stream import DumpFormatError, decode_value, encode_value, mask_dump
 
 SECRET = b"test-secret-0123456789abcdef"
 RULES = [

@@ -390,11 +390,11 @@ def test_a_datastore_task_cannot_choose_the_export_project(tmp_path, datastore, 
 
 def test_a_sqlsync_task_cannot_choose_its_steps(tmp_path, datastore, mariadb_servers, monkeypatch):
     from tests.helpers import Clock
-    from tests.sqlsync_data import make_sync_setup, production_rows
+    from tests.sqlsync_data import SECRET, SECRET_ENV, make_sync_setup, production_rows
 
     setup = make_sync_setup(mariadb_servers, tmp_path, monkeypatch, mask_mode="in-place")
     plan = setup["plan"]
-    service = Service(tmp_path, datastore, {plan.name: plan}, Clock())
+    service = Service(tmp_path, datastore, {plan.name: plan}, Clock(), environ={SECRET_ENV: SECRET})
     key = f"{plan.settings.staging.role}-{plan.settings.staging.database}"
     forged = service.task(plan.name, key, {"start_at": "export-scratch", "stop_at": "import-staging"})
 

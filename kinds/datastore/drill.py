@@ -16,16 +16,15 @@ backup ever reads. Steps (each a task; long ones checkpoint within the task budg
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from google.api_core import exceptions as core
 
-from kinds.datastore.exports import _project, admin_client
+from kinds.datastore.exports import _project, admin_client, emulator_path
 from kinds.datastore.plan import Settings
 from services.errors import PermanentError
 from services.gcp_errors import classify
-from services.kinds import BackupRef, Done, DrillStep, Outcome, Pending, RunContext, Target
+from services.kinds import BackupRef, Done, DrillState, DrillStep, Outcome, Pending, RunContext, Target
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -34,7 +33,7 @@ DELETE_BATCH = 500  # Datastore's limit per commit
 
 
 def drill(
-    plan: Plan[Settings], target: Target, backup: BackupRef, state: dict[str, Any] | None, run: RunContext, rt: Runtime
+    plan: Plan[Settings], target: Target, backup: BackupRef, state: DrillState, run: RunContext, rt: Runtime
 ) -> Outcome:
     state = state or {"phase": "clear-before", "pairs": _pairs(target)}
     scratch = _scratch(plan, rt)
@@ -104,7 +103,7 @@ def _start_import(
         raise PermanentError(
             f"the export holds {size} bytes, over drill.max_bytes ({plan.drill.max_bytes}); not restored"
         )
-    source = _import_source(backup.output, rt)
+    source = emulator_path(rt, backup.output)
     namespaces = sorted({ns for ns, _kind in state["pairs"]})
     kinds = sorted({kind for _ns, kind in state["pairs"]})
     request: dict[str, Any] = {
@@ -127,15 +126,6 @@ def _start_import(
         state["seconds"] = round(time.monotonic() - began, 3)
         return _imported(backup, state, operation, scratch, run, rt, keep=plan.drill.keep_scratch)
     return Pending(state, delay_seconds=POLL_SECONDS)
-
-
-def _import_source(output: str, rt: Runtime) -> str:
-    """The export's metadata file as the importer reads it: its gs:// URL, or locally the emulator's own copy."""
-    local_root = rt.settings.export_local_root
-    if local_root is None:
-        return output
-    bucket, _, name = output.removeprefix("gs://").partition("/")
-    return str(Path(local_root) / bucket / name)
 
 
 def _import_into_named_database(rt: Runtime, scratch: Scratch, request: dict[str, Any]) -> Any:

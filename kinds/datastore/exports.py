@@ -22,17 +22,7 @@ from services.catalog import NAMESPACE as CATALOG_NAMESPACE
 from services.errors import PermanentError, TargetGone, TransientError
 from services.fanout import period_stamp
 from services.gcp_errors import classify
-from services.kinds import (
-    Done,
-    DrillsIn,
-    Execution,
-    Outcome,
-    Pending,
-    RunContext,
-    Target,
-    TargetPage,
-    find_by_listing,
-)
+from services.kinds import Done, DrillsIn, Execution, Outcome, Pending, RunContext, Target, TargetPage, find_by_listing
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -299,6 +289,16 @@ class RestoreResult:
     entities: int
 
 
+def emulator_path(rt: Runtime, url: str) -> str:
+    """``url`` (gs://bucket/name) as the Datastore admin API reads and writes it: itself in the cloud, or locally
+    the emulator's own folder for that bucket (the emulator exports to and imports from local disk)."""
+    local_root = rt.settings.export_local_root
+    if local_root is None:
+        return url
+    bucket, _, name = url.removeprefix("gs://").partition("/")
+    return str(Path(local_root) / bucket / name)
+
+
 def metadata_url(rt: Runtime, export_url: str) -> str:
     """The ``.overall_export_metadata`` file of an export, given it or the export's folder."""
     if export_url.endswith(".overall_export_metadata"):
@@ -315,18 +315,20 @@ def metadata_url(rt: Runtime, export_url: str) -> str:
     return f"gs://{bucket}/{found[0]}"
 
 
-def _wait(rt: Runtime, operation: Any, what: str, timeout: float, interval: float = 5.0) -> Any:
-    from google.longrunning import operations_pb2
+def _finish(operation: Any, what: str, timeout: float) -> Any:
+    """Wait for a long-running admin operation through the client's own operation object (which polls
+    GetOperation with backoff): its response, TransientError if still running at ``timeout``, PermanentError with
+    the operation's own error if it failed."""
+    import concurrent.futures
 
-    deadline = time.monotonic() + timeout
-    while not operation.done:
-        if time.monotonic() > deadline:
-            raise TransientError(f"{what}: operation {operation.name} still running after {timeout:.0f}s")
-        time.sleep(interval)  # the CLI waits; request handlers never do
-        operation = admin_client(rt).get_operation(operations_pb2.GetOperationRequest(name=operation.name))
-    if operation.HasField("error") and operation.error.code:
-        raise PermanentError(f"{what} failed (code {operation.error.code}): {operation.error.message}")
-    return operation
+    try:
+        return operation.result(timeout=timeout)  # the CLI waits; request handlers never do
+    except concurrent.futures.TimeoutError as exc:
+        raise TransientError(
+            f"{what}: operation {operation.operation.name} still running after {timeout:.0f}s"
+        ) from exc
+    except core.GoogleAPICallError as exc:
+        raise PermanentError(f"{what} failed: {exc.message}") from exc
 
 
 def restore(
@@ -353,23 +355,22 @@ def restore(
     safety = admin.export_entities(
         request={
             "project_id": project,
-            "output_url_prefix": safety_url_prefix,
+            "output_url_prefix": emulator_path(rt, safety_url_prefix),
             "entity_filter": entity_filter,
             "labels": {"managed-by": "backup-scheduler", "purpose": "safety-before-restore"},
         }
-    ).operation
-    safety = _wait(rt, safety, "safety export before restore", timeout)
-    safety_output = datastore_admin_v1.ExportEntitiesResponse.deserialize(safety.response.value).output_url
+    )
+    safety_output = _finish(safety, "safety export before restore", timeout).output_url
     imported = admin.import_entities(
         request={
             "project_id": project,
-            "input_url": source,
+            "input_url": emulator_path(rt, source),
             "entity_filter": entity_filter,
             "labels": {"managed-by": "backup-scheduler"},
         }
-    ).operation
-    imported = _wait(rt, imported, "import", timeout)
-    metadata = datastore_admin_v1.ImportEntitiesMetadata.deserialize(imported.metadata.value)
+    )
+    _finish(imported, "import", timeout)
+    metadata: datastore_admin_v1.ImportEntitiesMetadata = imported.metadata
     return RestoreResult(safety_output, source, int(metadata.progress_entities.work_completed))
 
 

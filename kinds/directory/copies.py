@@ -24,6 +24,7 @@ than the kernel's PATH_MAX: every system call on a long path goes through a desc
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -31,10 +32,14 @@ import fcntl
 import hashlib
 import itertools
 import json
+import marshal
+import mmap
 import os
 import queue
 import re
+import signal
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 FORMAT = "backup-scheduler/dircopy/2"  # every control character and undecodable byte escaped; header "root"
 FORMAT_V1 = "backup-scheduler/dircopy/1"  # only \\ \t \n \r escaped; still read (existing users' copies)
@@ -66,6 +71,9 @@ CHUNK = 1 << 20
 # trips of a network file system (NFS), where each lstat waits for the server.
 WALKERS = 1
 DEFAULT_THREADS = 4
+# Processes sharing a copy's walk when the CLI runs it (copy_tree's ``processes``); the service's copies stay in
+# one process, since forking a threaded server can leave a worker waiting on a lock held by another thread.
+CLI_PROCESSES = min(2, os.cpu_count() or 1)
 MAX_HEADER_ERRORS = 1000  # errors listed in a manifest's header (all of them are in the log)
 
 # Whether copies can keep the source's owner: only root may chown to someone else.
@@ -685,6 +693,14 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _read_all(fd: int) -> bytes:
+    """Everything from ``fd`` up to end of file."""
+    parts = []
+    while part := os.read(fd, 1 << 20):
+        parts.append(part)
+    return b"".join(parts)
+
+
 def _hash_zeros(digest: Any, count: int) -> None:
     zeros = memoryview(_ZEROS)
     while count > 0:
@@ -873,6 +889,39 @@ class DestinationFull(OSError):
     """The destination cannot take more (no space, quota, read-only): the copy stops."""
 
 
+@dataclass(slots=True)
+class _Unit:
+    """A share of the work of a copy made by several processes: a subtree not listed yet (``tree``), or a slice
+    of the entries (``files``) of the listed directory ``rel_dir``."""
+
+    tree: _Item | None = None
+    rel_dir: str = ""
+    files: list[_Item] | None = None
+    weight: int = 0  # entries, as far as known
+
+
+# A copy in several processes: the first lists the top of the tree until this many subtrees per process wait
+# (or it listed _EXPAND_LIMIT directories); files listed by then are shared in slices of _SLICE or more, at most
+# _MAX_SLICES slices. A tree found to be smaller than _MIN_SHARED_ENTRIES is copied by the first process alone.
+_TREES_PER_PROCESS = 8
+_EXPAND_LIMIT = 64
+_SLICE = 256
+_MAX_SLICES = 2048
+_TREE_WEIGHT = 1000  # a subtree not listed yet counts as this many entries
+_MIN_SHARED_ENTRIES = 2000
+_COUNTS = (
+    "files_copied",
+    "files_linked",
+    "symlinks",
+    "specials",
+    "skipped",
+    "vanished",
+    "damaged_previous",
+    "bytes_copied",
+    "bytes_linked",
+)
+
+
 class _Copier:
     """One run: walk SOURCE, link or copy each entry into the in-progress folder, collect manifest lines.
 
@@ -892,8 +941,10 @@ class _Copier:
         progress_every: float,
         walkers: int = WALKERS,
         deadline: float | None = None,
+        processes: int = 1,
     ):
         self.source = str(source)
+        self.processes = max(1, processes)
         self.deadline = deadline  # time.monotonic(): no new directory is started after it
         self.postponed: list[_Item | None] = []  # directories not visited when the deadline came
         self.walkers = max(1, walkers)
@@ -923,8 +974,46 @@ class _Copier:
         self._seen_any = False
         self._signature_tails: dict[tuple[int, int, int], str] = {}
         self.full: OSError | None = None  # set when the destination cannot take more; everything then stops
+        # Several processes (see _run_in_processes): each worker publishes its counters in a shared slot.
+        self._slots: mmap.mmap | None = None
+        self._slot: int | None = None  # this process's slot, in a worker process
+        self._live_slots: list[int] = []  # in the first process: the slots of workers still running
+        self._worker_directories = 0  # directories the worker processes created
 
     def run(self, allow_empty: bool) -> None:
+        if self.processes > 1 and self.deadline is None and self.walkers == 1:
+            self._run_in_processes(allow_empty)
+        else:
+            self._run_here(allow_empty)
+        if self.postponed:
+            return  # a checkpoint, not the end: directories keep their private modes until the last part
+        for item in reversed(self._directories):  # children before parents, so a directory's time sticks
+            self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
+        self.stats.directories = len(self._directories) + self._worker_directories
+        self.stats.files_deleted = sum(
+            1 for path, line in self.previous_lines.items() if line[0] != "d" and path not in self.lines
+        )
+        self._report(force=True)
+
+    def _check_not_empty(self, allow_empty: bool) -> None:
+        if (
+            not self.postponed
+            and not self._seen_any
+            and not allow_empty
+            and any(line[0] != "d" for line in self.previous_lines.values())
+        ):
+            raise CopyError(
+                f"{self.source} is empty but the previous copy {self.previous} has files; is the share mounted?"
+                " (set options.allow_empty to copy an empty source)"
+            )
+
+    def _raise_if_full(self) -> None:
+        if self.full is not None:
+            self._stop_copies()
+            raise DestinationFull(self.full.errno, self.full.strerror, self.full.filename)
+
+    def _run_here(self, allow_empty: bool) -> None:
+        """The whole walk in this process: one walker (this thread) or walking threads, and the copy pool."""
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dircopy") as pool:
             self._copy_pool = pool
             try:
@@ -942,40 +1031,193 @@ class _Copier:
             except BaseException:
                 self._stop_copies()
                 raise
-            directories, pending = self._directories, self._copies
-            if self.full is not None:
-                self._stop_copies()
-                raise DestinationFull(self.full.errno, self.full.strerror, self.full.filename)
-            if (
-                not self.postponed
-                and not self._seen_any
-                and not allow_empty
-                and any(line[0] != "d" for line in self.previous_lines.values())
-            ):
-                raise CopyError(
-                    f"{self.source} is empty but the previous copy {self.previous} has files; is the share mounted?"
-                    " (set options.allow_empty to copy an empty source)"
-                )
+            self._raise_if_full()
+            self._check_not_empty(allow_empty)
             self._report(force=True)  # the walk is over: totals are known from here on
             try:
-                for future in pending:
+                for future in self._copies:
                     self._collect(future.result())
-                    if self.full is not None:
-                        self._stop_copies()
-                        raise DestinationFull(self.full.errno, self.full.strerror, self.full.filename)
+                    self._raise_if_full()
             except BaseException:
                 self._stop_copies()
                 raise
 
-        if self.postponed:
-            return  # a checkpoint, not the end: directories keep their private modes until the last part
-        for item in reversed(directories):  # children before parents, so a directory's time sticks
-            self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
-        self.stats.directories = len(directories)
-        self.stats.files_deleted = sum(
-            1 for path, line in self.previous_lines.items() if line[0] != "d" and path not in self.lines
-        )
+    # --- several processes ---------------------------------------------------------------------------------------
+
+    def _run_in_processes(self, allow_empty: bool) -> None:
+        """The walk shared by ``processes`` processes (this one and forked workers), as rsync's sender and
+        receiver share theirs: a local copy is bound by system calls, one thread of Python makes them one at a
+        time, and the interpreter lock keeps threads from overlapping them.
+
+        This process first creates and lists the top of the tree breadth-first, until there are enough subtrees
+        to share out; the subtrees and slices of the files found so far become units of work. Each process takes
+        the next unit from a pipe holding all their numbers (a 4-byte read is atomic), walks it with its own copy
+        pool, sets the attributes of the directories it created, and sends its manifest lines and counts back
+        through a pipe of its own; this process merges them and finishes the directories of the top."""
+        units = self._expand()
+        self._raise_if_full()
+        self._check_not_empty(allow_empty)
+        workers = min(self.processes, len(units))
+        if workers < 2 or sum(unit.weight for unit in units) < _MIN_SHARED_ENTRIES:
+            self._work_on(units, iter(range(len(units))).__next__)
+            return
+        order_r, order_w = os.pipe()
+        try:
+            os.write(order_w, struct.pack(f"{len(units)}I", *range(len(units))))
+        finally:
+            os.close(order_w)
+
+        def take() -> int:
+            data = os.read(order_r, 4)
+            if not data:
+                raise StopIteration
+            number: int = struct.unpack("I", data)[0]
+            return number
+
+        self._slots = mmap.mmap(-1, 32 * workers)
+        children: list[tuple[int, int, int]] = []  # (pid, result pipe, slot)
+        try:
+            for slot in range(1, workers):
+                result_r, result_w = os.pipe()
+                pid = os.fork()
+                if pid == 0:  # the worker: never returns
+                    os.close(result_r)
+                    self._worker(slot, units, take, result_w)
+                os.close(result_w)
+                children.append((pid, result_r, slot))
+                self._live_slots.append(slot)
+            self._work_on(units, take)
+            while children:
+                pid, result_r, slot = children[0]
+                data = _read_all(result_r)
+                os.close(result_r)
+                _, status = os.waitpid(pid, 0)
+                children.pop(0)
+                self._live_slots.remove(slot)
+                self._merge(data, status)
+        finally:
+            os.close(order_r)
+            for pid, result_r, _slot in children:  # only after an error here: stop the others
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    os.waitpid(pid, 0)
+                os.close(result_r)
+        self._raise_if_full()
         self._report(force=True)
+
+    def _expand(self) -> list[_Unit]:
+        """Create and list directories breadth-first from the top until enough subtrees wait to be walked
+        (or ``_EXPAND_LIMIT`` directories were listed, or the tree is done); the units of work left: each subtree
+        not listed yet, and the files (and other non-directories) listed so far in slices."""
+        frontier: collections.deque[_Item | None] = collections.deque(self._start_stack())
+        listed: list[tuple[str, list[_Item]]] = []
+        while frontier and len(frontier) < _TREES_PER_PROCESS * self.processes and len(listed) < _EXPAND_LIMIT:
+            opened = self._open_directory(frontier.popleft())
+            if opened is not None:
+                rel_dir, children, subdirs = opened
+                listed.append((rel_dir, children))
+                frontier.extend(subdirs)
+        units = [_Unit(tree=directory, weight=_TREE_WEIGHT) for directory in frontier if directory is not None]
+        entries = sum(len(children) for _, children in listed)
+        size = max(_SLICE, -(-entries // _MAX_SLICES))
+        for rel_dir, children in listed:
+            for start in range(0, len(children), size):
+                part = children[start : start + size]
+                units.append(_Unit(rel_dir=rel_dir, files=part, weight=len(part)))
+        return units
+
+    def _work_on(self, units: list[_Unit], take: Callable[[], int]) -> None:
+        """Take units until none is left (``take`` raises StopIteration), with a copy pool of this process."""
+        with ThreadPoolExecutor(max_workers=self._threads_each(), thread_name_prefix="dircopy") as pool:
+            self._copy_pool = pool
+            self._copies = []
+            try:
+                while self.full is None:
+                    try:
+                        unit = units[take()]
+                    except StopIteration:
+                        break
+                    if unit.files is not None:
+                        self._place(unit.rel_dir, unit.files)
+                    else:
+                        stack = [unit.tree]
+                        while stack:
+                            stack.extend(self._visit(stack.pop()))
+                    self._report()
+                for future in self._copies:
+                    if self.full is not None:
+                        break
+                    self._collect(future.result())
+            except BaseException:
+                self._stop_copies()
+                raise
+            if self.full is not None:
+                self._stop_copies()
+
+    def _threads_each(self) -> int:
+        return max(1, -(-self.threads // self.processes))
+
+    def _worker(self, slot: int, units: list[_Unit], take: Callable[[], int], result_w: int) -> NoReturn:
+        """A forked worker process: its share of the units, then its results on ``result_w``; never returns."""
+        code = 1
+        try:
+            self._slot = slot
+            self.on_progress = None
+            self.lines = {}
+            self.stats = CopyStats()
+            self._files_done = self._files_total = self._bytes_done = self._bytes_total = 0
+            top = len(self._directories)  # the top of the tree: the first process finishes those
+            self._work_on(units, take)
+            mine = self._directories[top:]
+            if self.full is None:
+                for item in reversed(mine):  # each subtree is this process's alone: its directories are done
+                    self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
+            stats = self.stats
+            result = {
+                "lines": self.lines,
+                "counts": {name: getattr(stats, name) for name in _COUNTS},
+                "errors": stats.errors,
+                "notes": stats.notes,
+                "directories": len(mine),
+                "seen": self._seen_any,
+                "progress": (self._files_done, self._files_total, self._bytes_done, self._bytes_total),
+                "full": None if self.full is None else (self.full.errno, self.full.strerror, self.full.filename),
+            }
+            _write_all(result_w, marshal.dumps(result))
+            code = 0
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                import traceback
+
+                _write_all(result_w, marshal.dumps({"failed": traceback.format_exc()}))
+        finally:
+            os._exit(code)
+
+    def _merge(self, data: bytes, status: int) -> None:
+        """Add a worker's results (``data``, all it wrote; ``status`` from waitpid) to this process's."""
+        try:
+            result = marshal.loads(data)
+        except (EOFError, ValueError, TypeError):
+            result = {"failed": f"it ended without its results (wait status {status})"}
+        if "failed" in result:
+            last = str(result["failed"]).strip().splitlines()[-1:]
+            raise CopyError(f"copy of {self.source}: a copying process failed: {' '.join(last)}")
+        self.lines.update(result["lines"])
+        stats = self.stats
+        for name, value in result["counts"].items():
+            setattr(stats, name, getattr(stats, name) + value)
+        stats.errors.extend(result["errors"])
+        stats.notes.extend(result["notes"])
+        self._worker_directories += result["directories"]
+        self._seen_any = self._seen_any or result["seen"]
+        files_done, files_total, bytes_done, bytes_total = result["progress"]
+        self._files_done += files_done
+        self._files_total += files_total
+        self._bytes_done += bytes_done
+        self._bytes_total += bytes_total
+        if result["full"] is not None and self.full is None:
+            self.full = OSError(*result["full"])
 
     def _walk_in_threads(self) -> None:
         with ThreadPoolExecutor(max_workers=self.walkers, thread_name_prefix="dircopy-walk") as walkers:
@@ -1057,15 +1299,25 @@ class _Copier:
         """One walking task: the directory (None: the source root) created, listed, its unchanged files linked and
         the others sent to the copy pool or created here. Returns its subdirectories. An unreadable directory is
         noted in the stats and left empty; one that cannot be created is left out with its contents."""
-        if self.full is not None:
+        opened = self._open_directory(directory)
+        if opened is None:
             return []
+        rel_dir, children, subdirs = opened
+        self._place(rel_dir, children)
+        return subdirs
+
+    def _open_directory(self, directory: _Item | None) -> tuple[str, list[_Item], list[_Item]] | None:
+        """Create the directory (None: the source root, already there) and list its source: (its path, its
+        entries other than directories, its subdirectories); None if it cannot be created or the copy stops."""
+        if self.full is not None:
+            return None
         rel_dir = directory.rel if directory else ""
         if directory is not None:
             try:
                 _mkdir(f"{self.work}/{rel_dir}")  # opened up to the source's mode once filled
             except OSError as exc:
                 self._failed(rel_dir, exc, " (cannot create the directory: it and its contents are not in this copy)")
-                return []
+                return None
             self._directories.append(directory)
             self.lines[rel_dir] = _entry(directory).to_line()
             self._seen_any = True
@@ -1077,8 +1329,13 @@ class _Copier:
                 self.stats.skipped += found.skipped
                 self.stats.vanished += found.vanished
                 self.stats.notes.extend(found.notes)
-        if children:
+        if children or subdirs:
             self._seen_any = True
+        return rel_dir, children, subdirs
+
+    def _place(self, rel_dir: str, children: list[_Item]) -> None:
+        """Link the unchanged files among ``children`` (entries of ``rel_dir``, which exists in the copy), send
+        the other files to the copy pool and create the symlinks and special files."""
         assert self._copy_pool is not None
         others = []
         for item in self._link_unchanged(rel_dir, children):
@@ -1088,7 +1345,6 @@ class _Copier:
                 others.append(item)
         if others:
             self._make_others(rel_dir, others)
-        return subdirs
 
     def _make_others(self, rel_dir: str, items: list[_Item]) -> None:
         """Symlinks, FIFOs, sockets and devices of one directory, made through descriptors of both sides."""
@@ -1282,12 +1538,26 @@ class _Copier:
             self._report()
 
     def _report(self, force: bool = False) -> None:
+        if self._slot is not None:  # a worker process: the first one reports, with these counters added
+            assert self._slots is not None
+            counters = (self._files_done, self._files_total, self._bytes_done, self._bytes_total)
+            struct.pack_into("4q", self._slots, 32 * self._slot, *counters)
+            return
         if self.on_progress is None:
             return
         now = time.monotonic()
         if force or now - self._last_report >= self.progress_every:
             self._last_report = now
-            self.on_progress(Progress(self._files_done, self._files_total, self._bytes_done, self._bytes_total))
+            files_done, files_total = self._files_done, self._files_total
+            bytes_done, bytes_total = self._bytes_done, self._bytes_total
+            for slot in self._live_slots:
+                assert self._slots is not None
+                more = struct.unpack_from("4q", self._slots, 32 * slot)
+                files_done += more[0]
+                files_total += more[1]
+                bytes_done += more[2]
+                bytes_total += more[3]
+            self.on_progress(Progress(files_done, files_total, bytes_done, bytes_total))
 
 
 def _write_manifest(path: Path, header: dict[str, Any], lines: dict[str, str]) -> None:
@@ -1360,6 +1630,7 @@ def copy_tree(
     link_dest: Path | None = None,
     walkers: int = WALKERS,
     deadline: float | None = None,
+    processes: int = 1,
 ) -> CopyResult:
     """Copy ``source`` into ``dest_root/<stamp(when)>``, linking unchanged files to the newest complete copy
     (or to ``link_dest``).
@@ -1373,6 +1644,10 @@ def copy_tree(
     With a ``deadline`` (time.monotonic()), no new directory is started after it: the copy so far is kept in
     ``.inprogress-<stamp>`` with a checkpoint beside it, and ``partial`` is returned; calling again with the same
     ``when`` goes on from there (a task budget below a request deadline, then a follow-up task).
+
+    With ``processes`` above 1 (and no deadline), the walk is shared by that many processes: this one and
+    workers forked from it (see ``_Copier._run_in_processes``). Fork only from a process whose other threads
+    hold no locks the workers need: the CLI, not a threaded server.
     """
     source = Path(source)
     dest_root = Path(dest_root)
@@ -1417,7 +1692,7 @@ def copy_tree(
             started = datetime.fromisoformat(checkpoint["started"]) if checkpoint else clock()
             t0 = time.monotonic() - (checkpoint["seconds"] if checkpoint else 0.0)
             root_st = source.stat()
-            copier = _Copier(source, work, previous, threads, on_progress, progress_every, walkers, deadline)
+            copier = _Copier(source, work, previous, threads, on_progress, progress_every, walkers, deadline, processes)
             if checkpoint is not None:
                 copier.resume(checkpoint)
             copier.run(allow_empty)

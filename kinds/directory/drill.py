@@ -18,14 +18,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from google.api_core.exceptions import GoogleAPIError
 
 from kinds.directory import copies as dircopy
 from kinds.directory.plan import Settings
 from services.errors import PermanentError
-from services.kinds import BackupRef, Done, DrillStep, Outcome, RunContext, Target
+from services.kinds import BackupRef, Done, DrillState, DrillStep, Outcome, RunContext, Target
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -33,7 +32,7 @@ SCRATCH_PREFIX = "backup-scheduler-drill-"
 
 
 def drill(
-    plan: Plan[Settings], target: Target, backup: BackupRef, state: dict[str, Any] | None, run: RunContext, rt: Runtime
+    plan: Plan[Settings], target: Target, backup: BackupRef, state: DrillState, run: RunContext, rt: Runtime
 ) -> Outcome:
     assert plan.drill is not None
     _remove_leftovers(plan)

@@ -24,7 +24,7 @@ from googleapiclient.errors import HttpError
 from kinds.disks.plan import DiskSettings
 from kinds.disks.snapshots import DiskRef, _compute, _execute, _last_segment
 from services.errors import PermanentError
-from services.kinds import DRILL_LABEL, BackupRef, Done, DrillStep, Outcome, Pending, RunContext, Target
+from services.kinds import DRILL_LABEL, BackupRef, Done, DrillState, DrillStep, Outcome, Pending, RunContext, Target
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -32,12 +32,7 @@ POLL_SECONDS = 10.0
 
 
 def drill(
-    plan: Plan[DiskSettings],
-    target: Target,
-    backup: BackupRef,
-    state: dict[str, Any] | None,
-    run: RunContext,
-    rt: Runtime,
+    plan: Plan[DiskSettings], target: Target, backup: BackupRef, state: DrillState, run: RunContext, rt: Runtime
 ) -> Outcome:
     disk = DiskRef.from_target(target)
     compute = _compute(plan, rt)

@@ -35,17 +35,7 @@ from googleapiclient.errors import HttpError
 from kinds.disks.plan import DiskSettings
 from services.errors import PermanentError, TargetGone
 from services.gcp_errors import classify, decode_page_token, execute, next_page_token, problem_of
-from services.kinds import (
-    Done,
-    DrillsIn,
-    Execution,
-    ListingProblem,
-    Outcome,
-    Pending,
-    RunContext,
-    Target,
-    TargetPage,
-)
+from services.kinds import Done, DrillsIn, Execution, ListingProblem, Outcome, Pending, RunContext, Target, TargetPage
 from services.plans import PROJECT_ID, Plan
 from services.requests_http import discovery_client
 from services.retention import LABEL_KEEP_MAX, LABEL_KEEP_MIN, Backup, Policy, count_from_label, prune, to_delete

@@ -33,17 +33,7 @@ from googleapiclient.errors import HttpError
 from kinds.filestore.plan import FilestoreSettings
 from services.errors import PermanentError, TargetGone
 from services.gcp_errors import decode_page_token, execute, next_page_token
-from services.kinds import (
-    Done,
-    DrillsIn,
-    Execution,
-    ListingProblem,
-    Outcome,
-    Pending,
-    RunContext,
-    Target,
-    TargetPage,
-)
+from services.kinds import Done, DrillsIn, Execution, ListingProblem, Outcome, Pending, RunContext, Target, TargetPage
 from services.plans import Plan
 from services.requests_http import discovery_client
 from services.retention import LABEL_KEEP_MAX, LABEL_KEEP_MIN, Backup, NotConfirmed, Policy, count_from_label, to_delete

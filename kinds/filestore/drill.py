@@ -13,7 +13,7 @@ from typing import Any
 from kinds.filestore.backups import InstanceRef, _client, _execute, _operation
 from kinds.filestore.plan import FilestoreSettings
 from services.errors import PermanentError
-from services.kinds import DRILL_LABEL, BackupRef, Done, DrillStep, Outcome, Pending, RunContext, Target
+from services.kinds import DRILL_LABEL, BackupRef, Done, DrillState, DrillStep, Outcome, Pending, RunContext, Target
 from services.plans import Plan
 from services.runtime import Runtime
 
@@ -21,12 +21,7 @@ POLL_SECONDS = 30.0
 
 
 def drill(
-    plan: Plan[FilestoreSettings],
-    target: Target,
-    backup: BackupRef,
-    state: dict[str, Any] | None,
-    run: RunContext,
-    rt: Runtime,
+    plan: Plan[FilestoreSettings], target: Target, backup: BackupRef, state: DrillState, run: RunContext, rt: Runtime
 ) -> Outcome:
     api = _client(plan, rt)
     if state is not None:

@@ -29,6 +29,17 @@ _LINE_HEAD = b'{"docs":['
 _LINE_TAIL = b'],"new_edits":false}\n'
 
 
+@dataclass(frozen=True)
+class BackupOptions:
+    mode: str = "full"  # "winning": winning revisions; "full": every leaf with history, conflicts, tombstones
+    attachments: bool = True
+    batch_docs: int = 500
+    batch_bytes: int = 8 * 1024 * 1024
+    page_size: int = 2000  # _changes rows per request, at most
+    read_bytes: int = 4 * 1024 * 1024  # aim of one read (a _changes page with documents, a _bulk_get chunk)
+    fetchers: int = 4  # _bulk_get requests in flight at once (full mode, increments, verify)
+
+
 @dataclass
 class Manifest:
     """What one backup holds. ``seq`` is where an incremental backup that follows this one starts."""

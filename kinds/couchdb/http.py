@@ -3,6 +3,11 @@
 One ``CouchServer`` per server: a pooled ``requests.Session``, credentials kept out of every URL we print,
 token buckets that cap requests per second (Cloudant Lite allows 10 writes and 20 reads a second and answers
 429 beyond), and retries of 429 / 5xx / dropped connections that honour ``Retry-After`` before backing off.
+
+What is left after the retries is judged by the same rules as every Google API (services/gcp_errors.py): a 404
+is ``TargetGone`` (the database asked for is not there: a backup's target deleted since it was listed), 401/403
+and other 4xx are permanent (``HttpRefused``, which keeps the status: a 413 makes a restore split its batch),
+and 429/5xx that outlast the retries are transient.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import requests
 
 from services.errors import PermanentError, TargetGone, TransientError
+from services.gcp_errors import ApiProblem, judge
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -186,11 +192,9 @@ class CouchServer:
                     )
                 self._backoff(attempt, wait)
                 continue
-            message = f"{method} {redact_url(url)}: HTTP {resp.status_code} {_reason(resp)}"
+            refused = _judged(resp, f"{method} {redact_url(url)}")
             resp.close()
-            if resp.status_code == 404:
-                raise TargetGone(message)
-            raise HttpRefused(message, resp.status_code)
+            raise refused
         raise AssertionError("unreachable")  # the loop returns or raises
 
     def _wait_for_pause(self) -> None:
@@ -292,11 +296,19 @@ class HttpRefused(PermanentError):
         self.status = status
 
 
-def _reason(resp: requests.Response) -> str:
+def _judged(resp: requests.Response, doing: str) -> Exception:
+    """The service error for a refusal that retrying will not change: CouchDB's ``{"error", "reason"}`` body read
+    as an API problem and judged like any API's, a 404 meaning the database (the target) is gone."""
+    error, reason = "", resp.reason or ""
     try:
         body = resp.json()
     except ValueError:
-        return resp.reason or ""
+        body = None
     if isinstance(body, dict):
-        return f"{body.get('error', '')}: {body.get('reason', '')}".strip(": ")
-    return resp.reason or ""
+        error, reason = str(body.get("error", "")), str(body.get("reason", "")) or reason
+    judged = judge(
+        ApiProblem(resp.status_code, error, reason or f"HTTP {resp.status_code}"), doing, gone_means_skip=True
+    )
+    if isinstance(judged, PermanentError) and not isinstance(judged, TargetGone):
+        return HttpRefused(str(judged), resp.status_code)
+    return judged

@@ -11,13 +11,14 @@ before the first one can be given out (collision resolution), so it first collec
 statements into a spool file while the loader is still busy with the tables that come before them. Indexes on
 ruled columns are built after the rows are in (random masked values make index inserts slow).
 
-The same ``Masker`` is used as by the in-place masking of ``sqlsync_db``, on the same strings, so both give the
+The same ``Masker`` is used as by the in-place masking of ``kinds.sqlsync.db``, on the same strings, so both give the
 same staging data. Anything this parser does not recognise inside a ruled table's data stops the load with the
 table, the line and the text; nothing unmasked is passed through.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from services.masking import SET_KINDS, ColumnRule, Masker
+from kinds.sqlsync.masking import SET_KINDS, ColumnRule, Masker
 
 # One SQL value as mariadb-dump writes it: a quoted string (maybe with a charset introducer such as _binary, or
 # b'' / x''), or a bare token (number, NULL, 0x... with --hex-blob). Quoted strings escape with backslashes.
@@ -540,3 +541,25 @@ def mask_dump(
         producer.join()
         spool.close()
     return dump.report
+
+
+_CREATED = re.compile(rb"^CREATE TABLE `((?:[^`\n]|``)+)` \(", re.MULTILINE)
+
+
+def table_digests(path: str) -> dict[str, tuple[int, str]]:
+    """Per table the dump creates: how many rows it holds and a sha256 over them (each row as dumped). Two dumps of
+    the same data by the same mariadb-dump options agree, however the rows were split into statements."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as dump:
+        tables = [_unquote_identifier(_decode(m.group(1))) for m in _CREATED.finditer(dump)]
+    reader = DumpMasker(path, [], Masker(b"\0" * 16))  # reads only: nothing is masked
+    reader.rules = {table: {} for table in tables}
+    counts = dict.fromkeys(tables, 0)
+    hashes = {table: hashlib.sha256() for table in tables}
+    for raw, shape, start, number in reader._scan():
+        if shape is None:
+            continue
+        digest = hashes[shape.table]
+        for match in shape.rows(_decode(raw), start, f"{path}:{number}"):
+            digest.update(match.group(0).encode("utf-8", "surrogateescape") + b"\n")
+            counts[shape.table] += 1
+    return {table: (counts[table], hashes[table].hexdigest()) for table in tables}

@@ -8,7 +8,6 @@ Cloud SQL Python Connector for Cloud SQL instances.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import threading
@@ -19,43 +18,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker
+from kinds.sqlsync.errors import HalfDone
+from kinds.sqlsync.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker
+from kinds.sqlsync.plan import DatabaseRef
 
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,63}$")
 MAP_BATCH = 5000
 PARALLEL_MIN = 50_000  # below this, starting worker processes costs more than it saves
 UPDATE_CHUNK = 50_000
 # Kinds whose original values are personal data worth checking for after the import.
 VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash")
-
-
-@dataclass(frozen=True)
-class DatabaseRef:
-    """One side of the sync. Local profile: ``host``/``port`` or ``socket``. Cloud SQL: ``instance`` as
-    ``project:region:name`` (SQL goes through the Python Connector, or over TCP to ``host`` when set, e.g. a
-    Cloud SQL Auth Proxy)."""
-
-    role: str
-    database: str
-    instance: str | None = None
-    host: str | None = None
-    port: int = 3306
-    socket: str | None = None
-    user: str = "root"
-    password_env: str | None = None
-    private_ip: bool = False
-
-    def password(self) -> str:
-        if not self.password_env:
-            return ""
-        value = os.environ.get(self.password_env)
-        if value is None:
-            raise LookupError(f"{self.role}: environment variable {self.password_env} (password) is not set")
-        return value
-
-    def label(self) -> str:
-        where = self.instance or (self.socket if self.socket else f"{self.host}:{self.port}")
-        return f"{where}/{self.database}"
 
 
 def quote(name: str) -> str:
@@ -71,7 +42,7 @@ def connect(ref: DatabaseRef, database: str | None = None, *, streaming: bool = 
 
     kwargs: dict[str, Any] = {
         "user": ref.user,
-        "password": ref.password(),
+        "password": ref.password,
         "database": database if database is not None else ref.database,
         "autocommit": True,
         "charset": "utf8mb4",
@@ -117,6 +88,14 @@ def query(conn: Any, sql: str, args: Any = None) -> list[tuple]:
         return list(cur.fetchall())
 
 
+def database_identity(conn: Any, database: str) -> tuple[str, str]:
+    """Which database ``database`` is, as the server itself sees it: the server (host name, port, data directory;
+    the same whichever address or socket reached it) and the name as the server compares names (without case where
+    ``lower_case_table_names`` is set: ``Shop`` is then ``shop``)."""
+    server, folding = query(conn, "SELECT CONCAT_WS('|', @@hostname, @@port, @@datadir), @@lower_case_table_names")[0]
+    return str(server), database.lower() if int(folding) else database
+
+
 # ---- progress markers -----------------------------------------------------------------------------------------
 
 # A small table in the scratch database records which in-place steps (mask, preserve) finished, so that a task
@@ -152,9 +131,10 @@ def begin_in_place_step(conn: Any, step: str) -> bool:
     if state == "done":
         return False
     if state == "started":
-        raise ValueError(
+        raise HalfDone(
             f"an earlier attempt of step {step} stopped half-way and scratch is partly changed:"
-            " run again from import-scratch (backup sqlsync PLAN --start-at import-scratch --period ...)"
+            " the run must go on again from import-scratch",
+            restart_at="import-scratch",
         )
     mark_progress(conn, step, "started")
     return True
@@ -172,19 +152,36 @@ class Schema:
     unique_indexes: dict[str, dict[str, list[tuple[str, int | None]]]] = field(default_factory=dict)
     foreign_keys: list[tuple[str, str, str, str]] = field(default_factory=list)  # child, column, parent, column
     integer_columns: set[tuple[str, str]] = field(default_factory=set)
+    # (table, column) -> (data type, maximum length in characters or None, collation or None)
+    types: dict[tuple[str, str], tuple[str, int | None, str | None]] = field(default_factory=dict)
+    views: set[str] = field(default_factory=set)
+
+    @property
+    def tables(self) -> list[str]:
+        """The base tables (views show what tables hold, and are not copied as data)."""
+        return sorted(t for t in self.columns if t not in self.views)
 
 
 def read_schema(conn: Any, database: str) -> Schema:
     schema = Schema()
-    for table, column, data_type in query(
+    for table, column, data_type, length, collation in query(
         conn,
-        "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s"
-        " ORDER BY TABLE_NAME, ORDINAL_POSITION",
+        "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, CHARACTER_MAXIMUM_LENGTH, COLLATION_NAME"
+        " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s ORDER BY TABLE_NAME, ORDINAL_POSITION",
         (database,),
     ):
         schema.columns.setdefault(table, []).append(column)
+        schema.types[(table, column)] = (data_type.lower(), None if length is None else int(length), collation)
         if data_type.lower() in ("tinyint", "smallint", "mediumint", "int", "bigint"):
             schema.integer_columns.add((table, column))
+    schema.views = {
+        name
+        for (name,) in query(
+            conn,
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'VIEW'",
+            (database,),
+        )
+    }
     for table, index, column, sub_part in query(
         conn,
         "SELECT TABLE_NAME, INDEX_NAME, COLUMN_NAME, SUB_PART FROM information_schema.STATISTICS"
@@ -234,6 +231,84 @@ def schema_problems(schema: Schema, rules: Iterable[ColumnRule], preserve: dict[
         if table not in schema.columns:
             problems.append(f"table {table} has a preserve rule but does not exist")
     return problems
+
+
+def structural(schema: Schema, table: str, column: str) -> bool:
+    """An integer key (the primary key, or a foreign key): an id, copied as it is without being listed."""
+    if (table, column) not in schema.integer_columns:
+        return False
+    return column in schema.primary_keys.get(table, []) or any(
+        child == table and col == column for child, col, _, _ in schema.foreign_keys
+    )
+
+
+def allowed(allow: Iterable[str], table: str, column: str) -> bool:
+    entries = set(allow)
+    return f"{table}.{column}" in entries or f"{table}.*" in entries
+
+
+def coverage_problems(schema: Schema, rules: Iterable[ColumnRule], allow: Iterable[str]) -> list[str]:
+    """Production columns the plan says nothing about: every column of every table must have a masking rule, be
+    listed in ``options.allow`` (copied as it is), or be an integer key. A new column or table stops the sync until
+    someone decides."""
+    ruled = {(rule.table, rule.column) for rule in rules}
+    problems = []
+    for table in schema.tables:
+        missing = [
+            column
+            for column in schema.columns[table]
+            if (table, column) not in ruled
+            and not allowed(allow, table, column)
+            and not structural(schema, table, column)
+        ]
+        if missing:
+            problems.append(
+                f"table {table}: no masking rule and not in options.allow: {', '.join(missing)}"
+                f" (add a rule, or list {', '.join(f'{table}.{c}' for c in missing)} in options.allow)"
+            )
+    for entry in allow:
+        table, _, column = entry.partition(".")
+        if table not in schema.columns or (column != "*" and column not in schema.columns[table]):
+            problems.append(f"options.allow names {entry}, which production does not have")
+    return problems
+
+
+_PERSONAL_NAME = re.compile(
+    r"(e_?mail|phone|mobile|fax|(^|_)tel(_|$)|name|birth|(^|_)dob(_|$)|ssn|passport|iban|card|address|street|"
+    r"(^|_)city(_|$)|zip|post_?code|(^|_)ip(_|$)|ip_?addr)",
+    re.IGNORECASE,
+)
+_PERSONAL_VALUE = (
+    ("an email", re.compile(r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$")),
+    ("a phone number", re.compile(r"^\+?[0-9][0-9 ().-]{6,}[0-9]$")),
+    ("an IP address", re.compile(r"^(\d{1,3}\.){3}\d{1,3}$")),
+    ("a card number", re.compile(r"^\d{4}[ -]?\d{4}[ -]?\d{4}[ -]?\d{1,7}$")),
+)
+
+
+def personal_looking(conn: Any, schema: Schema, columns: Iterable[tuple[str, str]], sample: int = 20) -> list[str]:
+    """Of ``columns`` (copied as they are), those whose name or sampled values look like personal data."""
+    flagged = []
+    for table, column in columns:
+        if table in schema.views:
+            continue
+        if _PERSONAL_NAME.search(column):
+            flagged.append(f"{table}.{column} (its name)")
+            continue
+        data_type = schema.types.get((table, column), ("", None, None))[0]
+        if data_type not in TEXT_TYPES:
+            continue
+        values = query(
+            conn,
+            f"SELECT {quote(column)} FROM {quote(table)} WHERE {quote(column)} IS NOT NULL LIMIT %s",
+            (sample,),
+        )
+        for what, pattern in _PERSONAL_VALUE:
+            hits = sum(1 for (value,) in values if pattern.match(str(value).strip()))
+            if values and hits * 2 >= len(values):
+                flagged.append(f"{table}.{column} (values look like {what})")
+                break
+    return flagged
 
 
 # ---- masking ---------------------------------------------------------------------------------------------------
@@ -591,3 +666,119 @@ def find_leaks(
                 if found and found[0][0] == original:
                     leaks.append(f"{table}.{rule.column}: the row with key {list(key)} still holds its original value")
     return leaks
+
+
+# ---- scratch ---------------------------------------------------------------------------------------------------
+
+
+def table_names(conn: Any, database: str) -> list[str]:
+    """The base tables of ``database`` (no views), without the progress marker."""
+    rows = query(
+        conn,
+        "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE'",
+        (database,),
+    )
+    return sorted(name for (name,) in rows if name != PROGRESS_TABLE)
+
+
+def empty_database(ref: DatabaseRef) -> int:
+    """Drop every table (and view) of ``ref``'s database; used only on the scratch database."""
+    with connect(ref) as conn:
+        query(conn, "SET SESSION foreign_key_checks = 0")
+        rows = query(
+            conn,
+            "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s",
+            (ref.database,),
+        )
+        for name, table_type in rows:
+            what = "VIEW" if table_type == "VIEW" else "TABLE"
+            query(conn, f"DROP {what} IF EXISTS {quote(name)}")
+        return len(rows)
+
+
+# ---- triggers --------------------------------------------------------------------------------------------------
+
+_DEFINER = re.compile(r"\bDEFINER\s*=\s*(?:`[^`]*`|'[^']*'|\S+)@(?:`[^`]*`|'[^']*'|\S+)\s+", re.IGNORECASE)
+
+
+def suspend_triggers(conn: Any, database: str) -> list[tuple[str, str, str]]:
+    """Drop every trigger of ``database`` and return what recreates them: (name, sql_mode, CREATE statement). An
+    UPDATE that masks a table must not fire them: an audit trigger would copy every original value it overwrites
+    into another table."""
+    saved = []
+    for (name,) in query(
+        conn, "SELECT TRIGGER_NAME FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = %s", (database,)
+    ):
+        created = query(conn, f"SHOW CREATE TRIGGER {quote(name)}")[0]
+        saved.append((str(name), str(created[1]), str(created[2])))
+    for name, _, _ in saved:
+        query(conn, f"DROP TRIGGER {quote(name)}")
+    return saved
+
+
+def restore_triggers(conn: Any, saved: list[tuple[str, str, str]]) -> None:
+    """Create the triggers ``suspend_triggers`` dropped, each in its own sql_mode, with this connection's user as
+    their definer (the original definer may not exist on this server, or not be ours to name)."""
+    (mode,) = query(conn, "SELECT @@SESSION.sql_mode")[0]
+    try:
+        for _name, sql_mode, statement in saved:
+            query(conn, "SET SESSION sql_mode = %s", (sql_mode,))
+            query(conn, _DEFINER.sub("", statement, count=1))
+    finally:
+        query(conn, "SET SESSION sql_mode = %s", (mode,))
+
+
+# ---- looking for production values in a copy -------------------------------------------------------------------
+
+TEXT_TYPES = ("char", "varchar", "tinytext", "text", "mediumtext", "longtext", "json", "enum", "set")
+# Masks that can never give back a real value: an original of these kinds found anywhere in a copy is a leak.
+# (A masked name or phone may equal another person's original, so those are compared by row in find_leaks.)
+_NEVER_PRODUCED = ("email", "text", "null", "fixed")
+SCAN_MIN_LENGTH = 6  # shorter originals ("FR", "n/a") are too likely to occur on their own
+
+
+def scan_for_values(
+    production: Any, copy: Any, copy_database: str, rules: list[ColumnRule], masker: Masker, sample: int
+) -> list[str]:
+    """Sample the originals of ruled columns whose masks never produce a real value (emails, free text, columns set
+    to NULL or a fixed value) and look for them in every text column of every table of ``copy``: a column nobody
+    ruled, an audit table a trigger filled, anything. Returns where each was found."""
+    originals: dict[str, str] = {}
+    for rule in rules:
+        if rule.kind not in _NEVER_PRODUCED:
+            continue
+        column = quote(rule.column)
+        for (value,) in query(
+            production,
+            f"SELECT {column} FROM {quote(rule.table)} WHERE CHAR_LENGTH({column}) >= %s ORDER BY RAND() LIMIT %s",
+            (SCAN_MIN_LENGTH, sample),
+        ):
+            text = str(value)
+            if masker.mask_value(rule, text) != text:
+                originals.setdefault(text, f"{rule.table}.{rule.column}")
+    if not originals:
+        return []
+    found = []
+    values = sorted(originals)
+    columns = query(
+        copy,
+        "SELECT TABLE_NAME, COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s AND DATA_TYPE IN"
+        f" ({', '.join(['%s'] * len(TEXT_TYPES))}) AND TABLE_NAME IN (SELECT TABLE_NAME FROM information_schema.TABLES"
+        " WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE') ORDER BY TABLE_NAME, ORDINAL_POSITION",
+        (copy_database, *TEXT_TYPES, copy_database),
+    )
+    for table, column in columns:
+        for start in range(0, len(values), 500):
+            batch = values[start : start + 500]
+            hits = query(
+                copy,
+                f"SELECT DISTINCT {quote(column)} FROM {quote(table)} WHERE {quote(column)} IN"
+                f" ({', '.join(['%s'] * len(batch))}) LIMIT 5",
+                batch,
+            )
+            for (hit,) in hits:
+                source = originals.get(str(hit)) or next(
+                    (where for value, where in originals.items() if value.lower() == str(hit).lower()), "production"
+                )
+                found.append(f"{table}.{column}: an original value of {source} is present")
+    return found
