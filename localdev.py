@@ -149,7 +149,7 @@ def main() -> None:
     env.setdefault("BACKUP_CREDENTIALS", os.environ.get("BACKUP_CREDENTIALS", "anonymous"))
     os.environ.update(env)
     # The CLI (./backup) reads this while we run, so its commands reach these emulators with nothing exported.
-    write_private(STATE / "env.json", json.dumps({"pid": os.getpid(), "env": env_for_cli(env)}))
+    write_private(STATE / "env.json", json.dumps({"pid": os.getpid(), "env": env_for_cli(dict(os.environ))}))
     children: list[subprocess.Popen] = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

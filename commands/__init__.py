@@ -15,6 +15,10 @@ from services.runtime import ROOT, Runtime, Settings
 # imports a module only to run one of its commands (tests/test_cli_imports.py holds this table to the modules).
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "couchdb": ("commands.couchdb", "Back up, restore and verify CouchDB / Cloudant databases."),
+    "doctor": (
+        "commands.doctor",
+        "Check every plan (or PLAN) against the live project and print the fixes.",
+    ),
     "directory": (
         "commands.files",
         "Timestamped directory copies: run one, verify one against its manifest, restore one.",
