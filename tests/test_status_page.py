@@ -13,7 +13,7 @@ import pytest
 from main import create_app
 from services.catalog import FAILED, Catalog
 from services.runtime import ROOT
-from tests.alerting import AUTH, finished_run, make_plan
+from tests.alerting import AUTH, finished_run, kind_plan, make_plan
 from tests.helpers import LOCAL_TOKEN, Clock, make_runtime
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,14 +31,21 @@ INVOICE_ERROR = "PERMISSION_DENIED: backup@demo.iam lacks storage.objects.create
 
 def seed_catalog(catalog: Catalog, clock: Clock):
     """datastore-nightly (RPO 26 h, cron 02:00): one green, one amber and one red target; files-hourly: its
-    fan-out failed; sql-weekly: never ran."""
+    fan-out failed; disks-weekly: never ran."""
     now = clock.now
     catalog.save(finished_run("datastore-nightly", "Customer", "succeeded", now - timedelta(hours=3)))
     catalog.save(finished_run("datastore-nightly", "Order", "succeeded", now - timedelta(hours=22)))
     catalog.save(finished_run("datastore-nightly", "acme/Invoice", "succeeded", now - timedelta(hours=40)))
     failed = finished_run("datastore-nightly", "acme/Invoice", FAILED, now - timedelta(hours=3), error=INVOICE_ERROR)
     catalog.save(failed)
-    catalog.save(finished_run("files-hourly", "share-a", "succeeded", now - timedelta(hours=5)))
+    share = finished_run(
+        "files-hourly",
+        "projects/demo-prod/locations/us-central1-a/instances/share-a",
+        "succeeded",
+        now - timedelta(hours=5),
+    )
+    share.kind, share.output = "filestore", "projects/demo-prod/locations/us-central1/backups/share-a-20261122t2100"
+    catalog.save(share)
     fanout = finished_run("files-hourly", "(fan-out)", FAILED, now - timedelta(hours=1), error="Filestore API: 403")
     catalog.save(fanout)
     return failed
@@ -49,8 +56,8 @@ def status_app(tmp_path, datastore):
     clock = Clock()
     plans = [
         make_plan("datastore-nightly", rpo_hours=26),
-        make_plan("files-hourly", rpo_hours=2),
-        make_plan("sql-weekly", rpo_hours=170),
+        kind_plan("files-hourly", "filestore", rpo_hours=2),
+        kind_plan("disks-weekly", "disks", rpo_hours=170),
     ]
     rt = make_runtime(
         tmp_path, plans={p.name: p for p in plans}, clock=clock, environ={"BACKUP_METRICS_TOKEN": "scrape-secret-77"}
@@ -93,7 +100,7 @@ def test_status_page_shows_red_target_with_its_error_and_needs_admin(status_app,
         }
         plan_text = page.locator("#plan-datastore-nightly .meta").inner_text()
         fanout_banner = page.locator("#plan-files-hourly .banner").inner_text()
-        never_ran = page.locator("#plan-sql-weekly").inner_text()
+        never_ran = page.locator("#plan-disks-weekly").inner_text()
         page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
         invoice.get_by_role("link", name="run and log").click()
         page.wait_for_load_state()
@@ -199,7 +206,7 @@ def test_api_status_is_json_for_scripts(status_app):
     assert targets["acme/Invoice"]["last_error"] == INVOICE_ERROR
     assert targets["Customer"]["location_url"].startswith("https://console.cloud.google.com/storage/browser/")
     assert plans["files-hourly"]["health"] == "red" and plans["files-hourly"]["fanout_error"] == "Filestore API: 403"
-    assert plans["sql-weekly"]["never_ran"] is True
+    assert plans["disks-weekly"]["never_ran"] is True
     assert body["counts"] == {"green": 1, "amber": 1, "red": 2, "failing": 1}
 
 
