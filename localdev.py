@@ -130,6 +130,7 @@ def main() -> None:
     ds_port, gcs_port, worker_port = app_port + 1, app_port + 2, app_port + 3
     token = os.environ.get("BACKUP_LOCAL_TOKEN") or secrets.token_urlsafe(24)
     write_private(STATE / "token", token + "\n")
+    signin_code = secrets.token_urlsafe(16)  # one use: the link printed below signs one browser in
     service_url = f"http://127.0.0.1:{app_port}"
     worker_url = f"http://127.0.0.1:{worker_port}"
     env = {
@@ -140,6 +141,7 @@ def main() -> None:
         "BACKUP_DATASTORE_ADMIN_ENDPOINT": f"http://127.0.0.1:{ds_port}",
         "BACKUP_EXPORT_LOCAL_ROOT": str(STATE / "exports"),
         "BACKUP_LOCAL_TOKEN": token,
+        "BACKUP_LOCAL_SIGNIN_CODE": signin_code,
         "BACKUP_SERVICE_URL": service_url,
         "BACKUP_WORKER_URL": worker_url,
         "BACKUP_QUEUE_BACKEND": "local",
@@ -184,8 +186,9 @@ def main() -> None:
 backup-scheduler is running on {service_url} (app log: .local/app.log)
   demo plan '{DEMO_PLAN}' started: {started.text.strip()}
                its restore drill follows once every kind is backed up (restore times on the status page)
-  status:      curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/api/status
-               (the page {service_url}/ wants the same header: e.g. a browser extension that sets it)
+  status page: {service_url}/signin?code={signin_code}
+               (open it once in your browser: it signs that browser in for this run)
+  status JSON: curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/api/status
   runs:        curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/runs
   run a plan:  curl -X POST -H "Authorization: Bearer $(cat .local/token)" -H "X-Backup-Client: curl" \\
                {service_url}/admin/plans/{DEMO_PLAN}/run

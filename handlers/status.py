@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 
-from flask import Blueprint, Response, jsonify, render_template, request
+from flask import Blueprint, Response, current_app, jsonify, redirect, render_template, request, url_for
 
 from handlers import catalog, runtime
 from handlers.auth import admin_only
@@ -66,6 +66,32 @@ def status_page():  # type: ignore[no-untyped-def]
     )
     response = Response(html)
     response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/signin")
+def local_signin():  # type: ignore[no-untyped-def]
+    """A local run only: the one-time link ``make run`` prints gives this browser the local token as a cookie
+    (HttpOnly: no script reads it; SameSite=Strict: no other site's page sends it)."""
+    from handlers.auth import LOCAL_COOKIE, from_loopback
+
+    rt = runtime()
+    expected = rt.secrets.env("BACKUP_LOCAL_SIGNIN_CODE")
+    code = request.args.get("code", "")
+    used: set[str] = current_app.extensions["backup"].setdefault("signin_used", set())
+    ok = (
+        rt.settings.local_token is not None
+        and not rt.settings.on_app_engine
+        and expected is not None
+        and from_loopback()
+        and hmac.compare_digest(code.encode(), expected.encode())
+        and code not in used
+    )
+    if not ok:
+        return jsonify({"error": "this sign-in link is not valid (used already, or not from this make run)"}), 403
+    used.add(code)
+    response = redirect(url_for("status.status_page"))
+    response.set_cookie(LOCAL_COOKIE, rt.settings.local_token, httponly=True, samesite="Strict", path="/")
     return response
 
 

@@ -338,3 +338,58 @@ def test_the_growth_chart_and_the_last_drill_of_each_target_are_drawn(tmp_path, 
     assert metrics['backup_drill_success{plan="datastore-nightly",target="Customer"}'] == 1
     assert metrics['backup_drill_success{plan="datastore-nightly",target="Order"}'] == 0
     assert metrics['backup_plan_drills{plan="datastore-nightly",result="failed"}'] == 1
+
+
+def test_the_local_signin_link_sets_a_strict_cookie_once_and_the_page_starts_a_run_once(
+    tmp_path, datastore, datastore_emulator, serve, browser
+):
+    from services.queue import LocalQueue
+    from tests.test_datastore import seed
+
+    seed(datastore, "Customer")
+    clock = Clock()
+    plan = make_plan("datastore-nightly", rpo_hours=26)
+    rt = make_runtime(
+        tmp_path,
+        plans={plan.name: plan},
+        clock=clock,
+        datastore_admin_endpoint=datastore_emulator["url"],
+        environ={"BACKUP_LOCAL_SIGNIN_CODE": "one-time-code-123"},
+    )
+    queue = LocalQueue(tmp_path / "queue.sqlite3")
+    app = create_app(rt, queue=queue, catalog=Catalog(datastore))
+
+    with serve(app) as served:
+        context = browser.new_context()
+        page = context.new_page()
+        signed_in = page.goto(served.url + "/signin?code=one-time-code-123")
+        landed = page.url
+        [cookie] = context.cookies()
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.locator('#plan-datastore-nightly button.run[data-dry="0"]').click()
+        page.locator("#plan-datastore-nightly .run-result").filter(has_text="started").wait_for()
+        result_text = page.locator("#plan-datastore-nightly .run-result").inner_text()
+        again = browser.new_context().new_page().goto(served.url + "/signin?code=one-time-code-123")
+        wrong = browser.new_context().new_page().goto(served.url + "/signin?code=guess")
+        # A form on another site posting with the cookie: no X-Backup-Client header, a cross-site origin.
+        forged = context.request.post(
+            served.url + "/admin/plans/datastore-nightly/run",
+            headers={"Origin": "https://evil.example", "Content-Type": "application/x-www-form-urlencoded"},
+            data="dry_run=0",
+        )
+
+    assert signed_in.status == 200 and landed == served.url + "/"
+    assert cookie["name"] == "backup_local" and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert result_text.startswith("started: 1 task(s) queued")
+    assert again.status == 403 and wrong.status == 403
+    assert forged.status == 403
+    assert [t["path"] for t in queue.tasks()] == ["/tasks/datastore-nightly"]  # queued once
+
+
+def test_a_wrong_local_token_is_named_as_such(tmp_path, datastore):
+    app = create_app(make_runtime(tmp_path, plans={"n": make_plan("n")}), catalog=Catalog(datastore))
+
+    answer = app.test_client().get("/api/status", headers={"Authorization": "Bearer not-the-token"})
+
+    assert answer.status_code == 403
+    assert "not the local token" in answer.get_json()["error"]
