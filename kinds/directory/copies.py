@@ -1190,8 +1190,12 @@ class _Copier:
                 for item in reversed(mine):  # each subtree is this process's alone: its directories are done
                     self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
             stats = self.stats
+            previous = self.previous_lines
+            # A linked file's line is the previous copy's, which the first process holds too: send its path only.
+            reused = [path for path, line in self.lines.items() if previous.get(path) is line]
             result = {
-                "lines": self.lines,
+                "reused": reused,
+                "lines": {path: line for path, line in self.lines.items() if previous.get(path) is not line},
                 "counts": {name: getattr(stats, name) for name in _COUNTS},
                 "errors": stats.errors,
                 "notes": stats.notes,
@@ -1220,6 +1224,9 @@ class _Copier:
             last = str(result["failed"]).strip().splitlines()[-1:]
             raise CopyError(f"copy of {self.source}: a copying process failed: {' '.join(last)}")
         self.lines.update(result["lines"])
+        previous, lines = self.previous_lines, self.lines
+        for path in result["reused"]:
+            lines[path] = previous[path]
         stats = self.stats
         for name, value in result["counts"].items():
             setattr(stats, name, getattr(stats, name) + value)
@@ -1587,8 +1594,12 @@ def _write_manifest(path: Path, header: dict[str, Any], lines: dict[str, str]) -
     """Header, then one line per entry sorted by path (so two manifests can be compared with diff)."""
     with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
         fh.write(json.dumps(header, sort_keys=True) + "\n")
-        if lines:
-            fh.write("\n".join([lines[path] for path in sorted(lines)]) + "\n")
+        ordered = sorted(lines)
+        for start in range(0, len(ordered), _MANIFEST_PIECE):  # in pieces: the same memory serves each one
+            fh.write("\n".join([lines[path] for path in ordered[start : start + _MANIFEST_PIECE]]) + "\n")
+
+
+_MANIFEST_PIECE = 4096
 
 
 def log_lines(stats: CopyStats) -> list[str]:
