@@ -1,23 +1,26 @@
-"""The ``backup`` command group: ``flask --app main backup ...`` (or ``./backup ...``).
+"""The ``backup`` command group: ``./backup ...`` (or ``flask --app main backup ...``).
 
 It does what the admin HTTP routes do, from a terminal with credentials: list plans, run a plan (or show what a
 run would do), list runs, restore. Kind-specific commands live in ``commands/``.
+
+Errors a person can expect (a broken plans.yaml, no credentials, an emulator or API that cannot be reached, an
+unknown plan) are one ``Error:`` line on stderr and an exit code from ``commands.errors`` (docs/cli.md); a
+traceback only with ``--debug`` (or ``BACKUP_DEBUG=1``). While ``make run`` is running, commands use its local
+emulators and queue without any environment to set (``commands.local_environment``).
 """
 
 from __future__ import annotations
 
-import getpass
 import importlib
-import json
-import pkgutil
+import os
 import sys
 from typing import Any
 
 import click
 
 import commands
-from commands import LAZY_COMMANDS, current_runtime
-from services.errors import BackupError
+from commands import LAZY_COMMANDS, QUICK_EXIT, current_runtime
+from commands.errors import EXIT_TEMPFAIL, EXIT_USAGE, CliError, explain
 
 
 class _LazyGroup(click.Group):
@@ -34,6 +37,8 @@ class _LazyGroup(click.Group):
     def _load_unlisted(self) -> None:
         if not self._unlisted_loaded:
             self._unlisted_loaded = True
+            import pkgutil
+
             listed = {module for module, _ in LAZY_COMMANDS.values()}
             for info in pkgutil.iter_modules(commands.__path__):
                 if f"commands.{info.name}" not in listed:
@@ -51,6 +56,18 @@ class _LazyGroup(click.Group):
                 self._load_unlisted()
         return super().get_command(ctx, cmd_name)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130) from None
+        except Exception as exc:
+            if _debug(ctx):
+                raise
+            raise explain(exc) from exc
+
     def format_commands(self, ctx: click.Context, formatter: Any) -> None:
         names = self.list_commands(ctx)
         limit = formatter.width - 6 - max(len(name) for name in names)
@@ -64,23 +81,41 @@ class _LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
+def _debug(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool(isinstance(root.obj, dict) and root.obj.get("debug")) or os.environ.get("BACKUP_DEBUG") == "1"
+
+
 @click.group("backup", cls=_LazyGroup)
-def backup() -> None:
-    """Scheduled, verifiable backups: plans, runs, restores."""
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also BACKUP_DEBUG=1).")
+@click.pass_context
+def backup(ctx: click.Context, debug: bool) -> None:
+    """Scheduled, verifiable backups: plans, runs, restores.
+
+    Exit codes: 0 done, 1 the work failed, 2 bad usage or unknown plan, 69 a service could not be reached,
+    70 unexpected error, 75 worth retrying, 77 no credentials or not allowed, 78 configuration (docs/cli.md).
+    """
+    root = ctx.find_root()
+    if not isinstance(root.obj, dict):
+        root.obj = {}
+    root.obj["debug"] = debug or bool(root.obj.get("debug"))
 
 
 def _plan(name: str):  # type: ignore[no-untyped-def]
     plans = current_runtime().plans
     if name not in plans:
-        raise click.UsageError(f"no plan named {name!r}; plans: {', '.join(sorted(plans))}")
+        raise CliError(f"no plan named {name!r}; plans: {', '.join(sorted(plans))}", EXIT_USAGE)
     return plans[name]
 
 
 @backup.command("plans")
 def list_plans() -> None:
     """List the plans in plans.yaml."""
-    for plan in current_runtime().plans.values():
-        click.echo(f"{plan.name:<24} {plan.kind:<10} queue={plan.queue:<18} {plan.description}")
+    plans = list(current_runtime().plans.values())
+    width = max([len(p.name) for p in plans] + [4]) + 2
+    click.echo(f"{'PLAN':<{width}}{'KIND':<11}{'QUEUE':<20}DESCRIPTION")
+    for plan in plans:
+        click.echo(f"{plan.name:<{width}}{plan.kind:<11}{plan.queue:<20}{plan.description}")
 
 
 @backup.command("run")
@@ -88,8 +123,12 @@ def list_plans() -> None:
 @click.option(
     "--dry-run", "dry_run_only", is_flag=True, help="Print what would be backed up (and pruned), change nothing."
 )
-def run_plan(plan_name: str, dry_run_only: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON (for scripts).")
+def run_plan(plan_name: str, dry_run_only: bool, as_json: bool) -> None:
     """Run PLAN now: enqueue one task per target (the queue's workers do the backups)."""
+    import getpass
+    import json
+
     from services.catalog import Catalog
     from services.fanout import dry_run, manual_period
     from services.queue import make_queue
@@ -97,21 +136,34 @@ def run_plan(plan_name: str, dry_run_only: bool) -> None:
     rt = current_runtime()
     plan = _plan(plan_name)
     period = manual_period(rt)
-    try:
-        if dry_run_only:
-            result = dry_run(rt, plan, period)
-            for line in result.dry_run:
-                click.echo(line)
-            click.echo(f"{result.targets} target(s); nothing was changed")
+    if dry_run_only:
+        result = dry_run(rt, plan, period)
+        if as_json:
+            click.echo(json.dumps(result.to_json()))
             return
-        from services.worker import trigger_plan
+        for line in result.dry_run:
+            click.echo(line)
+        click.echo(f"{result.targets} target(s); nothing was changed")
+        return
+    from services.worker import trigger_plan
 
-        answer = trigger_plan(rt, Catalog(rt.datastore()), make_queue(rt.settings), plan, by=f"cli:{getpass.getuser()}")
-    except BackupError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(json.dumps(answer.body))
-    if answer.body.get("status") == "failed":
-        sys.exit(1)
+    answer = trigger_plan(rt, Catalog(rt.datastore()), make_queue(rt.settings), plan, by=f"cli:{getpass.getuser()}")
+    body = answer.body
+    if as_json:
+        click.echo(json.dumps(body))
+    if body.get("status") == "failed":
+        raise CliError(f"{plan.name}: listing its targets failed: {body.get('error')} (run {body.get('run_id')})")
+    if answer.status >= 400 or body.get("retry"):
+        raise CliError(f"{plan.name}: not started, worth retrying: {body.get('error')}", EXIT_TEMPFAIL)
+    if not as_json:
+        queued = f"{body.get('enqueued', 0)} task(s) queued"
+        if body.get("already_queued"):
+            queued += f", {body['already_queued']} already queued for this period"
+        more = "; the rest of the targets follow in a continuation task" if body.get("continuation") else ""
+        click.echo(f"{plan.name}: {body.get('targets', 0)} target(s), {queued}{more}")
+        for problem in body.get("problems", []):
+            click.echo(f"  could not list {problem['where']}: {problem['error']}")
+        click.echo(f"follow with: ./backup runs --plan {plan.name}")
 
 
 @backup.command("runs")
@@ -120,17 +172,28 @@ def run_plan(plan_name: str, dry_run_only: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_runs(plan_name: str | None, limit: int, as_json: bool) -> None:
     """Recent runs, newest first."""
+    import json
+
     from services.catalog import Catalog
 
+    if plan_name is not None:
+        _plan(plan_name)
     catalog = Catalog(current_runtime().datastore())
     runs = catalog.recent_runs(limit=limit, plan=plan_name)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in runs], indent=2))
         return
+    if not runs:
+        click.echo(f"no runs recorded{' for ' + plan_name if plan_name else ''}")
+        return
+    plan_width = max(len(r.plan) for r in runs) + 2
+    target_width = min(max(len(r.target) for r in runs), 48) + 2
+    click.echo(f"{'CREATED (UTC)':<21}{'STATUS':<11}{'PLAN':<{plan_width}}{'TARGET':<{target_width}}DETAIL")
     for r in runs:
         when = r.created.strftime("%Y-%m-%d %H:%M:%S") if r.created else "-"
+        target = r.target if len(r.target) <= 48 else r.target[:22] + "…" + r.target[-25:]
         detail = r.error or r.output or ""
-        click.echo(f"{when}  {r.status:<9} {r.plan:<20} {r.target:<40} {detail}")
+        click.echo(f"{when:<21}{r.status:<11}{r.plan:<{plan_width}}{target:<{target_width}}{detail}")
 
 
 @backup.command("restore-datastore")
@@ -146,21 +209,42 @@ def restore_datastore(
     from kinds.datastore import exports as datastore
 
     rt = current_runtime()
-    try:
-        result = datastore.restore(
-            rt,
-            export_url,
-            project=project,
-            kinds=[k for k in kinds.split(",") if k] or None,
-            namespaces=[n for n in namespaces.split(",") if n] or None,
-            safety_url_prefix=safety_prefix,
-        )
-    except BackupError as exc:
-        raise click.ClickException(str(exc)) from exc
+    result = datastore.restore(
+        rt,
+        export_url,
+        project=project,
+        kinds=[k for k in kinds.split(",") if k] or None,
+        namespaces=[n for n in namespaces.split(",") if n] or None,
+        safety_url_prefix=safety_prefix,
+    )
     click.echo(f"safety export: {result.safety_export}")
     click.echo(f"imported {result.entities} entities from {result.imported_from}")
 
 
 def main() -> None:
-    """Entry point of ``./backup``: the same group, without typing ``flask --app main``."""
-    backup(prog_name="backup", obj={}, args=sys.argv[1:])
+    """Entry point of ``./backup``: the same group, without typing ``flask --app main``.
+
+    A command that leaves ``QUICK_EXIT`` set in the context's object has nothing left to clean up: the process
+    ends without the interpreter's teardown (freeing every module and object one by one), once its output is
+    flushed."""
+    obj: dict[str, Any] = {}
+    try:
+        backup(prog_name="backup", obj=obj, args=sys.argv[1:])
+    except SystemExit as done:
+        if obj.get(QUICK_EXIT):
+            _exit_now(done.code)
+        raise
+
+
+def _exit_now(code: object) -> None:
+    import os
+
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # as sys.exit("message") does
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1
+    os._exit(code or 0)

@@ -9,6 +9,7 @@ BACKUP_LOCAL_STATE); BACKUP_PLANS and BACKUP_JOB_BUDGET_SECONDS are honoured as 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -56,6 +57,13 @@ def write_private(path: Path, text: str) -> None:
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+
+
+def env_for_cli(env: dict[str, str]) -> dict[str, str]:
+    """What ./backup needs from this run (commands.LOCAL_KEYS): never the admin token."""
+    from commands import LOCAL_KEYS
+
+    return {key: value for key, value in env.items() if key in LOCAL_KEYS}
 
 
 def start_gunicorn(port: int, log_name: str) -> subprocess.Popen:
@@ -122,6 +130,7 @@ def main() -> None:
     ds_port, gcs_port, worker_port = app_port + 1, app_port + 2, app_port + 3
     token = os.environ.get("BACKUP_LOCAL_TOKEN") or secrets.token_urlsafe(24)
     write_private(STATE / "token", token + "\n")
+    signin_code = secrets.token_urlsafe(16)  # one use: the link printed below signs one browser in
     service_url = f"http://127.0.0.1:{app_port}"
     worker_url = f"http://127.0.0.1:{worker_port}"
     env = {
@@ -132,6 +141,7 @@ def main() -> None:
         "BACKUP_DATASTORE_ADMIN_ENDPOINT": f"http://127.0.0.1:{ds_port}",
         "BACKUP_EXPORT_LOCAL_ROOT": str(STATE / "exports"),
         "BACKUP_LOCAL_TOKEN": token,
+        "BACKUP_LOCAL_SIGNIN_CODE": signin_code,
         "BACKUP_SERVICE_URL": service_url,
         "BACKUP_WORKER_URL": worker_url,
         "BACKUP_QUEUE_BACKEND": "local",
@@ -140,6 +150,8 @@ def main() -> None:
     # The demo talks only to emulators; your own plans (BACKUP_PLANS) against real APIs want BACKUP_CREDENTIALS=default.
     env.setdefault("BACKUP_CREDENTIALS", os.environ.get("BACKUP_CREDENTIALS", "anonymous"))
     os.environ.update(env)
+    # The CLI (./backup) reads this while we run, so its commands reach these emulators with nothing exported.
+    write_private(STATE / "env.json", json.dumps({"pid": os.getpid(), "env": env_for_cli(dict(os.environ))}))
     children: list[subprocess.Popen] = []
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -174,13 +186,13 @@ def main() -> None:
 backup-scheduler is running on {service_url} (app log: .local/app.log)
   demo plan '{DEMO_PLAN}' started: {started.text.strip()}
                its restore drill follows once every kind is backed up (restore times on the status page)
-  status:      curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/api/status
-               (the page {service_url}/ wants the same header: e.g. a browser extension that sets it)
+  status page: {service_url}/signin?code={signin_code}
+               (open it once in your browser: it signs that browser in for this run)
+  status JSON: curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/api/status
   runs:        curl -H "Authorization: Bearer $(cat .local/token)" {service_url}/runs
   run a plan:  curl -X POST -H "Authorization: Bearer $(cat .local/token)" -H "X-Backup-Client: curl" \\
                {service_url}/admin/plans/{DEMO_PLAN}/run
-  CLI:         BACKUP_LOCAL_QUEUE_DB=.local/queue.sqlite3 DATASTORE_EMULATOR_HOST=127.0.0.1:{ds_port} \\
-               BACKUP_PROJECT={PROJECT} ./backup runs
+  CLI:         ./backup runs    (uses these emulators while make run is running)
   exports:     gs://{DEMO_BUCKET}/datastore/... in the GCS emulator ({env["STORAGE_EMULATOR_HOST"]}), .local/exports
 Ctrl-C stops everything.
 """,
@@ -209,6 +221,7 @@ Ctrl-C stops everything.
                 child.kill()
         if gcs_server is not None:
             gcs_server.stop()
+        (STATE / "env.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import click
 
 from commands import current_runtime
+from commands.errors import EXIT_USAGE, CliError
 from services.catalog import Catalog
 from services.trends import kind_trends
 
@@ -20,9 +21,10 @@ def trends_command(plan_name: str, days: int, as_json: bool) -> None:
     rt = current_runtime()
     plan = rt.plans.get(plan_name)
     if plan is None:
-        raise click.UsageError(f"no plan named {plan_name!r}; plans: {', '.join(sorted(rt.plans))}")
+        raise CliError(f"no plan named {plan_name!r}; plans: {', '.join(sorted(rt.plans))}", EXIT_USAGE)
     if plan.kind != "datastore":
-        raise click.UsageError(f"plan {plan_name!r} is of kind {plan.kind}: trends are recorded for datastore plans")
+        what = f"plan {plan_name!r} is of kind {plan.kind}: trends are recorded for datastore plans"
+        raise CliError(what, EXIT_USAGE)
     trends = kind_trends(Catalog(rt.datastore()), plan_name, rt.now(), days)
     if as_json:
         click.echo(json.dumps({k: [p.__dict__ | {"day": p.day.isoformat()} for p in v] for k, v in trends.items()}))

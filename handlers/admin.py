@@ -90,15 +90,20 @@ def list_plans():  # type: ignore[no-untyped-def]
 @admin_only
 def list_runs():  # type: ignore[no-untyped-def]
     plan = request.args.get("plan") or None
+    if plan is not None and plan not in runtime().plans:
+        return unknown_plan(plan)
     try:
         limit = min(max(int(request.args.get("limit", "50")), 1), 500)
     except ValueError:
         return jsonify({"error": "limit: expected a whole number"}), 400
     store = catalog()
+    runs = store.recent_runs(limit=limit, plan=plan)
+    # The targets of the runs listed, not every target of every plan (/api/status pages through those).
+    states = store.target_states_for([(r.plan, r.target) for r in runs])
     return jsonify(
         {
-            "runs": [r.to_json() for r in store.recent_runs(limit=limit, plan=plan)],
-            "targets": [s.to_json() for s in store.target_states(plan)],
+            "runs": [r.to_json() for r in runs],
+            "targets": [states[key].to_json() for key in sorted(states)],
         }
     )
 

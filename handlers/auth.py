@@ -4,7 +4,8 @@
 - task routes: ``X-AppEngine-QueueName`` on App Engine, or a Google-signed OIDC token from the queue's service
   account (audience and email checked), or an admin.
 - admin: an IAP JWT or a Google ID token whose verified email (or its domain) is on the allowlist, or, in a local
-  run only (set by ``make run``, over loopback), the bearer token in ``BACKUP_LOCAL_TOKEN``.
+  run only (set by ``make run``, over loopback), the bearer token in ``BACKUP_LOCAL_TOKEN``, which a browser holds
+  as an HttpOnly, SameSite=Strict cookie after following the one-time link ``make run`` prints (``/signin``).
 - admin routes that change something also refuse cross-site requests (``same_site_only``): an IAP session is a
   cookie a browser sends on its own, so a form on another site must not be able to start a plan.
 
@@ -112,7 +113,7 @@ def allowed_admin(email: str, allowlist: tuple[str, ...]) -> bool:
     return email in allowlist or (domain is not None and domain in allowlist)
 
 
-def _from_loopback() -> bool:
+def from_loopback() -> bool:
     """The request came straight from this machine (not through a proxy that forwards for someone else)."""
     if request.headers.get("X-Forwarded-For") or request.headers.get("Forwarded"):
         return False
@@ -124,14 +125,24 @@ def _from_loopback() -> bool:
 
 def _is_local_token(token: str) -> bool:
     local = runtime().settings.local_token
-    return bool(local) and hmac.compare_digest(token.encode(), local.encode()) and _from_loopback()
+    return bool(local) and hmac.compare_digest(token.encode(), local.encode()) and from_loopback()
+
+
+LOCAL_COOKIE = "backup_local"  # set by /signin in a local run: the local token, for a browser
 
 
 def _bearer() -> str | None:
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip() or None
+    settings = runtime().settings
+    if settings.local_token and not settings.on_app_engine:
+        return request.cookies.get(LOCAL_COOKIE) or None
     return None
+
+
+def _looks_like_jwt(token: str) -> bool:
+    return token.count(".") == 2
 
 
 def _check_admin() -> Caller:
@@ -149,6 +160,8 @@ def _check_admin() -> Caller:
         raise Denied(401, "authentication required: an IAP session or a bearer token (Google ID token)")
     if _is_local_token(token):
         return Caller("admin", "local-token")
+    if settings.local_token and not _looks_like_jwt(token):
+        raise Denied(403, "this is not the local token of this `make run` (.local/token) nor a Google ID token")
     claims = _verify_google_id_token(token)
     email = str(claims.get("email", "")).lower()
     if claims.get("email_verified") is not True:

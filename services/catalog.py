@@ -18,10 +18,12 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+
+from services import summary
 
 NAMESPACE = "backup-scheduler"
 RUN_KIND = "BackupRun"
@@ -29,6 +31,7 @@ TARGET_KIND = "TargetState"
 TRIGGER_KIND = "ManualTrigger"
 BOOKKEEPING_KINDS = frozenset({RUN_KIND, TARGET_KIND, TRIGGER_KIND})
 MAX_LOG_LINES = 200
+TREND_DAYS = 90
 MAX_KEY_BYTES = 500  # Datastore allows 1,500 bytes per key name; run ids are task names (at most 500 characters)
 _RESERVED_NAME = re.compile(r"^__.*__$")
 _CONTENTION_ATTEMPTS = 3
@@ -90,6 +93,9 @@ class TargetState:
     last_drill_status: str | None = None
     last_drill_seconds: float | None = None  # how long the restore took
     last_drill_error: str | None = None
+    # {day: {kind: [entities, bytes]}} of the last good run of each day, TREND_DAYS days: the status page's chart,
+    # read with the target instead of from the run history
+    trend: dict[str, dict[str, list[int | None]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -128,10 +134,26 @@ class TargetState:
             self.last_good_at = at
             self.last_good_output = record.output
             self.last_good_period = record.period
+        if record.status == SUCCEEDED and isinstance(record.stats.get("kinds"), dict):
+            self._add_trend(record)
         elif record.status == FAILED:
             self.last_failure_run_id = record.run_id
             self.last_failure_at = at
             self.last_error = record.error
+
+    def _add_trend(self, record: RunRecord) -> None:
+        figures: dict[str, list[int | None]] = {}
+        for kind, numbers in record.stats["kinds"].items():
+            if isinstance(numbers, dict):
+                figures[str(kind)] = [_whole(numbers.get("entities")), _whole(numbers.get("bytes"))]
+        day = record.period.date().isoformat()
+        self.trend[day] = figures
+        for old in sorted(self.trend)[:-TREND_DAYS]:
+            del self.trend[old]
+
+
+def _whole(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)
@@ -164,6 +186,7 @@ _JSON_FIELDS = ("stats", "state", "params")
 # Only plan, status, kind and the times are filtered or ordered on; everything else stays out of the indexes
 # (an indexed string may not exceed 1,500 bytes, and target keys and ids come from outside).
 _UNINDEXED = ("stats", "state", "params", "log", "error", "output", "target", "run_id")
+# plan_created ("plan|time") is indexed: a plan's runs by time through a built-in single-property index
 
 
 class Catalog:
@@ -193,6 +216,7 @@ class Catalog:
             data[name] = json.dumps(data[name]) if data[name] is not None else None
         data["log"] = "\n".join(record.log[-MAX_LOG_LINES:])
         entity.update(data)
+        entity["plan_created"] = plan_created(record.plan, record.created or record.period)
         return entity
 
     def _from_entity(self, entity: Any) -> RunRecord:
@@ -247,15 +271,20 @@ class Catalog:
                     existing = self.client.get(self._run_key(run_id))
                     record = change(self._from_entity(existing) if existing is not None else None)
                     entities = [self._to_entity(record)]
+                    gone: list[Any] = []
                     if record.final:
                         key = self._target_key(record.plan, record.target)
                         found = self.client.get(key)
                         state = (
                             _target_from_entity(found) if found is not None else TargetState(record.plan, record.target)
                         )
+                        before = summary.Contribution.of(_target_from_entity(found) if found is not None else None)
                         state.record_run(record)
                         entities.append(self._target_entity(key, state))
+                        self._fold_into_summary(state, before, entities, gone)
                     self.client.put_multi(entities)
+                    if gone:
+                        self.client.delete_multi(gone)
                 return record
             except core.Aborted:
                 # Contention with another delivery's transaction: try again on what it wrote. Past the last
@@ -264,6 +293,37 @@ class Catalog:
                     raise
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _fold_into_summary(
+        self, state: TargetState, before: summary.Contribution | None, entities: list[Any], gone: list[Any]
+    ) -> None:
+        """Move the target's contribution in its plan's summary shard, and put or remove its attention entity, in
+        the transaction that changes its state (services/summary.py)."""
+        after = summary.Contribution.of(state)
+        if after is None or before == after:
+            return
+        shard_key = summary.shard_key(
+            self.client, self.namespace, state.plan, summary.shard_of(state.plan, state.target)
+        )
+        stored = self.client.get(shard_key)
+        shard = summary.Shard.from_json(stored.get("data") if stored is not None else None)
+        shard.apply(state.target, before, after)
+        entities.append(summary.shard_entity(self.client, shard_key, state.plan, shard))
+        was = before is not None and before.needs_attention
+        if was != after.needs_attention:
+            key = summary.attention_key(self.client, self.namespace, state.plan, summary.STATE_REASON, state.target)
+            if after.needs_attention:
+                entities.append(
+                    summary.attention_entity(
+                        self.client, key, state.plan, summary.STATE_REASON, state.target, state.last_run_at
+                    )
+                )
+            else:
+                gone.append(key)
+
+    def rebuild_summary(self, plan: str) -> None:
+        """Count every target of ``plan`` into its summary afresh (data recorded before summaries existed)."""
+        summary.rebuild(self.client, self.namespace, plan, self.target_states(plan))
 
     def record_trigger(self, trigger: ManualTrigger) -> None:
         """Remember that an authenticated admin started ``trigger.plan`` for ``trigger.period``."""
@@ -287,23 +347,59 @@ class Catalog:
         from google.cloud import datastore
 
         entity = datastore.Entity(
-            key, exclude_from_indexes=("last_error", "last_good_output", "target", "last_drill_error")
+            key, exclude_from_indexes=("last_error", "last_good_output", "target", "last_drill_error", "trend")
         )
         entity.update(asdict(state))
+        entity["trend"] = json.dumps(state.trend, sort_keys=True) if state.trend else None
         return entity
 
     def recent_runs(self, limit: int = 50, plan: str | None = None, scan: int = 5000) -> list[RunRecord]:
-        """Newest first. Filtering by plan happens here, over at most ``scan`` newest runs, so only Datastore's
-        built-in single-property indexes are needed (no index.yaml to deploy)."""
-        query = self.client.query(kind=RUN_KIND, namespace=self.namespace, order=["-created"])
-        records = []
-        for entity in query.fetch(limit=scan if plan else limit):
-            record = self._from_entity(entity)
-            if plan is None or record.plan == plan:
-                records.append(record)
-                if len(records) >= limit:
-                    break
-        return records
+        """Newest first. A plan's runs are read through ``plan_created`` (plan, then creation time, in one indexed
+        string: Datastore's built-in single-property index answers it, no index.yaml to deploy), so the answer is
+        exact however many runs other plans have. Records written before that property existed are looked for
+        among the newest ``scan`` runs when the indexed ones are fewer than ``limit``."""
+        if plan is None:
+            query = self.client.query(kind=RUN_KIND, namespace=self.namespace, order=["-created"])
+            return [self._from_entity(e) for e in query.fetch(limit=limit)]
+        records = list(self.runs_of_plan(plan, limit=limit))
+        if len(records) < limit:
+            seen = {r.run_id for r in records}
+            query = self.client.query(kind=RUN_KIND, namespace=self.namespace, order=["-created"])
+            for entity in query.fetch(limit=scan):
+                if entity.get("plan") == plan and "plan_created" not in entity:
+                    record = self._from_entity(entity)
+                    if record.run_id not in seen:
+                        records.append(record)
+            records.sort(key=lambda r: r.created or r.period, reverse=True)
+        return records[:limit]
+
+    def runs_of_plan(
+        self, plan: str, since: datetime | None = None, limit: int | None = None, newest_first: bool = True
+    ) -> Iterator[RunRecord]:
+        """Runs of ``plan`` created at or after ``since``, read a page at a time (never all held at once)."""
+        from google.cloud.datastore.query import PropertyFilter
+
+        order = "-plan_created" if newest_first else "plan_created"
+        query = self.client.query(kind=RUN_KIND, namespace=self.namespace, order=[order])
+        low = plan_created(plan, since) if since is not None else f"{plan}|"
+        query.add_filter(filter=PropertyFilter("plan_created", ">=", low))
+        query.add_filter(filter=PropertyFilter("plan_created", "<", f"{plan}|~"))
+        for entity in query.fetch(limit=limit):
+            yield self._from_entity(entity)
+
+    def target_page(self, plan: str, size: int, cursor: str | None = None) -> tuple[list[str], str | None]:
+        """One page of ``plan``'s target names in key order, and the cursor of the next page (None at the end)."""
+        import base64
+
+        query = self.client.query(kind=TARGET_KIND, namespace=self.namespace)
+        query.add_filter(filter=_eq("plan", plan))
+        start = base64.urlsafe_b64decode(cursor.encode()) if cursor else None
+        iterator = query.fetch(limit=size, start_cursor=start)
+        page = next(iterator.pages)
+        names = [entity["target"] for entity in page if summary.is_real_target(entity["target"])]
+        token = iterator.next_page_token
+        more = token is not None and len(names) > 0
+        return names, base64.urlsafe_b64encode(token).decode() if more and isinstance(token, bytes) else None
 
     def target_state(self, plan: str, target: str) -> TargetState | None:
         entity = self.client.get(self._target_key(plan, target))
@@ -351,6 +447,11 @@ class Catalog:
         return sorted((_target_from_entity(e) for e in query.fetch()), key=lambda s: (s.plan, s.target))
 
 
+def plan_created(plan: str, at: datetime) -> str:
+    """``plan|2026-11-23T02:00:05.000000``: sorts by plan, then by time (UTC, fixed width)."""
+    return f"{plan}|{at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}"
+
+
 def _eq(name: str, value: Any) -> Any:
     from google.cloud.datastore.query import PropertyFilter
 
@@ -359,4 +460,6 @@ def _eq(name: str, value: Any) -> Any:
 
 def _target_from_entity(entity: Any) -> TargetState:
     known = TargetState.__dataclass_fields__
-    return TargetState(**{k: v for k, v in dict(entity).items() if k in known})
+    data = {k: v for k, v in dict(entity).items() if k in known}
+    data["trend"] = json.loads(data["trend"]) if data.get("trend") else {}
+    return TargetState(**data)

@@ -372,24 +372,39 @@ def resolve_secret(rt: Any, env_name: str) -> str:
 
 
 def digest_message(rt: Any, plan: Any, catalog: Any, stale_targets: list[str]) -> Message:
-    """The day's summary of one plan: runs by status in the last 24 hours, failed targets with their errors, and
-    the targets that are past their RPO."""
+    """The day's summary of one plan: every run of the last 24 hours counted by status (read page by page, exact at
+    any scale), the first failed targets with their errors, and the targets that are past their RPO."""
+    from services.catalog import DRILL
+
     now = rt.now()
     since = now - timedelta(days=1)
-    runs = [r for r in catalog.recent_runs(limit=2000, plan=plan.name) if (r.ended or r.created or now) >= since]
     counts: dict[str, int] = {}
-    for run in runs:
+    drills: dict[str, int] = {}
+    failed: dict[str, str] = {}  # target -> its latest error
+    for run in catalog.runs_of_plan(plan.name, since=since, newest_first=False):
+        if run.purpose == DRILL:
+            drills[run.status] = drills.get(run.status, 0) + 1
+            continue
         counts[run.status] = counts.get(run.status, 0) + 1
-    failed = sorted({(r.target, r.error or "") for r in runs if r.status == FAILED})
-    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no runs"
+        if run.status == FAILED:
+            failed[run.target] = run.error or ""
+        elif run.status == SUCCEEDED:
+            failed.pop(run.target, None)  # fixed since: listed only while its latest run failed
+    summary = ", ".join(f"{n:,} {status}" for status, n in sorted(counts.items())) or "no runs"
     lines = [f"*Daily backup digest* for plan `{plan.name}` ({now:%Y-%m-%d}): {summary} in the last 24 h."]
+    if drills:
+        lines.append("Restore drills: " + ", ".join(f"{n:,} {status}" for status, n in sorted(drills.items())))
     if stale_targets:
-        lines.append(f"Past the RPO of {plan.rpo_hours:g} h: {', '.join(stale_targets[:20])}")
-    for target, error in failed[:10]:
+        shown = ", ".join(stale_targets[:20])
+        more = f" and {len(stale_targets) - 20:,} more" if len(stale_targets) > 20 else ""
+        lines.append(f"Past the RPO of {plan.rpo_hours:g} h ({len(stale_targets):,}): {shown}{more}")
+    still_failing = sorted(failed.items())
+    for target, error in still_failing[:10]:
         lines.append(f"- failed `{target}`: {error[:300]}")
-    if len(failed) > 10:
-        lines.append(f"... and {len(failed) - 10} more failed targets")
-    status = "failed" if failed or stale_targets else "ok"
+    if len(still_failing) > 10:
+        lines.append(f"... and {len(still_failing) - 10:,} more failed targets")
+    failed_any = bool(counts.get(FAILED))
+    status = "failed" if failed_any or stale_targets else "ok"
     return Message(
         kind=DIGEST,
         plan=plan.name,

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar, Union
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -31,6 +30,7 @@ from pydantic import (
 )
 
 from services.errors import ConfigError
+from services.yamlfile import load_yaml
 
 PLAN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 PROJECT_ID = re.compile(r"^(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
@@ -323,8 +323,4 @@ def load_plans(path: str | Path) -> dict[str, Plan[Any]]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read plans file ({exc.strerror})") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_plans(raw, str(path.name))
+    return parse_plans(load_yaml(text, str(path.name)), str(path.name))

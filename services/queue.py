@@ -21,10 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from services.errors import ConfigError
 from services.runtime import Settings, utcnow
+from services.yamlfile import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +95,16 @@ def _seconds(value: Any, where: str) -> float:
 def load_queue_configs(path: str | Path) -> dict[str, QueueConfig]:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text()
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read queue file: {exc}") from exc
+    raw = load_yaml(text, path.name) or {}
     configs = {}
     for entry in raw.get("queue") or []:
         name = entry.get("name")
         where = f"{path.name}: queue {name!r}"
+        if name in configs:
+            raise ConfigError(f"{where} is defined twice; only one may stay")
         retry = entry.get("retry_parameters") or {}
         policy = RetryPolicy(
             min_backoff=_seconds(retry.get("min_backoff_seconds", 0.1), f"{where} min_backoff_seconds"),

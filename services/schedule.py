@@ -14,9 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-
 from services.errors import ConfigError
+from services.yamlfile import load_yaml
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _ABBREVIATIONS = {day[:3]: day for day in WEEKDAYS}
@@ -123,9 +122,10 @@ class CronJob:
 def load_cron(path: str | Path) -> list[CronJob]:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text()
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read cron file: {exc}") from exc
+    raw = load_yaml(text, path.name)
     entries = (raw or {}).get("cron") or []
     jobs = []
     for index, entry in enumerate(entries):

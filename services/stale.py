@@ -22,15 +22,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from services import alerts, notify
+from services import alerts, notify, summary
 from services.catalog import FAILED, NAMESPACE, SKIPPED, Catalog, TargetState
+from services.summary import AMBER_FRACTION, is_real_target
+
+__all__ = ["AMBER_FRACTION", "is_real_target"]  # still importable from here
 
 log = logging.getLogger(__name__)
 
 STALE_KIND = "StaleAlert"
 PLAN_UNIT = "(plan)"
 FANOUT_TARGET = "(fan-out)"  # what services/worker.py records a failed fan-out against
-AMBER_FRACTION = 0.75  # the status page turns amber past this share of the RPO
 
 
 @dataclass
@@ -62,11 +64,6 @@ class StaleReport:
         return {"checked": self.checked, "stale": self.stale, "changes": [asdict(c) for c in self.changes]}
 
 
-def is_real_target(name: str) -> bool:
-    """Targets named ``(...)`` are bookkeeping (a failed fan-out, a rejected task), not things backed up."""
-    return not name.startswith("(")
-
-
 class AlertStore:
     """StaleAlert entities, one per (plan, unit), in the catalog's namespace."""
 
@@ -85,6 +82,28 @@ class AlertStore:
         known = StaleAlert.__dataclass_fields__
         found = (StaleAlert(**{k: v for k, v in dict(e).items() if k in known}) for e in query.fetch())
         return {a.target: a for a in found}
+
+    def get_many(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], StaleAlert]:
+        """The alerts of the given (plan, unit) pairs that exist, by key."""
+        known = StaleAlert.__dataclass_fields__
+        found: dict[tuple[str, str], StaleAlert] = {}
+        unique = sorted(set(pairs))
+        for start in range(0, len(unique), 500):
+            keys = [self._key(plan, target) for plan, target in unique[start : start + 500]]
+            for entity in self.client.get_multi(keys):
+                alert = StaleAlert(**{k: v for k, v in dict(entity).items() if k in known})
+                found[(alert.plan, alert.target)] = alert
+        return found
+
+    def mark_attention(self, plan: str, target: str, since: datetime) -> None:
+        """List a stale target among those needing attention on the status page (services/summary.py)."""
+        if is_real_target(target):
+            key = summary.attention_key(self.client, self.namespace, plan, summary.STALE_REASON, target)
+            self.client.put(summary.attention_entity(self.client, key, plan, summary.STALE_REASON, target, since))
+
+    def clear_attention(self, plan: str, target: str) -> None:
+        if is_real_target(target):
+            self.client.delete(summary.attention_key(self.client, self.namespace, plan, summary.STALE_REASON, target))
 
     def put(self, alert: StaleAlert) -> None:
         from google.cloud import datastore
@@ -178,6 +197,7 @@ def _settle(
             )
         alert.stale, alert.since, alert.reason = True, now, reason
         alerts_store.put(alert)
+        alerts_store.mark_attention(plan.name, alert.target, now)
         labels = {"plan": plan.name, "target": alert.target}
         log.error("backup stale: plan %s, target %s: %s", plan.name, alert.target, reason, extra=labels)
         report.changes.append(StaleChange(plan.name, alert.target, notify.STALE, reason))
@@ -188,6 +208,7 @@ def _settle(
             alerts.recovered(rt, plan, alert.target, _run_id(state), _output(state), episode, queue=queue)
         alert.stale, alert.recovered_at = False, now
         alerts_store.put(alert)
+        alerts_store.clear_attention(plan.name, alert.target)
         log.info("backup recovered: plan %s, target %s: %s", plan.name, alert.target, good, extra={"plan": plan.name})
         report.changes.append(StaleChange(plan.name, alert.target, notify.RECOVERED, good))
     elif not stored:

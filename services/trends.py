@@ -37,3 +37,23 @@ def kind_trends(catalog: Catalog, plan: str, now: datetime, days: int = 90) -> d
     for (kind, day), (_at, figures) in sorted(latest.items()):
         trends[kind].append(Point(day, figures.get("entities"), figures.get("bytes")))
     return dict(trends)
+
+
+def trends_from_states(states: list[Any], now: datetime, days: int = 90) -> dict[str, list[Point]]:
+    """The same figures from the targets' own summaries (``TargetState.trend``, kept by every good run): what the
+    status page draws, without reading the run history. A kind exported by several targets is added up."""
+    since = (now - timedelta(days=days)).date()
+    per_day: dict[tuple[str, date], list[int | None]] = {}
+    for state in states:
+        for day_text, figures in (state.trend or {}).items():
+            day = date.fromisoformat(day_text)
+            if day < since:
+                continue
+            for kind, (entities, size) in figures.items():
+                total = per_day.setdefault((kind, day), [0, 0])
+                total[0] = None if entities is None or total[0] is None else total[0] + entities
+                total[1] = None if size is None or total[1] is None else total[1] + size
+    trends: dict[str, list[Point]] = defaultdict(list)
+    for (kind, day), (entities, size) in sorted(per_day.items()):
+        trends[kind].append(Point(day, entities, size))
+    return dict(trends)

@@ -35,6 +35,16 @@ def make_plan(name: str = "nightly", rpo_hours: float | None = 26, **notify: Any
     return parse_plan(name, raw)
 
 
+def kind_plan(name: str, kind: str, rpo_hours: float | None = 26, **notify: Any) -> Plan:
+    """A plan of a kind other than datastore, with the least its kind needs (disks, filestore)."""
+    raw: dict[str, Any] = {"kind": kind, "select": {"projects": ["demo-prod"]}, "notify": notify}
+    if kind == "filestore":
+        raw["select"]["label"] = "backup-keep"
+    if rpo_hours is not None:
+        raw["rpo_hours"] = rpo_hours
+    return parse_plan(name, raw)
+
+
 def finished_run(
     plan: str, target: str, status: str, at: datetime, error: str | None = None, run_id: str | None = None
 ) -> RunRecord:

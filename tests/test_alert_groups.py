@@ -11,7 +11,7 @@ from services import alerts, notify
 from services.catalog import FAILED, NAMESPACE, SUCCEEDED, Catalog
 from services.queue import LocalQueue
 from services.stale import check_stale
-from tests.alerting import AUTH, finished_run, make_plan, sent_messages, served_app
+from tests.alerting import AUTH, finished_run, kind_plan, sent_messages, served_app
 from tests.helpers import Clock, make_runtime
 
 DISKS = [f"projects/demo/zones/us-central1-a/disks/disk-{i:03d}" for i in range(300)]
@@ -27,7 +27,7 @@ def deliver_all(serve, rt, queue, catalog) -> None:
 
 
 def test_one_cause_on_300_targets_is_one_message_per_stage(tmp_path, datastore, webhook_server, serve):
-    plan = make_plan("disks-prod", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
+    plan = kind_plan("disks-prod", "disks", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
     clock = Clock()
     rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock, environ={"OPS_CHAT_WEBHOOK": webhook_server.url})
     queue = LocalQueue(tmp_path / "queue.sqlite3")
@@ -87,7 +87,7 @@ def pending_events(datastore) -> int:
 
 
 def test_a_message_the_queue_refuses_leaves_the_alert_pending_and_is_retried(tmp_path, datastore):
-    plan = make_plan("disks-prod", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
+    plan = kind_plan("disks-prod", "disks", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
     clock = Clock()
     rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
     local = LocalQueue(tmp_path / "queue.sqlite3")
@@ -109,7 +109,7 @@ def test_a_message_the_queue_refuses_leaves_the_alert_pending_and_is_retried(tmp
 
 
 def test_the_hourly_sweep_queues_a_flush_that_was_never_queued(tmp_path, datastore):
-    plan = make_plan("disks-prod", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
+    plan = kind_plan("disks-prod", "disks", rpo_hours=26, webhook_env="OPS_CHAT_WEBHOOK")
     clock = Clock()
     rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
     queue = LocalQueue(tmp_path / "queue.sqlite3")
@@ -129,7 +129,7 @@ def test_the_hourly_sweep_queues_a_flush_that_was_never_queued(tmp_path, datasto
 
 
 def test_events_of_one_burst_wait_for_the_group_interval(tmp_path, datastore):
-    plan = make_plan("disks-prod", webhook_env="OPS_CHAT_WEBHOOK")
+    plan = kind_plan("disks-prod", "disks", webhook_env="OPS_CHAT_WEBHOOK")
     clock = Clock()
     rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
     queue = LocalQueue(tmp_path / "queue.sqlite3")

@@ -39,7 +39,7 @@ def test_dry_run_describes_each_target_and_enqueues_nothing(tmp_path, datastore,
 def test_run_enqueues_one_task_per_target(tmp_path, datastore, datastore_emulator):
     seed(datastore, "Customer")
 
-    result = cli(tmp_path, datastore_emulator, "run", "datastore-nightly")
+    result = cli(tmp_path, datastore_emulator, "run", "datastore-nightly", "--json")
 
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["enqueued"] == 1

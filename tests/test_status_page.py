@@ -13,7 +13,7 @@ import pytest
 from main import create_app
 from services.catalog import FAILED, Catalog
 from services.runtime import ROOT
-from tests.alerting import AUTH, finished_run, make_plan
+from tests.alerting import AUTH, finished_run, kind_plan, make_plan
 from tests.helpers import LOCAL_TOKEN, Clock, make_runtime
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,14 +31,21 @@ INVOICE_ERROR = "PERMISSION_DENIED: backup@demo.iam lacks storage.objects.create
 
 def seed_catalog(catalog: Catalog, clock: Clock):
     """datastore-nightly (RPO 26 h, cron 02:00): one green, one amber and one red target; files-hourly: its
-    fan-out failed; sql-weekly: never ran."""
+    fan-out failed; disks-weekly: never ran."""
     now = clock.now
     catalog.save(finished_run("datastore-nightly", "Customer", "succeeded", now - timedelta(hours=3)))
     catalog.save(finished_run("datastore-nightly", "Order", "succeeded", now - timedelta(hours=22)))
     catalog.save(finished_run("datastore-nightly", "acme/Invoice", "succeeded", now - timedelta(hours=40)))
     failed = finished_run("datastore-nightly", "acme/Invoice", FAILED, now - timedelta(hours=3), error=INVOICE_ERROR)
     catalog.save(failed)
-    catalog.save(finished_run("files-hourly", "share-a", "succeeded", now - timedelta(hours=5)))
+    share = finished_run(
+        "files-hourly",
+        "projects/demo-prod/locations/us-central1-a/instances/share-a",
+        "succeeded",
+        now - timedelta(hours=5),
+    )
+    share.kind, share.output = "filestore", "projects/demo-prod/locations/us-central1/backups/share-a-20261122t2100"
+    catalog.save(share)
     fanout = finished_run("files-hourly", "(fan-out)", FAILED, now - timedelta(hours=1), error="Filestore API: 403")
     catalog.save(fanout)
     return failed
@@ -49,8 +56,8 @@ def status_app(tmp_path, datastore):
     clock = Clock()
     plans = [
         make_plan("datastore-nightly", rpo_hours=26),
-        make_plan("files-hourly", rpo_hours=2),
-        make_plan("sql-weekly", rpo_hours=170),
+        kind_plan("files-hourly", "filestore", rpo_hours=2),
+        kind_plan("disks-weekly", "disks", rpo_hours=170),
     ]
     rt = make_runtime(
         tmp_path, plans={p.name: p for p in plans}, clock=clock, environ={"BACKUP_METRICS_TOKEN": "scrape-secret-77"}
@@ -93,7 +100,7 @@ def test_status_page_shows_red_target_with_its_error_and_needs_admin(status_app,
         }
         plan_text = page.locator("#plan-datastore-nightly .meta").inner_text()
         fanout_banner = page.locator("#plan-files-hourly .banner").inner_text()
-        never_ran = page.locator("#plan-sql-weekly").inner_text()
+        never_ran = page.locator("#plan-disks-weekly").inner_text()
         page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
         invoice.get_by_role("link", name="run and log").click()
         page.wait_for_load_state()
@@ -199,7 +206,7 @@ def test_api_status_is_json_for_scripts(status_app):
     assert targets["acme/Invoice"]["last_error"] == INVOICE_ERROR
     assert targets["Customer"]["location_url"].startswith("https://console.cloud.google.com/storage/browser/")
     assert plans["files-hourly"]["health"] == "red" and plans["files-hourly"]["fanout_error"] == "Filestore API: 403"
-    assert plans["sql-weekly"]["never_ran"] is True
+    assert plans["disks-weekly"]["never_ran"] is True
     assert body["counts"] == {"green": 1, "amber": 1, "red": 2, "failing": 1}
 
 
@@ -241,3 +248,148 @@ def test_metrics_accept_the_scrape_token_or_an_admin(status_app):
     assert samples['backup_plan_rpo_seconds{plan="datastore-nightly"}'] == 26 * 3600
     assert samples['backup_plan_fanout_failed{plan="files-hourly"}'] == 1
     assert "# TYPE backup_last_success_timestamp_seconds gauge" in scraper.get_data(as_text=True)
+
+
+def drill_plan():
+    from services.plans import parse_plan
+
+    return parse_plan(
+        "datastore-nightly",
+        {
+            "kind": "datastore",
+            "rpo_hours": 26,
+            "destination": {"bucket": "demo-backups", "prefix": "datastore"},
+            "options": {"location": "us-central1"},
+            "drill": {"every": "7d"},
+        },
+    )
+
+
+def seed_growth_and_drills(catalog: Catalog, clock: Clock) -> None:
+    """Three days of exports with per-kind figures, then a passed drill of Customer and a failed one of Order."""
+    from services.catalog import DRILL, RunRecord
+
+    for day, (customers, orders) in enumerate(((1200, 300), (1350, 310), (1600, 330))):
+        at = clock.now - timedelta(days=2 - day, hours=1)
+        for target, count in (("Customer", customers), ("Order", orders)):
+            run = finished_run("datastore-nightly", target, "succeeded", at)
+            run.stats = {"kinds": {target: {"entities": count, "bytes": count * 410}}}
+            catalog.save(run)
+    for target, status, seconds, error in (
+        ("Customer", "succeeded", 72.4, None),
+        ("Order", FAILED, 15.0, "entity counts differ: Order 330 in the export, 329 restored"),
+    ):
+        drill = RunRecord(
+            run_id=f"drill-{target.lower()}",
+            plan="datastore-nightly",
+            target=target,
+            kind="datastore",
+            period=clock.now - timedelta(minutes=30),
+            status=status,
+            created=clock.now - timedelta(minutes=30),
+            started=clock.now - timedelta(minutes=30),
+            ended=clock.now - timedelta(minutes=28),
+            error=error,
+            stats={"restored_in_seconds": seconds},
+            purpose=DRILL,
+        )
+        catalog.save(drill)
+
+
+def test_the_growth_chart_and_the_last_drill_of_each_target_are_drawn(tmp_path, datastore, serve, browser):
+    clock = Clock()
+    plan = drill_plan()
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
+    catalog = Catalog(datastore)
+    seed_growth_and_drills(catalog, clock)
+    app = create_app(rt, catalog=catalog)
+
+    with serve(app) as served:
+        page = browser.new_context(extra_http_headers=AUTH, viewport={"width": 1100, "height": 900}).new_page()
+        page.goto(served.url + "/")
+        lines = page.locator('figure.chart[data-plan="datastore-nightly"] polyline.series')
+        kinds = [lines.nth(i).get_attribute("data-kind") for i in range(lines.count())]
+        points = [lines.nth(i).get_attribute("points").split() for i in range(lines.count())]
+        box = page.locator('figure.chart[data-plan="datastore-nightly"] svg').bounding_box()
+        caption = page.locator('figure.chart[data-plan="datastore-nightly"] figcaption').inner_text()
+        customer_drill = page.locator('tr[data-target="Customer"] td.drill')
+        order_drill = page.locator('tr[data-target="Order"] td.drill')
+        drills = {
+            "Customer": (customer_drill.get_attribute("data-drill"), customer_drill.inner_text()),
+            "Order": (order_drill.get_attribute("data-drill"), order_drill.inner_text()),
+        }
+    body = app.test_client().get("/api/status", headers=AUTH).get_json()
+    metrics = parse_metrics(app.test_client().get("/metrics", headers=AUTH).get_data(as_text=True))
+
+    assert kinds == ["Customer", "Order"]
+    assert [len(p) for p in points] == [3, 3]
+    # The newest Customer point is the chart's top (its largest value); y grows downwards in SVG.
+    assert float(points[0][-1].split(",")[1]) < float(points[0][0].split(",")[1])
+    assert box is not None and box["width"] > 100 and box["height"] > 40
+    assert "Customer 1,600" in caption and "Order 330" in caption
+    assert drills["Customer"][0] == "passed" and "restored in 1 min 12 s" in drills["Customer"][1]
+    assert drills["Order"][0] == "failed" and "329 restored" in drills["Order"][1]
+    [shown] = body["plans"]
+    assert shown["growth"]["kinds"]["Customer"][-1] == {"day": "2026-11-23", "entities": 1600, "bytes": 656000}
+    targets = {t["target"]: t for t in shown["targets"]}
+    assert (targets["Customer"]["drill_ok"], targets["Customer"]["last_drill_seconds"]) == (True, 72.4)
+    assert targets["Order"]["drill_ok"] is False
+    assert metrics['backup_restore_seconds{plan="datastore-nightly",target="Customer"}'] == 72.4
+    assert metrics['backup_drill_success{plan="datastore-nightly",target="Customer"}'] == 1
+    assert metrics['backup_drill_success{plan="datastore-nightly",target="Order"}'] == 0
+    assert metrics['backup_plan_drills{plan="datastore-nightly",result="failed"}'] == 1
+
+
+def test_the_local_signin_link_sets_a_strict_cookie_once_and_the_page_starts_a_run_once(
+    tmp_path, datastore, datastore_emulator, serve, browser
+):
+    from services.queue import LocalQueue
+    from tests.test_datastore import seed
+
+    seed(datastore, "Customer")
+    clock = Clock()
+    plan = make_plan("datastore-nightly", rpo_hours=26)
+    rt = make_runtime(
+        tmp_path,
+        plans={plan.name: plan},
+        clock=clock,
+        datastore_admin_endpoint=datastore_emulator["url"],
+        environ={"BACKUP_LOCAL_SIGNIN_CODE": "one-time-code-123"},
+    )
+    queue = LocalQueue(tmp_path / "queue.sqlite3")
+    app = create_app(rt, queue=queue, catalog=Catalog(datastore))
+
+    with serve(app) as served:
+        context = browser.new_context()
+        page = context.new_page()
+        signed_in = page.goto(served.url + "/signin?code=one-time-code-123")
+        landed = page.url
+        [cookie] = context.cookies()
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.locator('#plan-datastore-nightly button.run[data-dry="0"]').click()
+        page.locator("#plan-datastore-nightly .run-result").filter(has_text="started").wait_for()
+        result_text = page.locator("#plan-datastore-nightly .run-result").inner_text()
+        again = browser.new_context().new_page().goto(served.url + "/signin?code=one-time-code-123")
+        wrong = browser.new_context().new_page().goto(served.url + "/signin?code=guess")
+        # A form on another site posting with the cookie: no X-Backup-Client header, a cross-site origin.
+        forged = context.request.post(
+            served.url + "/admin/plans/datastore-nightly/run",
+            headers={"Origin": "https://evil.example", "Content-Type": "application/x-www-form-urlencoded"},
+            data="dry_run=0",
+        )
+
+    assert signed_in.status == 200 and landed == served.url + "/"
+    assert cookie["name"] == "backup_local" and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert result_text.startswith("started: 1 task(s) queued")
+    assert again.status == 403 and wrong.status == 403
+    assert forged.status == 403
+    assert [t["path"] for t in queue.tasks()] == ["/tasks/datastore-nightly"]  # queued once
+
+
+def test_a_wrong_local_token_is_named_as_such(tmp_path, datastore):
+    app = create_app(make_runtime(tmp_path, plans={"n": make_plan("n")}), catalog=Catalog(datastore))
+
+    answer = app.test_client().get("/api/status", headers={"Authorization": "Bearer not-the-token"})
+
+    assert answer.status_code == 403
+    assert "not the local token" in answer.get_json()["error"]
