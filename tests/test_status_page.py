@@ -393,3 +393,17 @@ def test_a_wrong_local_token_is_named_as_such(tmp_path, datastore):
 
     assert answer.status_code == 403
     assert "not the local token" in answer.get_json()["error"]
+
+
+def test_the_run_page_shows_figures_and_durations_as_people_read_them(status_app, datastore):
+    app, _failed = status_app
+    run = finished_run("datastore-nightly", "Customer", "succeeded", Clock().now)
+    run.stats = {"bytes": 2322, "entities": None, "kinds": {"Customer": {"entities": 20, "bytes": 2322}}}
+    run.started = run.ended - timedelta(seconds=72)
+    Catalog(datastore).save(run)
+
+    html = app.test_client().get(f"/runs/{run.run_id}", headers=AUTH | {"Accept": "text/html"}).get_data(as_text=True)
+
+    assert "2.3 kB" in html and "Customer: bytes 2.3 kB, entities 20" in html
+    assert "(1 min 12 s)" in html
+    assert '"bytes"' not in html and "None" not in html
