@@ -11,18 +11,15 @@ emulators and queue without any environment to set (``commands.local_environment
 
 from __future__ import annotations
 
-import getpass
 import importlib
-import json
 import os
-import pkgutil
 import sys
 from typing import Any
 
 import click
 
 import commands
-from commands import LAZY_COMMANDS, current_runtime
+from commands import LAZY_COMMANDS, QUICK_EXIT, current_runtime
 from commands.errors import EXIT_TEMPFAIL, EXIT_USAGE, CliError, explain
 
 
@@ -40,6 +37,8 @@ class _LazyGroup(click.Group):
     def _load_unlisted(self) -> None:
         if not self._unlisted_loaded:
             self._unlisted_loaded = True
+            import pkgutil
+
             listed = {module for module, _ in LAZY_COMMANDS.values()}
             for info in pkgutil.iter_modules(commands.__path__):
                 if f"commands.{info.name}" not in listed:
@@ -127,6 +126,9 @@ def list_plans() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON (for scripts).")
 def run_plan(plan_name: str, dry_run_only: bool, as_json: bool) -> None:
     """Run PLAN now: enqueue one task per target (the queue's workers do the backups)."""
+    import getpass
+    import json
+
     from services.catalog import Catalog
     from services.fanout import dry_run, manual_period
     from services.queue import make_queue
@@ -170,6 +172,8 @@ def run_plan(plan_name: str, dry_run_only: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_runs(plan_name: str | None, limit: int, as_json: bool) -> None:
     """Recent runs, newest first."""
+    import json
+
     from services.catalog import Catalog
 
     if plan_name is not None:
@@ -218,5 +222,29 @@ def restore_datastore(
 
 
 def main() -> None:
-    """Entry point of ``./backup``: the same group, without typing ``flask --app main``."""
-    backup(prog_name="backup", obj={}, args=sys.argv[1:])  # click exits with the command's code
+    """Entry point of ``./backup``: the same group, without typing ``flask --app main``.
+
+    A command that leaves ``QUICK_EXIT`` set in the context's object has nothing left to clean up: the process
+    ends without the interpreter's teardown (freeing every module and object one by one), once its output is
+    flushed."""
+    obj: dict[str, Any] = {}
+    try:
+        backup(prog_name="backup", obj=obj, args=sys.argv[1:])
+    except SystemExit as done:
+        if obj.get(QUICK_EXIT):
+            _exit_now(done.code)
+        raise
+
+
+def _exit_now(code: object) -> None:
+    import os
+
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # as sys.exit("message") does
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1
+    os._exit(code or 0)

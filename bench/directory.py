@@ -5,9 +5,11 @@ One generated tree, both tools on the same file system and the same warm page ca
 - ``./backup directory run --no-sync SOURCE DEST`` (the CLI: interpreter start-up, imports, copy, manifest);
 - ``rsync -a --delete [--link-dest=PREVIOUS] SOURCE/ DEST/<n>/``;
 - and, for reference, the engine called in-process (``copy_tree``), as earlier figures were taken, and the bare
-  system calls of an incremental copy (``bare_link_copy``: per directory mkdir and a listing, per file the
-  source's lstat, the previous copy's stat and a link; no manifest, no bookkeeping, one thread), the floor
-  for anything written in Python that walks in one thread.
+  system calls of each copy (``bare_copy``), in one thread and split over two forked processes (this machine's
+  two cores, as rsync's sender and receiver use them): per directory a mkdir and a listing; per file, for a first
+  copy, the source's lstat, an open of each side and copy_file_range (the kernel copies the data; no checksum,
+  no attributes); for an incremental copy, the source's lstat, the previous copy's stat and a link. No manifest,
+  no bookkeeping and no interpreter start-up: the floor for any copy made by a Python process here.
 
 Each round makes a first (full) copy of 20,000 files of mixed sizes (~1 GB) with each tool, then ``--repeats``
 incremental copies: before each, a fresh 1% of the files changes, and every tool links against its own newest
@@ -25,7 +27,9 @@ import argparse
 import compileall
 import os
 import random
+import resource
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -38,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kinds.directory.copies import WALKERS, copy_tree  # noqa: E402
+from kinds.directory.copies import CLI_PROCESSES, WALKERS, copy_tree  # noqa: E402
 
 
 def file_sizes(count: int, total_bytes: int, rng: random.Random) -> list[int]:
@@ -94,11 +98,23 @@ def settle() -> None:
     time.sleep(0.5)
 
 
+CPU: list[float] = []  # processor time (user + system, all processes) of each timed run, in order
+
+
+def _cpu() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def timed(func) -> float:
+    """Wall time of ``func``; its processor time is appended to CPU."""
     settle()
+    c0 = _cpu()
     t0 = time.perf_counter()
     func()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    CPU.append(_cpu() - c0)
+    return wall
 
 
 def run_rsync(source: Path, dest: Path, link_dest: Path | None) -> None:
@@ -113,8 +129,9 @@ class Cli:
     """``./backup directory run`` as a process. Each copy is named after the second it starts in, so a run
     starts in a second of its own (waiting here, untimed) rather than wait inside the timed process."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, processes: int):
         self.threads = threads
+        self.processes = processes
         self.last_second = 0
 
     def run(self, source: Path, dest: Path) -> None:
@@ -126,6 +143,8 @@ class Cli:
                 "--no-sync",
                 "--threads",
                 str(self.threads),
+                "--processes",
+                str(self.processes),
                 str(source),
                 str(dest),
             ],
@@ -139,49 +158,85 @@ class Cli:
             time.sleep(0.05)
 
 
-def bare_link_copy(source: Path, previous: Path | None, dest: Path) -> None:
-    """The system calls an incremental copy cannot avoid, in one thread without any bookkeeping: mkdir and list
-    each directory, lstat each source file, stat its previous copy and link it (files the previous copy lacks
-    are left out: they are 1% here). A first copy (no previous) only makes the directories."""
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        here = f"{dest}/{rel}" if rel else str(dest)
+def _bare_directory(source: str, previous: str | None, dest: str, rel: str) -> list[str]:
+    """The bare system calls for one directory (see ``bare_copy``); returns its subdirectories."""
+    here = f"{dest}/{rel}" if rel else dest
+    if rel:
         os.mkdir(here)
-        src_fd = os.open(f"{source}/{rel}", os.O_RDONLY | os.O_DIRECTORY)
-        prev_fd = os.open(f"{previous}/{rel}", os.O_RDONLY | os.O_DIRECTORY) if previous else -1
-        dst_fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            with os.scandir(src_fd) as it:
-                for entry in it:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(f"{rel}/{entry.name}" if rel else entry.name)
-                        continue
-                    entry.stat(follow_symlinks=False)
-                    if prev_fd < 0:
-                        continue
-                    try:
-                        os.stat(entry.name, dir_fd=prev_fd, follow_symlinks=False)
-                        os.link(entry.name, entry.name, src_dir_fd=prev_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
-                    except OSError:
+    subdirs = []
+    src_fd = os.open(f"{source}/{rel}", os.O_RDONLY | os.O_DIRECTORY)
+    prev_fd = os.open(f"{previous}/{rel}", os.O_RDONLY | os.O_DIRECTORY) if previous else -1
+    dst_fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(src_fd) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(f"{rel}/{entry.name}" if rel else entry.name)
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if prev_fd < 0:
+                    fd_in = os.open(entry.name, os.O_RDONLY, dir_fd=src_fd)
+                    fd_out = os.open(entry.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dst_fd)
+                    while os.copy_file_range(fd_in, fd_out, 1 << 30):
                         pass
-        finally:
-            os.close(src_fd)
-            os.close(dst_fd)
-            if prev_fd >= 0:
-                os.close(prev_fd)
+                    os.close(fd_out)
+                    os.close(fd_in)
+                    continue
+                try:
+                    os.stat(entry.name, dir_fd=prev_fd, follow_symlinks=False)
+                    os.link(entry.name, entry.name, src_dir_fd=prev_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+                except OSError:
+                    pass  # a file the previous copy lacks (1% here): left out
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+        if prev_fd >= 0:
+            os.close(prev_fd)
+    return subdirs
+
+
+def bare_copy(source: Path, previous: Path | None, dest: Path, processes: int = 1) -> None:
+    """The system calls a copy cannot avoid, without any bookkeeping: mkdir and list each directory; for a first
+    copy (no previous) lstat each source file, open it and its copy and let the kernel copy the data
+    (copy_file_range); for an incremental copy lstat each source file, stat its previous copy and link it
+    (files the previous copy lacks are left out: they are 1% here). With ``processes`` 2, the top directory's
+    subdirectories are dealt out to this process and one forked child, alternately."""
+    src, prev, dst = str(source), str(previous) if previous else None, str(dest)
+    tops = _bare_directory(src, prev, dst, "")
+    children = []
+    for n in range(1, processes):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _bare_walk(src, prev, dst, tops[n::processes])
+            finally:
+                os._exit(0)
+        children.append(pid)
+    _bare_walk(src, prev, dst, tops[0::processes])
+    for pid in children:
+        os.waitpid(pid, 0)
+
+
+def _bare_walk(source: str, previous: str | None, dest: str, stack: list[str]) -> None:
+    stack = list(stack)
+    while stack:
+        stack.extend(_bare_directory(source, previous, dest, stack.pop()))
 
 
 class Round:
     """One round's three contestants, each copying into its own destination root."""
 
-    def __init__(self, source: Path, dests: dict[str, Path], cli: Cli, threads: int):
-        self.source, self.dests, self.cli, self.threads = source, dests, cli, threads
+    def __init__(self, source: Path, dests: dict[str, Path], cli: Cli, threads: int, processes: int):
+        self.source, self.dests, self.cli, self.threads, self.processes = source, dests, cli, threads, processes
         self.when = datetime(2026, 11, 23, 0, 0, tzinfo=UTC)
 
     def in_process(self) -> None:
         self.when += timedelta(hours=1)
-        copy_tree(self.source, self.dests["in-process"], self.when, threads=self.threads, sync=False)
+        copy_tree(
+            self.source, self.dests["in-process"], self.when, threads=self.threads, processes=self.processes, sync=False
+        )
 
     def cli_step(self) -> float:
         self.cli.wait_for_a_new_second()
@@ -194,13 +249,17 @@ class Round:
             ("cli", self.cli_step),
             ("rsync", lambda: timed(lambda: run_rsync(self.source, self.dests["rsync"] / f"{n}", previous))),
             ("in-process", lambda: timed(self.in_process)),
-            ("syscalls", lambda: timed(lambda: self.bare(n))),
+            ("syscalls", lambda: timed(lambda: self.bare(n, "syscalls", 1))),
+            ("syscalls-2", lambda: timed(lambda: self.bare(n, "syscalls-2", 2))),
         ]
 
-    def bare(self, n: int) -> None:
+    def bare(self, n: int, tool: str, processes: int) -> None:
         """The floor, linked against the in-process engine's newest copy before this step's change."""
         copies = sorted(p for p in self.dests["in-process"].iterdir() if not p.name.startswith("."))
-        bare_link_copy(self.source, copies[-1] if n > 0 and copies else None, self.dests["syscalls"] / f"{n}")
+        previous = copies[-1] if n > 0 and copies else None
+        dest = self.dests[tool] / f"{n}"
+        dest.mkdir()
+        bare_copy(self.source, previous, dest, processes)
 
 
 def main() -> None:
@@ -211,17 +270,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="repeat each measurement and take the median")
     parser.add_argument("--repeats", type=int, default=3, help="incremental copies per round, tools alternating")
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=CLI_PROCESSES, help="the CLI's and in-process engine's")
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     args = parser.parse_args()
     if shutil.which("rsync") is None:
         sys.exit("rsync is not installed: run scripts/ensure-rsync.sh")
-    for folder in ("services", "commands"):
+    for folder in ("services", "commands", "kinds"):
         compileall.compile_dir(ROOT / folder, quiet=1)
     compileall.compile_file(ROOT / "cli.py", quiet=1)
 
+    start_load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     work = Path(tempfile.mkdtemp(prefix="bench-dircopy-", dir=args.dir)).resolve()
-    cli = Cli(args.threads)
-    tools = ("cli", "rsync", "in-process", "syscalls")
+    cli = Cli(args.threads, args.processes)
+    tools = ("cli", "rsync", "in-process", "syscalls", "syscalls-2")
     try:
         source = work / "source"
         source.mkdir()
@@ -240,6 +301,8 @@ def main() -> None:
 
         full: dict[str, list[float]] = {t: [] for t in tools}
         incr: dict[str, list[float]] = {t: [] for t in tools}
+        full_cpu: dict[str, list[float]] = {t: [] for t in tools}
+        incr_cpu: dict[str, list[float]] = {t: [] for t in tools}
         changed = 0
         seed = 11
         for rnd in range(args.rounds):
@@ -250,46 +313,49 @@ def main() -> None:
                 shutil.rmtree(source)  # every round starts from the same first state
                 source.mkdir()
                 paths = make_tree(source, args.files, args.total_mb << 20)
-            contest = Round(source, dests, cli, args.threads)
+            contest = Round(source, dests, cli, args.threads, args.processes)
             steps = contest.steps
             order = steps(0)
             for tool, step in order if rnd % 2 == 0 else reversed(order):
                 full[tool].append(step())
+                full_cpu[tool].append(CPU[-1])
             for repeat in range(1, args.repeats + 1):
                 seed += 1
                 changed = change_files(paths, args.changed, seed=seed)
                 order = steps(repeat)
                 for tool, step in order if (rnd + repeat) % 2 == 0 else reversed(order):
                     incr[tool].append(step())
+                    incr_cpu[tool].append(CPU[-1])
             for folder in dests.values():
                 shutil.rmtree(folder)
 
         print(
-            f"\n{'run':<34}{'cli s':>8}{'rsync s':>9}{'ratio':>7}{'target':>8}{'in-proc s':>11}{'ratio':>7}"
-            f"{'syscalls s':>12}"
+            f"\n{'run':<32}{'cli s':>7}{'rsync s':>8}{'ratio':>7}{'pairs':>7}{'in-proc s':>10}"
+            f"{'floor 1':>8}{'floor 2':>8}{'cli/floor 2':>12}"
         )
-        for label, figures in (
-            (f"first copy ({len(paths)} files)", full),
-            (f"incremental ({changed} changed)", incr),
+        for label, figures, cpu in (
+            (f"first copy ({len(paths)} files)", full, full_cpu),
+            (f"incremental ({changed} changed)", incr, incr_cpu),
         ):
-            ours = statistics.median(figures["cli"])
-            theirs = statistics.median(figures["rsync"])
-            inproc = statistics.median(figures["in-process"])
-            floor = statistics.median(figures["syscalls"])
-            verdict = "ok" if ours / theirs <= 1.0 else "MISS"
-            print(
-                f"{label:<34}{ours:>8.2f}{theirs:>9.2f}{ours / theirs:>7.2f}{'<=1.0':>8}{inproc:>11.2f}"
-                f"{inproc / theirs:>7.2f}{floor:>12.2f}  {verdict}"
-            )
+            med = {tool: statistics.median(values) for tool, values in figures.items()}
             per = [round(c / r, 2) for c, r in zip(figures["cli"], figures["rsync"], strict=True)]
+            verdict = "ok" if med["cli"] / med["rsync"] <= 1.0 else "MISS"
             print(
-                f"  cli {[round(x, 2) for x in figures['cli']]}\n  rsync {[round(x, 2) for x in figures['rsync']]}"
-                f"\n  in-process {[round(x, 2) for x in figures['in-process']]}"
-                f"\n  syscalls only {[round(x, 2) for x in figures['syscalls']]}\n  cli/rsync per pair {per}"
+                f"{label:<32}{med['cli']:>7.2f}{med['rsync']:>8.2f}{med['cli'] / med['rsync']:>7.2f}"
+                f"{statistics.median(per):>7.2f}{med['in-process']:>10.2f}{med['syscalls']:>8.2f}"
+                f"{med['syscalls-2']:>8.2f}{med['cli'] / med['syscalls-2']:>12.2f}  {verdict}"
             )
+            for tool in tools:
+                print(
+                    f"  {tool:<11} s {[round(x, 2) for x in figures[tool]]}"
+                    f"  cpu s median {statistics.median(cpu[tool]):.2f}"
+                )
+            print(f"  cli/rsync per pair {per}")
         print(
             f"(medians: first copy over {args.rounds} rounds, incremental over {args.rounds} x {args.repeats} copies;"
-            f" --no-sync / sync=False, {args.threads} copy threads, {WALKERS} walking threads)"
+            f" pairs: median of the per-pair cli/rsync ratios; floor 1 and 2: the bare system calls in one and two"
+            f" processes; --no-sync / sync=False, {args.threads} copy threads, {args.processes} processes,"
+            f" {WALKERS} walking threads; load average before: {start_load})"
         )
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(work)], check=False)

@@ -1,4 +1,4 @@
-"""``backup couchdb backup|restore|verify``: CouchDB / Cloudant backups from the command line, no App Engine needed.
+"""``backup couchdb backup|restore|verify|import``: CouchDB / Cloudant backups from the command line.
 
 The server comes from the environment (``COUCHDB_URL``, ``COUCHDB_USER``, ``COUCHDB_PASSWORD``, or the variables
 named with ``--url-env`` ...), never from the command line, so credentials stay out of shell history and logs.
@@ -23,8 +23,8 @@ import click
 from google.api_core.retry import Retry
 
 from commands import current_runtime
-from kinds.couchdb.backup import BackupOptions, backup_database, backup_name
-from kinds.couchdb.format import DATA_SUFFIX, MANIFEST_SUFFIX, Manifest
+from kinds.couchdb.backup import BackupOptions, backup_database, backup_name, import_documents
+from kinds.couchdb.format import DATA_SUFFIX, MANIFEST_SUFFIX, ForeignFile, Manifest
 from kinds.couchdb.http import CouchServer
 from kinds.couchdb.kind import KIND, connect, select_databases, store_for
 from kinds.couchdb.plan import ServerSettings, Settings
@@ -121,9 +121,9 @@ def _other_format(path: str) -> str | None:
         return None
     if isinstance(first, dict) and str(first.get("name", "")).endswith("couchbackup"):
         version, mode = first.get("version", ""), first.get("mode", "?")
-        return f"a couchbackup {version} file ({mode} mode); restore it with couchrestore"
+        return f"a couchbackup {version} file ({mode} mode); `backup couchdb import` makes a backup of it to restore"
     if isinstance(first, list) and all(isinstance(d, dict) and "_id" in d for d in first):
-        return "a couchbackup file (lines of document arrays); restore it with couchrestore"
+        return "a couchbackup file (lines of document arrays); `backup couchdb import` makes a backup of it to restore"
     return None
 
 
@@ -284,7 +284,15 @@ def _doc_count(server_settings: ServerSettings, db: str, rt: Runtime) -> int | N
 @click.option("--batch-bytes", default=8 * 1024 * 1024, show_default=True, type=click.IntRange(64 * 1024))
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 32), help="Requests in flight.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--verify/--no-verify", default=True, show_default=True)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Then compare the target with the backup: every document's leaf revisions, as the changes feed lists them.",
+)
+@click.option(
+    "--verify-bodies", is_flag=True, help="Verify by reading every document back (attachment digests too): slower."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_server_options
 def restore_command(
@@ -298,6 +306,7 @@ def restore_command(
     concurrency: int,
     checkpoint: Path | None,
     verify: bool,
+    verify_bodies: bool,
     quiet: bool,
     url_env: str,
     user_env: str,
@@ -339,9 +348,45 @@ def restore_command(
             + (f"; safety backup {result.safety_backup}" if result.safety_backup else ""),
             err=True,
         )
-        if verify:
-            _verify(server, target, store, chain, quiet, check_files=False)  # the restore read them first
+        if verify or verify_bodies:
+            # The restore has read the backup's files through already; the database is what is checked now.
+            _verify(server, target, store, chain, quiet, check_files=False, bodies=verify_bodies)
         server.close()
+
+
+@couchdb.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--db", "database", required=True, help="The database the file is a backup of (names the backup).")
+@click.option("--to", "destination", required=True, help="gs://BUCKET/PREFIX or an absolute local directory.")
+@click.option("--prefix", "name_prefix", default="import", show_default=True, help="First path element of the name.")
+def import_command(file: Path, database: str, destination: str, name_prefix: str) -> None:
+    """Turn FILE, a backup made by IBM's couchbackup (full or shallow mode), into a backup of this tool under --to;
+    prints its manifest, which `restore` and `verify` take like any other. A full-mode file keeps every revision
+    history it holds; attachments the file only names (couchbackup without --attachments) cannot come back."""
+    rt = current_runtime()
+    with _exit_codes():
+        store = store_for(destination, rt)
+        name = backup_name(name_prefix, database, rt.now(), "full", False)
+        foreign = ForeignFile()
+
+        def pages() -> Iterator[list[dict[str, Any]]]:
+            with open(file, "rb") as lines:
+                yield from foreign.pages(iter(lines), str(file))
+
+        try:
+            manifest = import_documents(store, name, database, pages(), mode="full", source=f"couchbackup file {file}")
+        except ValueError as exc:
+            raise PermanentError(f"{exc}: not a couchbackup file") from None
+        click.echo(store.url(manifest.manifest_name))
+        click.echo(
+            f"{database}: {manifest.docs} documents from a couchbackup {foreign.version} file ({foreign.mode} mode)"
+            + (
+                f"; {foreign.stubs_dropped} attachments were not in the file and are left out"
+                if foreign.stubs_dropped
+                else ""
+            ),
+            err=True,
+        )
 
 
 @couchdb.command("verify")
@@ -360,14 +405,22 @@ def verify_command(backup: str, target: str, quiet: bool, url_env: str, user_env
 
 
 def _verify(
-    server: CouchServer, target: str, store: Store, chain: list[Manifest], quiet: bool, check_files: bool = True
+    server: CouchServer,
+    target: str,
+    store: Store,
+    chain: list[Manifest],
+    quiet: bool,
+    check_files: bool = True,
+    bodies: bool = True,
 ) -> None:
     try:
         total = server.db_info(target).get("doc_count")
     except TargetGone:
         raise PermanentError(f"database {target!r} does not exist on {server.url}") from None
     with _progress(f"verify {target}", total, quiet) as bar:
-        result = verify_database(server, target, store, chain, progress=bar.update, check_files=check_files)
+        result = verify_database(
+            server, target, store, chain, progress=bar.update, check_files=check_files, bodies=bodies
+        )
     click.echo(result.summary(), err=True)
     if not result.ok:
         sys.exit(EXIT_MISMATCH)

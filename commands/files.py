@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from commands import current_runtime
+from commands import current_runtime, quick_exit
 from kinds.directory import copies as dircopy
 from services.errors import BackupError
 
@@ -132,6 +132,7 @@ def directory_run(
         _run_to_bucket(rt, source, dest, keep, min_keep, threads)
         return
     bar = _Bar(f"copying {source}")
+    quick_exit()
     try:
         result = dircopy.copy_tree(
             source,

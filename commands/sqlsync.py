@@ -41,8 +41,9 @@ def _period(value: str | None) -> datetime | None:
 @click.option("--stop-at", type=STEP, default=None, help="Stop after this step.")
 @click.option("--period", "period_text", default=None, help="Period of the run to resume, e.g. 20261123T020000Z.")
 @click.option("--dry-run", is_flag=True, help="Print the steps and run only the read-only safety/schema check.")
+@click.option("--keep-files", is_flag=True, help="Keep the run's dump files when it fails (they hold unmasked data).")
 def sqlsync_command(
-    plan_name: str, start_at: str | None, stop_at: str | None, period_text: str | None, dry_run: bool
+    plan_name: str, start_at: str | None, stop_at: str | None, period_text: str | None, dry_run: bool, keep_files: bool
 ) -> None:
     """Copy production into staging with personal data masked (a plan of kind sqlsync)."""
     from kinds.sqlsync import kind as sqlsync
@@ -50,7 +51,10 @@ def sqlsync_command(
     from services import jobs
 
     rt = current_runtime()
-    plans = rt.plans
+    try:
+        plans = rt.plans
+    except BackupError as exc:  # plans.yaml is wrong: one line naming the plan and field, no traceback
+        raise click.ClickException(str(exc)) from exc
     plan = plans.get(plan_name)
     if plan is None:
         raise click.UsageError(f"no plan named {plan_name!r}; plans: {', '.join(sorted(plans))}")
@@ -73,7 +77,9 @@ def sqlsync_command(
     else:
         click.echo(f"run period {stamp} (resume with --start-at STEP --period {stamp})")
     try:
-        outcome = sqlsync.drive(plan, run, rt, start_at=start_at, stop_at=stop_at, retry=jobs.DRIVE_RETRY)
+        outcome = sqlsync.drive(
+            plan, run, rt, start_at=start_at, stop_at=stop_at, retry=jobs.DRIVE_RETRY, keep_files=keep_files
+        )
     except TransientError as exc:
         click.echo(f"error (worth retrying): {exc}", err=True)
         sys.exit(EX_TEMPFAIL)

@@ -30,14 +30,22 @@ HEAVY = (
 )
 
 PROBE = """
-import json, sys
+import json, os, sys
 sys.argv = ["backup", *json.loads(sys.argv[1])]
+exit_now = os._exit
+
+def report(code=0):
+    print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+    sys.stderr.flush()
+    exit_now(code)
+
+os._exit = report  # a directory copy ends without the interpreter's teardown
 import cli
 try:
     cli.main()
 except SystemExit:
     pass
-print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+report()
 """
 
 

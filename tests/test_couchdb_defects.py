@@ -218,4 +218,26 @@ def test_a_couchbackup_file_given_to_restore_is_named_as_such(couch_env, tmp_pat
     refused = _cli("restore", str(made_by_couchbackup), "--db", couch_env.new_db_name("dst"))
 
     assert refused.exit_code == 1
-    assert "is a couchbackup 2.11.12 file (full mode)" in refused.stderr and "couchrestore" in refused.stderr
+    assert "is a couchbackup 2.11.12 file (full mode)" in refused.stderr and "couchdb import" in refused.stderr
+
+
+def test_verify_from_the_changes_feed_agrees_on_a_faithful_restore_and_names_what_changed(pouchdb, backup, tmp_path):
+    from kinds.couchdb.verify import verify_database
+
+    source, store, manifest = backup
+    target = pouchdb.new_db_name("dst")
+    restore_chain(CouchServer(pouchdb.url), target, store, [manifest], RestoreOptions(), checkpoint_path=None)
+    server = CouchServer(pouchdb.url)
+
+    faithful = verify_database(server, target, store, [manifest], bodies=False)
+    doc = requests.get(f"{pouchdb.url}/{target}/doc-000007", timeout=10).json()
+    requests.put(f"{pouchdb.url}/{target}/doc-000007", json={**doc, "n": "edited"}, timeout=10).raise_for_status()
+    doc = requests.get(f"{pouchdb.url}/{target}/doc-000012", timeout=10).json()
+    requests.delete(f"{pouchdb.url}/{target}/doc-000012", params={"rev": doc["_rev"]}, timeout=10).raise_for_status()
+    changed = verify_database(server, target, store, [manifest], bodies=False)
+
+    # The source has conflicts and tombstones: the feed's leaf revisions still match the backup's exactly.
+    assert faithful.ok and faithful.actual == faithful.expected
+    assert faithful.actual["revisions"] > faithful.actual["docs"] + faithful.actual["deleted"]  # conflicts counted
+    assert not changed.ok and changed.differing_ids == ["doc-000007", "doc-000012"]
+    assert changed.actual["deleted"] == changed.expected["deleted"] + 1

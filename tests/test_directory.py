@@ -398,6 +398,25 @@ def test_several_sources_get_their_own_folder():
     assert [(t.key, t.params["dest"]) for t in targets] == [("/mnt/a", "/bk/a"), ("/mnt/b", "/bk/b")]
 
 
+@pytest.mark.parametrize("damage", ["cut", "joined", "empty line"])
+def test_a_manifest_with_one_damaged_line_is_not_read_for_linking(tree: Path, tmp_path: Path, damage: str):
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    first = dircopy.copy_tree(tree, dest, T0).path
+    manifest = first / dircopy.MANIFEST_NAME
+    header, *lines = manifest.read_text().splitlines()
+    if damage == "cut":
+        lines[1] = lines[1][: lines[1].index("\t", lines[1].index("\t") + 1)]  # two fields left
+    elif damage == "joined":
+        lines[1:3] = [lines[1] + "\t" + lines[2]]
+    else:
+        lines.insert(2, "")
+    manifest.write_text("\n".join([header, *lines]) + "\n")
+
+    with pytest.raises(ValueError, match="a line is not a manifest entry"):
+        dircopy.read_manifest_lines(first)
+
+
 def test_a_damaged_previous_manifest_means_a_full_copy_not_a_stuck_backup(tree: Path, tmp_path: Path):
     dest = tmp_path / "backups"
     dest.mkdir()

@@ -3,6 +3,7 @@ the Filestore fake: exit codes and what an operator reads."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -11,6 +12,8 @@ from commands.files import directory_group, restore_filestore_command
 from kinds.directory import copies as dircopy
 from tests.fakes_filestore import FilestoreFake
 from tests.fixtures.filestore import FAKE_FILE_ENDPOINT
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_run_verify_and_restore_from_the_command_line(tmp_path: Path):
@@ -34,6 +37,32 @@ def test_run_verify_and_restore_from_the_command_line(tmp_path: Path):
     assert "docs/a.txt: content differs" in damaged.output
     assert refused.exit_code == 1 and "not empty" in refused.output
     assert (src / "docs" / "a.txt").read_text() == "alpha"
+
+
+def test_a_copy_run_as_a_process_prints_everything_before_it_ends(tmp_path: Path):
+    """``./backup directory run`` ends without the interpreter's teardown (cli.QUICK_EXIT): its output is still
+    all there, through a pipe too, and the exit code is the command's."""
+    src, dest = tmp_path / "share", tmp_path / "backups"
+    for n in range(30):
+        (src / f"d{n}").mkdir(parents=True)
+        (src / f"d{n}" / "a.txt").write_text(f"file {n}")
+    dest.mkdir()
+
+    def backup(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(ROOT / "backup"), *args], capture_output=True, text=True, timeout=120)
+
+    ran = backup("directory", "run", "--no-sync", str(src), str(dest))
+    again = backup("directory", "run", "--no-sync", str(src), str(tmp_path / "missing"))
+
+    [copy] = dircopy.complete_copies(dest)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines()[-2:] == [
+        f"copy: {copy}",
+        f"copied 30 files (200 bytes), linked 0 unchanged, 0 deleted since the previous copy, 0 symlinks,"
+        f" 30 directories, {dircopy.read_manifest(copy).header['stats']['duration_seconds']:.1f} s",
+    ]
+    assert again.returncode == 1
+    assert again.stderr.strip().endswith("is not a directory (create it first)")
 
 
 def test_run_needs_a_source_and_destination():

@@ -64,3 +64,30 @@ def test_resuming_needs_the_period_and_failures_exit_non_zero(sync_setup):
     assert no_period.exit_code == 2 and "give that run's --period" in no_period.output
     assert drift.exit_code == 1
     assert "step check: schema drift: column orders.shipping_phone" in drift.output
+
+
+def test_a_dump_deleted_before_a_resume_is_a_failure_not_worth_retrying(sync_setup):
+    stopped = _invoke(sync_setup, "--stop-at", "export-production", "--period", PERIOD)
+    (sync_setup["dumps"] / "staging-refresh" / PERIOD / "production.sql").unlink()
+
+    resumed = _invoke(sync_setup, "--start-at", "import-scratch", "--period", PERIOD)
+
+    assert stopped.exit_code == 0, stopped.output
+    assert resumed.exit_code == 1, resumed.output
+    assert "step import-scratch: dump " in resumed.output and "production.sql does not exist" in resumed.output
+
+
+def test_a_plan_error_is_one_line_without_a_traceback(sync_setup, tmp_path):
+    from google.auth.credentials import AnonymousCredentials
+
+    from services.runtime import Runtime, Settings
+
+    plans = tmp_path / "plans.yaml"
+    plans.write_text("plans:\n  staging-refresh:\n    kind: sqlsync\n    select: {database: shop}\n")
+    rt = Runtime(Settings.from_env({"BACKUP_PLANS": str(plans)}), credentials=AnonymousCredentials())
+
+    result = CliRunner().invoke(backup, ["sqlsync", "staging-refresh"], obj={"runtime": rt})
+
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: plans.yaml: plan 'staging-refresh', field ")
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

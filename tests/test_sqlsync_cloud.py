@@ -240,3 +240,49 @@ def test_conflicts_and_refusals_are_judged_as_for_every_kind(cloud, status, erro
     cause = raised.value.__cause__
     assert isinstance(cause, HttpError)
     assert type(gcp_errors.classify(cause, "anything")) is type(raised.value)
+
+
+def _scratch_rows(backend, database, sql):
+    import pymysql
+
+    with (
+        pymysql.connect(host=backend.host, port=backend.port, user="root", database=database) as conn,
+        conn.cursor() as cur,
+    ):
+        cur.execute(sql)
+        return cur.fetchall()
+
+
+def test_the_export_is_masked_on_its_way_so_scratch_never_holds_an_original(cloud):
+    import gzip
+
+    outcome, run = _run(cloud, stop_at="import-scratch")
+
+    prefix = "exports/sqlsync/staging-refresh/20261123T020000Z/"
+    names = sorted(blob.name for blob in cloud["gcs"].list_blobs(BUCKET))
+    masked = gzip.decompress(cloud["gcs"].bucket(BUCKET).blob(prefix + "production-masked.sql.gz").download_as_bytes())
+    imports = [op for op in cloud["fake"].operations.values() if op["operationType"] == "IMPORT"]
+    scratch_server, scratch_db = cloud["fake"].backends["scratch"], cloud["plan"].settings.scratch.database
+    assert names == [prefix + "production-masked.sql.gz"]  # the unmasked export is gone once masked
+    assert imports[0]["importContext"]["uri"].endswith("/production-masked.sql.gz")
+    assert b"INSERT INTO `accounts`" in masked and b"Real-Mail.com" not in masked
+    assert outcome.stats["masked_rows"] == 120 + 360
+    assert any(
+        "step import-scratch: masked 480 rows of accounts, orders of the export" in line for line in run.log_lines
+    )
+    emails = {row[0] for row in _scratch_rows(scratch_server, scratch_db, "SELECT email FROM accounts")}
+    assert len(emails) == 120 and not emails & {row[1] for row in production_rows()}
+
+
+def test_in_place_masking_still_runs_in_the_cloud_profile(cloud):
+    cloud["plan"] = parse_plan(
+        "staging-refresh", dict(cloud["raw"], options={**cloud["raw"]["options"], "mask_mode": "in-place"})
+    )
+
+    outcome, run = _run(cloud)
+
+    staging, staging_db = cloud["staging"]
+    emails = {r[0] for r in staging.execute("SELECT email FROM accounts WHERE demo = 0", database=staging_db)}
+    assert outcome.stats["step_reached"] == "cleanup-scratch"
+    assert any(line.startswith("step mask: 480 rows in accounts, orders") for line in run.log_lines)
+    assert len(emails) == 120 and not emails & {row[1] for row in production_rows()}

@@ -15,16 +15,17 @@ page, so the sequence it records covers everything it wrote.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import hashlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
 from kinds.couchdb.format import BackupOptions, BatchWriter, Manifest, encode_doc
@@ -32,6 +33,7 @@ from kinds.couchdb.http import CouchServer, HttpRefused
 from kinds.couchdb.store import Store, read_back
 from services.errors import PermanentError
 
+T = TypeVar("T")
 PART_SUFFIX = ".part-"  # <data file>.part-00003: one part of a backup still being written
 
 
@@ -132,18 +134,23 @@ def doc_chunks(
             yield _Chunk([row["doc"] for row in rows if row.get("doc")], rows[-1]["seq"])
         return
     all_leaves = opts.mode == "full"
-    for rows in server.changes(db, since, all_leaves=all_leaves, page_size=opts.page_size):
-        held: list[dict[str, Any]] | None = None  # one chunk behind, so the page's last chunk can carry its seq
-        for docs in _fetch_chunks(server, db, _leaf_refs(rows, all_leaves), opts):
-            if held is not None:
-                yield _Chunk(held)
-            held = docs
-        yield _Chunk(held or [], rows[-1]["seq"])
+    # The next page of the feed is read while this one's documents are fetched: one round trip less per page.
+    pages = prefetched(server.changes(db, since, all_leaves=all_leaves, page_size=opts.page_size))
+    try:
+        for rows in pages:
+            held: list[dict[str, Any]] | None = None  # one chunk behind, so the page's last chunk carries its seq
+            for docs in _fetch_chunks(server, db, _leaf_refs(rows, all_leaves), opts):
+                if held is not None:
+                    yield _Chunk(held)
+                held = docs
+            yield _Chunk(held or [], rows[-1]["seq"])
+    finally:
+        pages.close()  # type: ignore[attr-defined]
 
 
-def prefetched(chunks: Iterator[_Chunk], depth: int = 1) -> Iterator[_Chunk]:
-    """Read ahead in a thread: the server works on the next chunk while this process encodes and compresses
-    the current one. At most ``depth`` chunks wait, so memory stays bounded."""
+def prefetched(chunks: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Read ahead in a thread: the server works on the next chunk (or page) while this process deals with the
+    current one. At most ``depth`` wait, so memory stays bounded."""
     slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -174,6 +181,8 @@ def prefetched(chunks: Iterator[_Chunk], depth: int = 1) -> Iterator[_Chunk]:
             yield value
     finally:
         stop.set()
+        with contextlib.suppress(queue.Empty):
+            slots.get_nowait()  # a reader waiting to hand over its next item sees the stop at once
         reader.join(timeout=5)
 
 
@@ -260,6 +269,19 @@ def backup_part(
     """Write the next part: the changes since ``state.manifest.seq``, until the feed ends (``feed_done``) or, at
     the end of a ``_changes`` page, ``deadline`` (time.monotonic()) has passed. At least one page is read."""
     manifest = state.manifest
+    chunks = prefetched(doc_chunks(server, manifest.database, manifest.seq, opts, with_history=manifest.incremental))
+    try:
+        write_part(store, state, opts, chunks, deadline=deadline)
+    finally:
+        chunks.close()  # type: ignore[attr-defined]
+
+
+def write_part(
+    store: Store, state: BackupState, opts: BackupOptions, chunks: Iterable[_Chunk], *, deadline: float | None = None
+) -> None:
+    """Write ``chunks`` as the next part of ``state``'s backup, stopping after a chunk that carries a sequence once
+    ``deadline`` has passed (then ``feed_done`` is False)."""
+    manifest = state.manifest
     # Named after this backup's beginning too: a run that took over from a stalled one never writes its parts.
     began = hashlib.sha256(manifest.started.encode()).hexdigest()[:8]
     part_name = f"{manifest.data_name}{PART_SUFFIX}{began}-{len(state.parts):05d}"
@@ -267,28 +289,24 @@ def backup_part(
     docs = deleted = attachments = 0
     seq = manifest.seq
     ended = True
-    chunks = prefetched(doc_chunks(server, manifest.database, seq, opts, with_history=manifest.incremental))
-    try:
-        with store.open_write(part_name) as raw:
-            hashing = _Hashing(raw)
-            # mtime=0 keeps the output a pure function of the documents (same input, same bytes).
-            with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
-                batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)  # type: ignore[arg-type]
-                for chunk in chunks:
-                    for doc in chunk.docs:
-                        batches.add(encode_doc(doc))
-                        if doc.get("_deleted"):
-                            deleted += 1
-                        attachments += len(doc.get("_attachments") or ())
-                    docs += len(chunk.docs)
-                    if chunk.seq is not None:
-                        seq = chunk.seq
-                        if deadline is not None and time.monotonic() >= deadline:
-                            ended = False
-                            break
-                batches.flush()
-    finally:
-        chunks.close()  # type: ignore[attr-defined]
+    with store.open_write(part_name) as raw:
+        hashing = _Hashing(raw)
+        # mtime=0 keeps the output a pure function of the documents (same input, same bytes).
+        with gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=6, mtime=0) as gz:  # type: ignore[arg-type]
+            batches = BatchWriter(gz, opts.batch_docs, opts.batch_bytes)  # type: ignore[arg-type]
+            for chunk in chunks:
+                for doc in chunk.docs:
+                    batches.add(encode_doc(doc))
+                    if doc.get("_deleted"):
+                        deleted += 1
+                    attachments += len(doc.get("_attachments") or ())
+                docs += len(chunk.docs)
+                if chunk.seq is not None:
+                    seq = chunk.seq
+                    if deadline is not None and time.monotonic() >= deadline:
+                        ended = False
+                        break
+            batches.flush()
     state.parts.append(Part(part_name, hashing.count, hashing.sha256.hexdigest(), batches.lines))
     manifest.seq = seq
     manifest.docs += docs
@@ -347,4 +365,36 @@ def backup_database(
     state = begin_backup(server, db, name, opts, plan=plan, previous=previous, now=now)
     while not state.feed_done:
         backup_part(server, store, state, opts)
+    return finish_backup(store, state, now)
+
+
+def import_documents(
+    store: Store,
+    name: str,
+    database: str,
+    pages: Iterable[list[dict[str, Any]]],
+    *,
+    mode: str,
+    source: str,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> Manifest:
+    """A backup called ``name`` of ``database`` holding the documents of ``pages`` as another tool saved them
+    (``source`` says which), written and checked like any backup: from then on it restores and verifies as one."""
+    opts = BackupOptions(mode=mode)
+    manifest = Manifest(
+        name=name,
+        database=database,
+        mode=mode,
+        attachments=True,
+        incremental=False,
+        since=0,
+        seq=0,
+        plan="import",
+        server=source,
+        batch_docs=opts.batch_docs,
+        batch_bytes=opts.batch_bytes,
+        started=now().isoformat(),
+    )
+    state = BackupState(manifest=manifest)
+    write_part(store, state, opts, (_Chunk(docs) for docs in pages))
     return finish_backup(store, state, now)

@@ -156,3 +156,43 @@ def iter_lines(stream: IO[bytes]) -> Iterator[bytes]:
     for line in stream:
         if line.strip():
             yield line
+
+
+@dataclass
+class ForeignFile:
+    """What a backup file of another tool (IBM's couchbackup) holds, read as it goes: its header, if it has one, and
+    how many attachments it only names (a backup taken without ``--attachments`` keeps stubs, not the data)."""
+
+    tool: str = "couchbackup"
+    version: str = ""
+    mode: str = "shallow"
+    stubs_dropped: int = 0
+
+    def pages(self, lines: Iterator[bytes], where: str) -> Iterator[list[dict[str, Any]]]:
+        """The arrays of documents in ``lines``; the header and resume markers are read, not returned. An
+        attachment stub cannot be restored without its data (``missing_stub``): it is left out and counted."""
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{where} line {number}: not JSON") from None
+            if isinstance(item, dict):
+                if number == 1 and "name" in item and "mode" in item:
+                    self.version, self.mode = str(item.get("version", "")), str(item["mode"])
+                continue  # the header, or a resume marker
+            if not isinstance(item, list):
+                raise ValueError(f"{where} line {number}: neither a header nor an array of documents")
+            yield [self._without_stubs(doc) for doc in item if isinstance(doc, dict) and "_id" in doc]
+
+    def _without_stubs(self, doc: dict[str, Any]) -> dict[str, Any]:
+        attachments = doc.get("_attachments")
+        if not isinstance(attachments, dict):
+            return doc
+        kept = {name: att for name, att in attachments.items() if not (isinstance(att, dict) and att.get("stub"))}
+        self.stubs_dropped += len(attachments) - len(kept)
+        if len(kept) == len(attachments):
+            return doc
+        trimmed = {k: v for k, v in doc.items() if k != "_attachments"}
+        return {**trimmed, "_attachments": kept} if kept else trimmed

@@ -63,13 +63,7 @@ class Checkpoint:
     marker: str | None = None  # the token this restore left in the target (MARKER_DOC): the same target on resume
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "database": self.database,
-            "backups": self.backups,
-            "position": self.position,
-            "ahead": self.ahead,
-            "marker": self.marker,
-        }
+        return {name: getattr(self, name) for name in ("database", "backups", "position", "ahead", "marker")}
 
     def save(self) -> None:
         if self.path is None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
@@ -35,19 +34,19 @@ import json
 import marshal
 import mmap
 import os
-import queue
 import re
-import signal
 import stat
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 FORMAT = "backup-scheduler/dircopy/2"  # every control character and undecodable byte escaped; header "root"
 FORMAT_V1 = "backup-scheduler/dircopy/1"  # only \\ \t \n \r escaped; still read (existing users' copies)
@@ -457,9 +456,6 @@ def _file_signature(st: os.stat_result) -> str:
     return f"f\t{st.st_size}\t{st.st_mtime_ns}\t{stat.S_IMODE(st.st_mode):o}\t{st.st_uid}\t{st.st_gid}\t"
 
 
-_LINE_AND_PATH = re.compile(r"^((?:[^\t\n]*\t){8}([^\t\n]*))$", re.MULTILINE)
-
-
 def read_manifest_lines(copy_dir: Path) -> dict[str, str]:
     """A copy's manifest as path -> line (in this format), for the copier's unchanged-file check.
     ValueError if the manifest is not ours."""
@@ -471,14 +467,19 @@ def read_manifest_lines(copy_dir: Path) -> dict[str, str]:
         raise ValueError(f"{path}: not a backup-scheduler manifest")
     if header["format"] != FORMAT:
         return {p: e.to_line() for p, e in parse_manifest(data, str(path)).entries.items()}
-    # One regular-expression pass over the text yields (line, path) pairs; a line without 8 tabs does not match.
+    # The path is what follows a line's last tab (tabs in names are escaped). Every line has 8 tabs: counted over
+    # the whole text at once (a truncated or merged line changes the count); a line is reused only when it starts
+    # as a file's line for the same stat does, and then with the same fields after the path's.
     text = rest.decode("utf-8", "surrogateescape")
-    pairs = _LINE_AND_PATH.findall(text)
-    if len(pairs) != text.count("\n") + (0 if text.endswith("\n") or not text else 1):
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if text.count("\t") != 8 * len(lines):
         raise ValueError(f"{path}: a line is not a manifest entry")
-    if "\\" not in text:
-        return {name: line for line, name in pairs}
-    return {_unescape(name): line for line, name in pairs}
+    names = [line.rpartition("\t")[2] for line in lines]
+    if "\\" in text:
+        names = [_unescape(name) for name in names]
+    return dict(zip(names, lines, strict=True))
 
 
 def _is_our_copy(path: Path) -> bool:
@@ -862,7 +863,9 @@ _syncfs_function: list[Callable[[int], int] | None] = []
 
 
 def _find_syncfs() -> Callable[[int], int] | None:
-    if not _syncfs_function:  # looked up on first use: a copy with sync off never pays for it
+    if not _syncfs_function:  # looked up on first use: a copy with sync off never pays for it (nor imports ctypes)
+        import ctypes
+
         try:
             _syncfs_function.append(ctypes.CDLL(None, use_errno=True).syncfs)
         except (OSError, AttributeError):
@@ -990,9 +993,8 @@ class _Copier:
         for item in reversed(self._directories):  # children before parents, so a directory's time sticks
             self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
         self.stats.directories = len(self._directories) + self._worker_directories
-        self.stats.files_deleted = sum(
-            1 for path, line in self.previous_lines.items() if line[0] != "d" and path not in self.lines
-        )
+        gone = self.previous_lines.keys() - self.lines.keys()
+        self.stats.files_deleted = sum(1 for path in gone if self.previous_lines[path][0] != "d")
         self._report(force=True)
 
     def _check_not_empty(self, allow_empty: bool) -> None:
@@ -1014,6 +1016,8 @@ class _Copier:
 
     def _run_here(self, allow_empty: bool) -> None:
         """The whole walk in this process: one walker (this thread) or walking threads, and the copy pool."""
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="dircopy") as pool:
             self._copy_pool = pool
             try:
@@ -1098,6 +1102,8 @@ class _Copier:
         finally:
             os.close(order_r)
             for pid, result_r, _slot in children:  # only after an error here: stop the others
+                import signal
+
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                 with contextlib.suppress(OSError):
@@ -1128,23 +1134,19 @@ class _Copier:
         return units
 
     def _work_on(self, units: list[_Unit], take: Callable[[], int]) -> None:
-        """Take units until none is left (``take`` raises StopIteration), with a copy pool of this process."""
+        """Take units until none is left (``take`` raises StopIteration). Files are copied by a pool of this
+        process's share of ``threads``, or by this thread itself when that share is one."""
+        self._copies = []
+        if self._threads_each() == 1:
+            self._copy_pool = None
+            self._take_units(units, take)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=self._threads_each(), thread_name_prefix="dircopy") as pool:
             self._copy_pool = pool
-            self._copies = []
             try:
-                while self.full is None:
-                    try:
-                        unit = units[take()]
-                    except StopIteration:
-                        break
-                    if unit.files is not None:
-                        self._place(unit.rel_dir, unit.files)
-                    else:
-                        stack = [unit.tree]
-                        while stack:
-                            stack.extend(self._visit(stack.pop()))
-                    self._report()
+                self._take_units(units, take)
                 for future in self._copies:
                     if self.full is not None:
                         break
@@ -1154,6 +1156,20 @@ class _Copier:
                 raise
             if self.full is not None:
                 self._stop_copies()
+
+    def _take_units(self, units: list[_Unit], take: Callable[[], int]) -> None:
+        while self.full is None:
+            try:
+                unit = units[take()]
+            except StopIteration:
+                break
+            if unit.files is not None:
+                self._place(unit.rel_dir, unit.files)
+            else:
+                stack = [unit.tree]
+                while stack:
+                    stack.extend(self._visit(stack.pop()))
+            self._report()
 
     def _threads_each(self) -> int:
         return max(1, -(-self.threads // self.processes))
@@ -1174,8 +1190,12 @@ class _Copier:
                 for item in reversed(mine):  # each subtree is this process's alone: its directories are done
                     self._guard(item.rel, _set_dir_attributes, f"{self.work}/{item.rel}", item.st)
             stats = self.stats
+            previous = self.previous_lines
+            # A linked file's line is the previous copy's, which the first process holds too: send its path only.
+            reused = [path for path, line in self.lines.items() if previous.get(path) is line]
             result = {
-                "lines": self.lines,
+                "reused": reused,
+                "lines": {path: line for path, line in self.lines.items() if previous.get(path) is not line},
                 "counts": {name: getattr(stats, name) for name in _COUNTS},
                 "errors": stats.errors,
                 "notes": stats.notes,
@@ -1204,6 +1224,9 @@ class _Copier:
             last = str(result["failed"]).strip().splitlines()[-1:]
             raise CopyError(f"copy of {self.source}: a copying process failed: {' '.join(last)}")
         self.lines.update(result["lines"])
+        previous, lines = self.previous_lines, self.lines
+        for path in result["reused"]:
+            lines[path] = previous[path]
         stats = self.stats
         for name, value in result["counts"].items():
             setattr(stats, name, getattr(stats, name) + value)
@@ -1220,9 +1243,13 @@ class _Copier:
             self.full = OSError(*result["full"])
 
     def _walk_in_threads(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=self.walkers, thread_name_prefix="dircopy-walk") as walkers:
             # Finished walking tasks come back through a queue (one get each; waiting on the set of pending
             # futures would re-register on all of them every time, which costs more than the walk itself).
+            import queue
+
             finished: queue.SimpleQueue[Future[list[_Item]]] = queue.SimpleQueue()
 
             def walk(directory: _Item | None) -> None:
@@ -1335,12 +1362,16 @@ class _Copier:
 
     def _place(self, rel_dir: str, children: list[_Item]) -> None:
         """Link the unchanged files among ``children`` (entries of ``rel_dir``, which exists in the copy), send
-        the other files to the copy pool and create the symlinks and special files."""
-        assert self._copy_pool is not None
+        the other files to the copy pool (or copy them here, without one) and create the symlinks and special
+        files."""
+        pool = self._copy_pool
         others = []
         for item in self._link_unchanged(rel_dir, children):
             if item.kind == "f":
-                self._copies.append(self._copy_pool.submit(self._copy_one, item))
+                if pool is None:
+                    self._collect(self._copy_one(item))
+                else:
+                    self._copies.append(pool.submit(self._copy_one, item))
             else:
                 others.append(item)
         if others:
@@ -1405,89 +1436,88 @@ class _Copier:
 
     def _link_unchanged(self, rel_dir: str, children: list[_Item]) -> list[_Item]:
         """Hard-link the files of one directory that are unchanged since the previous copy: same size, mtime,
-        mode and owner as its manifest says. Their previous manifest lines, checksum included, hold for the new
-        copy as they are. Returns what is left to copy or create."""
+        mode and owner as its manifest says, and the previous copy's file still as its manifest says (size,
+        mtime, mode, owner): a file appended to or chmod'ed inside that copy is copied afresh instead of
+        spreading into this one. Their previous manifest lines, checksum included, hold for the new copy as they
+        are. Links are made between two directory descriptors, so each call resolves a name rather than a whole
+        path. Returns what is left to copy or create."""
         previous = self.previous_lines
         left: list[_Item] = []
-        unchanged: list[tuple[_Item, str]] = []
         files = size = 0
+        linked = linked_bytes = 0
+        damaged: list[str] = []
         tails = self._signature_tails
-        for item in children:
-            if item.kind == "f":
+        lines = self.lines
+        from_fd = to_fd = -1  # opened at the first unchanged file; -2: the previous copy lacks the directory
+        name_at = len(rel_dir) + 1 if rel_dir else 0
+        lstat, link = os.lstat, os.link
+        try:
+            for item in children:
+                if item.kind != "f":
+                    left.append(item)
+                    continue
                 st = item.st
                 files += 1
                 size += st.st_size
-                before = previous.get(item.rel)
-                if before is not None:
-                    # _file_signature(st), with the mode and owner part formatted once per (mode, owner)
-                    key = (st.st_mode, st.st_uid, st.st_gid)
-                    tail = tails.get(key)
-                    if tail is None:
-                        tail = tails[key] = _file_signature(st).split("\t", 3)[3]
-                    if before.startswith(f"f\t{st.st_size}\t{st.st_mtime_ns}\t{tail}"):
-                        unchanged.append((item, before))
+                rel = item.rel
+                before = previous.get(rel)
+                if before is None:
+                    left.append(item)
+                    continue
+                # _file_signature(st), with the mode and owner part formatted once per (mode, owner)
+                key = (st.st_mode, st.st_uid, st.st_gid)
+                tail = tails.get(key)
+                if tail is None:
+                    tail = tails[key] = _file_signature(st).split("\t", 3)[3]
+                if not before.startswith(f"f\t{st.st_size}\t{st.st_mtime_ns}\t{tail}") or from_fd == -2:
+                    left.append(item)
+                    continue
+                if from_fd == -1:
+                    sub = f"/{rel_dir}" if rel_dir else ""
+                    try:
+                        from_fd = _open_dir(f"{self.previous}{sub}")
+                    except OSError:
+                        from_fd = -2  # the previous copy is damaged: copy them afresh
+                        left.append(item)
                         continue
-            left.append(item)
+                    to_fd = _open_dir(f"{self.work}{sub}")
+                name = rel[name_at:]
+                try:
+                    held = lstat(name, dir_fd=from_fd)
+                except OSError:
+                    left.append(item)
+                    continue
+                if (
+                    held.st_size != st.st_size
+                    or held.st_mtime_ns != st.st_mtime_ns
+                    or held.st_mode != st.st_mode
+                    or (_CAN_CHOWN and (held.st_uid != st.st_uid or held.st_gid != st.st_gid))
+                ):
+                    damaged.append(rel)
+                    left.append(item)
+                    continue
+                try:
+                    link(name, name, src_dir_fd=from_fd, dst_dir_fd=to_fd, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno in _COPY_INSTEAD_OF_LINK:
+                        left.append(item)
+                    else:
+                        self._failed(rel, exc)
+                        with self._lock:
+                            self._files_done += 1
+                            self._bytes_done += st.st_size
+                    continue
+                lines[rel] = before
+                linked += 1
+                linked_bytes += st.st_size
+        finally:
+            if to_fd >= 0:
+                os.close(to_fd)
+            if from_fd >= 0:
+                os.close(from_fd)
         with self._lock:
             self._files_total += files
             self._bytes_total += size
-        if unchanged:
-            left += self._link(rel_dir, unchanged)
-        return left
-
-    def _link(self, rel_dir: str, unchanged: list[tuple[_Item, str]]) -> list[_Item]:
-        """Link files of the directory ``rel_dir`` to the previous copy, each after checking that the previous
-        copy's file is still what its manifest says (size, mtime, mode, owner): a file appended to or chmod'ed
-        inside that copy is copied afresh instead of spreading into this one. Links are made between two
-        directory descriptors, so each call resolves a name rather than a whole path. Returns the files to copy."""
-        sub = f"/{rel_dir}" if rel_dir else ""
-        try:
-            from_fd = _open_dir(f"{self.previous}{sub}")
-        except OSError:
-            return [item for item, _ in unchanged]  # the previous copy is damaged: copy them afresh
-        to_copy = []
-        damaged = []
-        linked = linked_bytes = 0
-        name_at = len(rel_dir) + 1 if rel_dir else 0
-        try:
-            to_fd = _open_dir(f"{self.work}{sub}")
-            try:
-                for item, before in unchanged:
-                    name = item.rel[name_at:]
-                    st = item.st
-                    try:
-                        held = os.stat(name, dir_fd=from_fd, follow_symlinks=False)
-                    except OSError:
-                        to_copy.append(item)
-                        continue
-                    if (
-                        held.st_size != st.st_size
-                        or held.st_mtime_ns != st.st_mtime_ns
-                        or held.st_mode != st.st_mode
-                        or (_CAN_CHOWN and (held.st_uid != st.st_uid or held.st_gid != st.st_gid))
-                    ):
-                        damaged.append(item.rel)
-                        to_copy.append(item)
-                        continue
-                    try:
-                        os.link(name, name, src_dir_fd=from_fd, dst_dir_fd=to_fd, follow_symlinks=False)
-                    except OSError as exc:
-                        if exc.errno in _COPY_INSTEAD_OF_LINK:
-                            to_copy.append(item)
-                        else:
-                            self._failed(item.rel, exc)
-                            with self._lock:
-                                self._files_done += 1
-                                self._bytes_done += st.st_size
-                        continue
-                    self.lines[item.rel] = before
-                    linked += 1
-                    linked_bytes += st.st_size
-            finally:
-                os.close(to_fd)
-        finally:
-            os.close(from_fd)
-        with self._lock:
             self.stats.files_linked += linked
             self.stats.bytes_linked += linked_bytes
             self._files_done += linked
@@ -1497,7 +1527,7 @@ class _Copier:
                 self.stats.notes.extend(
                     f"{rel}: changed inside the previous copy since it was made; copied afresh" for rel in damaged
                 )
-        return to_copy
+        return left
 
     def _guard(self, rel: str, func: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -1564,8 +1594,12 @@ def _write_manifest(path: Path, header: dict[str, Any], lines: dict[str, str]) -
     """Header, then one line per entry sorted by path (so two manifests can be compared with diff)."""
     with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
         fh.write(json.dumps(header, sort_keys=True) + "\n")
-        if lines:
-            fh.write("\n".join([lines[path] for path in sorted(lines)]) + "\n")
+        ordered = sorted(lines)
+        for start in range(0, len(ordered), _MANIFEST_PIECE):  # in pieces: the same memory serves each one
+            fh.write("\n".join([lines[path] for path in ordered[start : start + _MANIFEST_PIECE]]) + "\n")
+
+
+_MANIFEST_PIECE = 4096
 
 
 def log_lines(stats: CopyStats) -> list[str]:
@@ -1863,6 +1897,8 @@ def verify_copy(
     files = [e for e in entries if e.kind == "f"]
     total_bytes = sum(e.size for e in files)
     root = str(copy_dir)
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="verify") as pool:
         for entry, problem in zip(entries, pool.map(lambda e: _check_entry(root, e), entries), strict=True):
             if problem:
@@ -2014,6 +2050,8 @@ def restore_entries(
         except (OSError, ValueError) as exc:
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return rel, None, f"{_escape(rel)}: {message}"
+
+    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="restore") as pool:
         for done, (_rel, size, error) in enumerate(pool.map(restore_one, files), start=1):

@@ -10,10 +10,14 @@ duplicated task harmless. API errors are judged by services/gcp_errors.py, as fo
 
 from __future__ import annotations
 
+import gzip
+import shutil
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from kinds.sqlsync import db
+from kinds.sqlsync import db, stream
 from kinds.sqlsync.errors import Refused
 from kinds.sqlsync.plan import Settings
 from services import gcp_errors, retention
@@ -23,6 +27,7 @@ from services.plans import Plan
 from services.runtime import Runtime
 
 ACTIVE = ("PENDING", "RUNNING")
+MASKED_EXPORT = "production-masked"  # the production export, masked by this code on its way to scratch
 STAMP = "%Y%m%dT%H%M%SZ"
 
 
@@ -115,7 +120,8 @@ def _request(
             context["sqlExportOptions"] = {"tables": scratch_tables(settings.scratch) if with_tables else []}
         return role, "export", {"exportContext": context}
     if step == "import-scratch":
-        ctx = {"fileType": "SQL", "uri": dump_uri(plan, run, "production"), "database": settings.scratch.database}
+        source = MASKED_EXPORT if settings.mask_mode == "stream" else "production"
+        ctx = {"fileType": "SQL", "uri": dump_uri(plan, run, source), "database": settings.scratch.database}
         return "scratch", "import", {"importContext": ctx}
     if step == "import-staging":
         ctx = {"fileType": "SQL", "uri": dump_uri(plan, run, "masked"), "database": settings.staging.database}
@@ -261,13 +267,43 @@ def prunebackup_runs(
     return len(retention.prune(listed, policy, confirmed, delete))
 
 
+def _blob(rt: Runtime, uri: str) -> Any:
+    bucket_name, _, path = uri[len("gs://") :].partition("/")
+    return rt.storage().bucket(bucket_name).blob(path)
+
+
+def mask_export(
+    plan: Plan[Settings], settings: Settings, masker: Any, run: RunContext, rt: Runtime
+) -> stream.StreamReport:
+    """The production export object masked into another object (``production-masked``), by the same stream masker as
+    the local profile: Cloud SQL then imports only masked data into scratch. The unmasked object is deleted once the
+    masked one is stored. Works in a private temporary folder (the export, unzipped, and the masked file)."""
+    source, target = _blob(rt, dump_uri(plan, run, "production")), _blob(rt, dump_uri(plan, run, MASKED_EXPORT))
+    if not source.exists() and target.exists():
+        return stream.StreamReport()  # an earlier attempt stored the masked object and deleted the export
+    with tempfile.TemporaryDirectory(prefix="sqlsync-mask-") as tmp:
+        packed, plain, masked = Path(tmp) / "production.sql.gz", Path(tmp) / "production.sql", Path(tmp) / "masked.gz"
+        source.download_to_filename(str(packed), checksum=None)
+        with gzip.open(packed, "rb") as unzipped, open(plain, "wb") as out:
+            shutil.copyfileobj(unzipped, out, 1 << 20)
+        packed.unlink()
+        # Level 1: the object lives minutes, and the masking, not the bytes, should set the pace.
+        with gzip.open(masked, "wb", compresslevel=1) as out:
+            report = stream.mask_dump(
+                str(plain), list(settings.rules), masker, out.write, workers=settings.mask_workers, spool_dir=tmp
+            )
+        target.upload_from_filename(str(masked), content_type="application/gzip")
+    source.delete()
+    return report
+
+
 def delete_dumps(plan: Plan[Settings], run: RunContext, rt: Runtime) -> int:
     """Delete this run's dump objects from GCS: the production export holds unmasked personal data."""
     from google.api_core.exceptions import NotFound
 
     client = rt.storage()
     deleted = 0
-    for name in ("production", "masked"):
+    for name in ("production", MASKED_EXPORT, "masked"):
         bucket_name, _, path = dump_uri(plan, run, name)[len("gs://") :].partition("/")
         try:
             client.bucket(bucket_name).blob(path).delete()

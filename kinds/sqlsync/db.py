@@ -19,14 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kinds.sqlsync.errors import HalfDone
-from kinds.sqlsync.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker
+from kinds.sqlsync.masking import INJECTIVE_KINDS, SET_KINDS, ColumnRule, Masker, longest_output
 from kinds.sqlsync.plan import DatabaseRef
 
 MAP_BATCH = 5000
 PARALLEL_MIN = 50_000  # below this, starting worker processes costs more than it saves
 UPDATE_CHUNK = 50_000
+CONNECT_TIMEOUT_SECONDS = 20
+# Longer than any one statement of a sync takes (an index rebuilt on a big table), far shorter than for ever.
+NET_TIMEOUT_SECONDS = 1800
 # Kinds whose original values are personal data worth checking for after the import.
-VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash")
+VERIFIED_KINDS = ("email", "phone", "name", "first_name", "last_name", "hash", "date", "card", "address")
 
 
 def quote(name: str) -> str:
@@ -48,6 +51,10 @@ def connect(ref: DatabaseRef, database: str | None = None, *, streaming: bool = 
         "charset": "utf8mb4",
         "local_infile": True,
         "max_allowed_packet": 64 * 1024 * 1024,
+        # A server that stops answering must not hold a worker for ever: the step fails as a transient error.
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "read_timeout": NET_TIMEOUT_SECONDS,
+        "write_timeout": NET_TIMEOUT_SECONDS,
     }
     if streaming:
         kwargs["cursorclass"] = pymysql.cursors.SSCursor
@@ -155,6 +162,8 @@ class Schema:
     # (table, column) -> (data type, maximum length in characters or None, collation or None)
     types: dict[tuple[str, str], tuple[str, int | None, str | None]] = field(default_factory=dict)
     views: set[str] = field(default_factory=set)
+    not_null: set[tuple[str, str]] = field(default_factory=set)
+    json_columns: set[tuple[str, str]] = field(default_factory=set)
 
     @property
     def tables(self) -> list[str]:
@@ -164,16 +173,24 @@ class Schema:
 
 def read_schema(conn: Any, database: str) -> Schema:
     schema = Schema()
-    for table, column, data_type, length, collation in query(
+    for table, column, data_type, length, collation, nullable in query(
         conn,
-        "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, CHARACTER_MAXIMUM_LENGTH, COLLATION_NAME"
+        "SELECT TABLE_NAME, COLUMN_NAME, DATA_TYPE, CHARACTER_MAXIMUM_LENGTH, COLLATION_NAME, IS_NULLABLE"
         " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s ORDER BY TABLE_NAME, ORDINAL_POSITION",
         (database,),
     ):
         schema.columns.setdefault(table, []).append(column)
+        if nullable == "NO":
+            schema.not_null.add((table, column))
         schema.types[(table, column)] = (data_type.lower(), None if length is None else int(length), collation)
         if data_type.lower() in ("tinyint", "smallint", "mediumint", "int", "bigint"):
             schema.integer_columns.add((table, column))
+    # MariaDB keeps JSON as LONGTEXT with a json_valid() check; MySQL has a json type.
+    schema.json_columns = {key for key, (data_type, _, _) in schema.types.items() if data_type == "json"}
+    for table, clause in _json_checks(conn, database):
+        found = re.fullmatch(r"\s*json_valid\(`((?:[^`]|``)+)`\)\s*", str(clause), re.IGNORECASE)
+        if found:
+            schema.json_columns.add((table, found.group(1).replace("``", "`")))
     schema.views = {
         name
         for (name,) in query(
@@ -203,6 +220,97 @@ def read_schema(conn: Any, database: str) -> Schema:
         )
     ]
     return schema
+
+
+def width_problems(schema: Schema, rules: Iterable[ColumnRule], email_bits: int) -> list[str]:
+    """Rules whose masked values may not fit their column: the dump's loader would cut them short without a word
+    (its sql_mode is not strict), an UPDATE would fail half-way."""
+    problems = []
+    for rule in rules:
+        data_type, width, _ = schema.types.get((rule.table, rule.column), ("", None, None))
+        longest = longest_output(rule, email_bits)
+        if longest is not None and width is not None and longest > width:
+            problems.append(
+                f"column {rule.table}.{rule.column} holds at most {width} characters ({data_type}), but rule"
+                f" {rule.kind!r} can write {longest}"
+                + (
+                    " (a lower email_bits, or a shorter email_domain, makes emails shorter)"
+                    if rule.kind == "email"
+                    else ""
+                )
+            )
+        if (rule.table, rule.column) in schema.json_columns and not _valid_json(rule):
+            problems.append(
+                f"column {rule.table}.{rule.column} holds JSON: rule {rule.kind!r} would not write valid JSON"
+                " (use null, or fixed with a JSON value)"
+            )
+        if rule.kind == "null" and (rule.table, rule.column) in schema.not_null:
+            problems.append(f"column {rule.table}.{rule.column} is NOT NULL: rule 'null' cannot be written to it")
+    return problems
+
+
+def twin_problems(conn: Any, schema: Schema, rules: Iterable[ColumnRule]) -> list[str]:
+    """Email columns with a unique index of their own that hold values the column tells apart but email masking
+    does not (case, or spaces around them, in a case-sensitive collation such as utf8mb4_bin): both would get the
+    same masked address and the load would fail on the index (1062) after all the copying."""
+    problems = []
+    for rule in rules:
+        if rule.kind != "email":
+            continue
+        alone = [
+            index
+            for index, cols in schema.unique_indexes.get(rule.table, {}).items()
+            if [c for c, _ in cols] == [rule.column]
+        ]
+        if not alone:
+            continue
+        column = quote(rule.column)
+        collation = schema.types.get((rule.table, rule.column), ("", None, None))[2] or ""
+        if collation.endswith("_ci") and not query(
+            conn, f"SELECT 1 FROM {quote(rule.table)} WHERE {column} <> TRIM({column}) LIMIT 1"
+        ):
+            continue  # case-insensitive and no value with spaces around it: the index itself rules out twins
+        twins = query(
+            conn,
+            f"SELECT MIN({column}), MAX({column}) FROM {quote(rule.table)} WHERE {column} IS NOT NULL"
+            f" GROUP BY LOWER(TRIM({column})) HAVING COUNT(DISTINCT {column}) > 1 LIMIT 1",
+        )
+        if twins:
+            first, second = twins[0]
+            problems.append(
+                f"column {rule.table}.{rule.column} ({collation}, unique index {alone[0]}) holds {first!r} and"
+                f" {second!r}, which differ only in case or spaces: masked alike, they would break the index"
+            )
+    return problems
+
+
+def _json_checks(conn: Any, database: str) -> list[tuple[Any, ...]]:
+    """MariaDB's check constraints with their tables (MySQL's CHECK_CONSTRAINTS has no TABLE_NAME, and needs none:
+    its JSON columns have their own type)."""
+    import pymysql
+
+    try:
+        return query(
+            conn,
+            "SELECT TABLE_NAME, CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS WHERE CONSTRAINT_SCHEMA = %s",
+            (database,),
+        )
+    except pymysql.err.MySQLError:
+        return []
+
+
+def _valid_json(rule: ColumnRule) -> bool:
+    import json
+
+    if rule.kind in ("null", "json"):
+        return True
+    if rule.kind != "fixed":
+        return False
+    try:
+        json.loads(rule.value or "")
+    except ValueError:
+        return False
+    return True
 
 
 def schema_problems(schema: Schema, rules: Iterable[ColumnRule], preserve: dict[str, str]) -> list[str]:
@@ -608,6 +716,7 @@ def copy_preserved_rows(staging: Any, scratch: Any, schema: Schema, preserve: di
                             if row[cidx] in remap:
                                 row[cidx] = remap[row[cidx]]
         report.remapped[table] = remap
+        rows = _parents_first(schema, table, columns, rows)
         if rows:
             marks = ", ".join(["%s"] * len(columns))
             with scratch.cursor() as cur:
@@ -616,6 +725,37 @@ def copy_preserved_rows(staging: Any, scratch: Any, schema: Schema, preserve: di
                 )
         report.rows[table] = len(rows)
     return report
+
+
+def _parents_first(schema: Schema, table: str, columns: list[str], rows: list[list[Any]]) -> list[list[Any]]:
+    """``rows`` ordered so that a row another preserved row refers to through a self-referencing foreign key
+    (``referred_by`` -> ``id``) is inserted before it: inserts run with foreign key checks on, and a child that came
+    first in key order (a parent that got a new, higher id in an earlier sync) would be refused."""
+    pk = schema.primary_keys.get(table, [])
+    links = [
+        columns.index(column)
+        for child, column, parent, parent_column in schema.foreign_keys
+        if child == table == parent and pk == [parent_column] and column in columns
+    ]
+    if not links or len(pk) != 1 or pk[0] not in columns:
+        return rows
+    key = columns.index(pk[0])
+    waiting = {row[key]: row for row in rows}
+    ordered: list[list[Any]] = []
+    placed: set[Any] = set()
+    while waiting:
+        ready = [
+            row
+            for row in waiting.values()
+            if all(row[i] is None or row[i] in placed or row[i] not in waiting or row[i] == row[key] for i in links)
+        ]
+        if not ready:
+            raise ValueError(f"preserve: the preserved rows of {table} refer to each other in a cycle")
+        for row in ready:
+            ordered.append(row)
+            placed.add(row[key])
+            del waiting[row[key]]
+    return ordered
 
 
 # ---- verification ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -57,8 +58,12 @@ def dump_database(
     private_dir(path.parent)
     partial = path.with_suffix(".partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with tempfile.TemporaryDirectory() as tmp, os.fdopen(fd, "wb") as out:
-        result = subprocess.run(
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        os.fdopen(fd, "wb") as out,
+        open(Path(tmp) / "stderr", "w+b") as errors,
+    ):
+        dumper = subprocess.Popen(
             [
                 binary("mariadb-dump"),
                 *client_args(ref, Path(tmp) / "client.cnf"),
@@ -74,15 +79,41 @@ def dump_database(
                 *tables,
             ],
             stdout=out,
-            stderr=subprocess.PIPE,
-            text=False,
+            stderr=errors,
         )
-    if result.returncode != 0:
+        stalled = _watch(dumper, lambda: os.fstat(out.fileno()).st_size)
+        errors.seek(0)
+        stderr = errors.read()
+    if stalled or dumper.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise DumpError(f"mariadb-dump of {ref.label()} failed", result.stderr.decode(errors="replace"))
+        message = f"stalled: no data for {STALL_SECONDS:.0f} s; stopped" if stalled else stderr.decode(errors="replace")
+        raise DumpError(f"mariadb-dump of {ref.label()} failed", message)
     check_complete(partial)
     partial.replace(path)
     return path.stat().st_size
+
+
+# mariadb-dump has no network timeouts of its own: a server that stops sending (a stalled connection) would hold it,
+# and the worker, for ever. A dump whose output has not grown for this long is stopped.
+STALL_SECONDS = 300.0
+
+
+def _watch(process: subprocess.Popen[bytes], progress: Callable[[], int]) -> bool:
+    """Wait for ``process``; stop it when ``progress()`` has not changed for STALL_SECONDS. True if it was stopped."""
+    last, since = progress(), time.monotonic()
+    while True:
+        try:
+            process.wait(timeout=min(1.0, STALL_SECONDS))
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= STALL_SECONDS:
+            process.kill()
+            process.wait()
+            return True
 
 
 def check_complete(path: Path) -> None:

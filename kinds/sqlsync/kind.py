@@ -59,8 +59,13 @@ def _step_summary(settings: Settings, step: str) -> str:
     return {
         "check": "refuse if staging is production or a rule names a missing column",
         "export-production": f"dump {settings.production.label()}",
-        "import-scratch": f"empty {settings.scratch.label()} and load the production dump"
-        + (f", masking {', '.join(ruled)} on the way in" if stream else ""),
+        "import-scratch": (
+            f"mask {', '.join(ruled)} of the export object into another object, then import that into"
+            f" {settings.scratch.label()}"
+            if stream and settings.profile == "cloudsql"
+            else f"empty {settings.scratch.label()} and load the production dump"
+            + (f", masking {', '.join(ruled)} on the way in" if stream else "")
+        ),
         "mask": "nothing left: masked during import-scratch" if stream else f"mask {', '.join(ruled)}",
         "preserve": "re-insert staging rows "
         + (", ".join(f"{t} WHERE {w}" for t, w in settings.preserve.items()) or "(none)"),
@@ -119,11 +124,12 @@ def drive(
     sleep: Callable[[float], None] = time.sleep,
     budget_seconds: float | None = None,
     retry: Retry = NO_RETRY,
+    keep_files: bool = False,
 ) -> Done:
     """Run the sync (from ``start_at``, up to ``stop_at``) in this process through services/jobs.drive, exactly as
     the queue runs it across tasks: the CLI, the bench and tests."""
     from services import jobs
 
     target = enumerate_targets(plan, None, rt).targets[0]
-    run.options = {k: v for k, v in (("start_at", start_at), ("stop_at", stop_at)) if v}
+    run.options = {k: v for k, v in (("start_at", start_at), ("stop_at", stop_at), ("keep_files", keep_files)) if v}
     return jobs.drive(KIND, plan, target, run, rt, budget_seconds=budget_seconds, sleep=sleep, retry=retry)

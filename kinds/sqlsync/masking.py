@@ -19,6 +19,7 @@ The secret never appears in plans.yaml: callers read it from an environment vari
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import re
@@ -27,7 +28,38 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
-KINDS = ("email", "phone", "name", "first_name", "last_name", "text", "null", "fixed", "hash")
+KINDS = (
+    "email",
+    "phone",
+    "name",
+    "first_name",
+    "last_name",
+    "text",
+    "null",
+    "fixed",
+    "hash",
+    "date",
+    "card",
+    "address",
+    "json",
+)
+# What a ``json`` rule may apply to the values at its paths.
+JSON_PATH_KINDS = (
+    "email",
+    "phone",
+    "name",
+    "first_name",
+    "last_name",
+    "text",
+    "null",
+    "fixed",
+    "hash",
+    "date",
+    "card",
+    "address",
+)
+STREET_SUFFIXES = ("Street", "Road", "Avenue", "Lane", "Way", "Close", "Drive", "Place", "Court", "Gardens")
+DEFAULT_DATE_DAYS = 30
 # Kinds whose output is unique whenever the inputs are (per domain): safe on a UNIQUE column.
 INJECTIVE_KINDS = ("email", "phone", "hash")
 # Kinds computed from a whole set of values (collision resolution); the others are per-value functions.
@@ -366,6 +398,29 @@ class ColumnRule:
     value: str | None = None  # for ``fixed``
     length: int | None = None  # for ``hash``: hex characters kept (default 64)
     email_domain: str = "example.com"
+    days: int = DEFAULT_DATE_DAYS  # for ``date``: dates move by at most this many days either way
+    paths: tuple[tuple[str, str], ...] = ()  # for ``json``: (dotted path, kind) of the values masked inside
+
+
+def longest_output(rule: ColumnRule, email_bits: int = DEFAULT_EMAIL_BITS) -> int | None:
+    """The most characters ``rule`` can write into a column; None when the output is as long as the input (``phone``,
+    ``text``), which fits wherever the original did."""
+    if rule.kind == "email":
+        longest_name = max(map(len, FIRST_NAMES)) + 1 + max(map(len, LAST_NAMES))
+        return longest_name + 1 + email_bits // 4 + 1 + len(rule.email_domain)
+    if rule.kind == "name":
+        return max(map(len, FIRST_NAMES)) + 1 + max(map(len, LAST_NAMES))
+    if rule.kind == "first_name":
+        return max(map(len, FIRST_NAMES))
+    if rule.kind == "last_name":
+        return max(map(len, LAST_NAMES))
+    if rule.kind == "hash":
+        return rule.length or 64
+    if rule.kind == "fixed":
+        return len(rule.value or "")
+    if rule.kind == "address":
+        return 3 + 1 + max(map(len, LAST_NAMES)) + 1 + max(map(len, STREET_SUFFIXES))
+    return None if rule.kind in ("phone", "text", "date", "card", "json") else 0
 
 
 def is_reserved_email_domain(domain: str) -> bool:
@@ -378,8 +433,9 @@ def is_reserved_email_domain(domain: str) -> bool:
 
 def normalise_email(value: str) -> str:
     """Email addresses compare without case and surrounding spaces (as a MySQL *_ci collation does), so
-    ``Ann@X.com`` in one table and ``ann@x.com`` in another mask alike."""
-    return value.strip().lower()
+    ``Ann@X.com`` in one table and ``ann@x.com`` in another mask alike. Case is folded the Unicode way (``casefold``):
+    letters a *_ci collation holds equal, such as Greek final sigma and sigma, fold alike too."""
+    return value.strip().casefold()
 
 
 class Masker:
@@ -397,7 +453,7 @@ class Masker:
         # Subkeys per purpose so that, say, a phone digest can never be replayed as an email digest.
         self._keys = {
             purpose: hmac.digest(secret, b"sqlsync-subkey\0" + purpose.encode(), "sha256")
-            for purpose in ("email", "hash", "name", "phone")
+            for purpose in ("email", "hash", "name", "phone", "date", "address")
         }
         self._networks: dict[tuple[int, str], _Feistel] = {}  # phone permutations by length and kept prefix
 
@@ -451,6 +507,68 @@ class Masker:
         if network is None:
             network = self._networks[(n, prefix)] = _Feistel(self._keys["phone"], n, prefix)
         return network.permute(digits)
+
+    # ---- dates, cards, addresses, JSON -------------------------------------------------------------------------
+
+    def date(self, value: str, days: int = DEFAULT_DATE_DAYS) -> str:
+        """A date (``YYYY-MM-DD``, maybe followed by a time, kept as it is) moved by a keyed number of days in
+        [-days, +days]: ages and orderings stay plausible, the same date moves alike everywhere. Anything that is not
+        a calendar date (``0000-00-00``) is left alone."""
+        found = _DATE.match(value)
+        if found is None:
+            return value
+        try:
+            original = datetime.date(int(found[1]), int(found[2]), int(found[3]))
+        except ValueError:
+            return value
+        shift = int.from_bytes(self.digest("date", found[0])[:4], "big") % (2 * days + 1) - days
+        try:
+            moved = original + datetime.timedelta(days=shift)
+        except OverflowError:
+            return value
+        return moved.isoformat() + value[len(found[0]) :]
+
+    def card(self, value: str) -> str:
+        """A payment card number: the issuer prefix (first six digits) and the length kept, the digits between
+        permuted with a key, the last digit a new Luhn check digit; spaces and dashes where they were."""
+        pieces = _DIGIT_RUNS.split(value)
+        digits = "".join(pieces[1::2])
+        if not 12 <= len(digits) <= 19:
+            return self.text(value)  # not a card number: nothing of it is kept
+        body = digits[:6] + self._permute_digits(digits[6:-1], prefix=f"card\0{digits[:6]}")
+        replaced = body + _luhn_digit(body)
+        out, at = [pieces[0]], 0
+        for i in range(1, len(pieces), 2):
+            out.append(replaced[at : at + len(pieces[i])])
+            out.append(pieces[i + 1])
+            at += len(pieces[i])
+        return "".join(out)
+
+    def address(self, value: str) -> str:
+        """A street address: a keyed house number, street name and suffix (the original is not kept in any part)."""
+        if not value.strip():
+            return value
+        mac = self.digest("address", " ".join(value.casefold().split()))
+        number = 1 + int.from_bytes(mac[:2], "big") % 399
+        street = LAST_NAMES[int.from_bytes(mac[2:4], "big") % len(LAST_NAMES)]
+        return f"{number} {street} {STREET_SUFFIXES[mac[4] % len(STREET_SUFFIXES)]}"
+
+    def json_value(self, rule: ColumnRule, value: str) -> str:
+        """A JSON document with the values at ``rule.paths`` (dotted keys; a list applies to each item) masked by
+        their kinds; everything else as it was. A value that is not JSON stops the masking (nothing passes
+        unmasked)."""
+        import json
+
+        try:
+            document = json.loads(value)
+        except ValueError:
+            raise ValueError(
+                f"{rule.table}.{rule.column}: a value is not JSON, so its paths cannot be masked"
+            ) from None
+        for path, kind in rule.paths:
+            inner = ColumnRule(rule.table, rule.column, kind, kind, email_domain=rule.email_domain, days=rule.days)
+            document = _at_path(document, path.split("."), self.value_function(inner))
+        return json.dumps(document, ensure_ascii=False)
 
     # ---- names, text, hash -------------------------------------------------------------------------------------
 
@@ -511,6 +629,14 @@ class Masker:
             return lambda value: self.last_name(value) if value.strip() else value
         if kind == "text":
             return self.text
+        if kind == "date":
+            return lambda value: self.date(value, rule.days)
+        if kind == "card":
+            return self.card
+        if kind == "address":
+            return self.address
+        if kind == "json":
+            return lambda value: self.json_value(rule, value)
         raise ValueError(f"unknown masking kind {kind!r}")
 
     def mapping(self, rule: ColumnRule, values: Iterable[str], map_fn: Callable = map) -> dict[str, str]:
@@ -643,6 +769,31 @@ def _hash_first_candidate(masker: Masker, length: int | None, value: str) -> str
 
 def _mask_one(masker: Masker, rule: ColumnRule, value: str) -> str | None:
     return masker.mask_value(rule, value)
+
+
+_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")
+
+
+def _luhn_digit(body: str) -> str:
+    """The check digit that makes ``body`` + it pass the Luhn test."""
+    total = 0
+    for position, digit in enumerate(reversed(body)):
+        value = int(digit) * (2 if position % 2 == 0 else 1)
+        total += value - 9 if value > 9 else value
+    return str((10 - total % 10) % 10)
+
+
+def _at_path(node: object, keys: list[str], mask: Callable[[str], str | None]) -> object:
+    """``node`` with the value at ``keys`` masked (lists: every item); absent paths change nothing."""
+    if isinstance(node, list):
+        return [_at_path(item, keys, mask) for item in node]
+    if not keys:
+        if node is None or isinstance(node, (dict, bool)):
+            return node
+        return mask(str(node))
+    if isinstance(node, dict) and keys[0] in node:
+        return {**node, keys[0]: _at_path(node[keys[0]], keys[1:], mask)}
+    return node
 
 
 def _kept_phone_digits(value: str, digits: str) -> int:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from kinds.sqlsync.masking import KINDS, ColumnRule, is_reserved_email_domain
+from kinds.sqlsync.masking import DEFAULT_DATE_DAYS, JSON_PATH_KINDS, KINDS, ColumnRule, is_reserved_email_domain
 from services.plans import STRICT, FieldError, NonEmptyStr, PlanSections
 from services.runtime import ROOT
 
@@ -96,9 +96,10 @@ class Settings:
     email_bits: int = 80
     move_tables: str = "auto"  # "auto": RENAME scratch tables into staging when they share a server; "never"
     mask_workers: int = 1  # processes computing masked values (big tables on a multi-core worker)
-    # "stream": the production dump is masked on its way into scratch (local profile); "in-place": loaded as it
-    # is, then masked by UPDATEs in scratch (the only way when Cloud SQL does the import).
-    mask_mode: str = "in-place"
+    # "stream": the production dump is masked on its way into scratch (local: piped into the loader; cloudsql: the
+    # export object masked into another object, which Cloud SQL imports); "in-place": loaded as it is, then masked
+    # by UPDATEs in scratch.
+    mask_mode: str = "stream"
     drill_sample: int = 50  # production rows per ruled table a drill looks for in staging
     allow: tuple[str, ...] = ()  # "table.column" or "table.*": copied as they are, by decision
 
@@ -171,6 +172,8 @@ class Rule(BaseModel):
     value: str | int | float | bool | None = None
     length: int | None = Field(None, ge=8, le=64)
     email_domain: NonEmptyStr = "example.com"
+    days: int = Field(DEFAULT_DATE_DAYS, ge=1, le=3650)
+    paths: dict[NonEmptyStr, Literal[JSON_PATH_KINDS]] | None = None  # type: ignore[valid-type]
 
     @field_validator("email_domain")
     @classmethod
@@ -267,11 +270,7 @@ class Sections(PlanSections[Settings]):
             preserve[table] = where
         if bool(options.secret_env) == bool(options.secret):
             raise FieldError("options.secret_env", "give exactly one of secret_env (an environment variable) or secret")
-        mask_mode = options.mask_mode or ("stream" if profile == "local" else "in-place")
-        if mask_mode == "stream" and profile != "local":
-            raise FieldError(
-                "options.mask_mode", "stream needs profile local (with cloudsql, Cloud SQL imports the dump itself)"
-            )
+        mask_mode = options.mask_mode or "stream"
         settings = Settings(
             profile,
             production,
@@ -308,6 +307,8 @@ def _rules(tables: dict[str, dict[str, Rule]]) -> tuple[ColumnRule, ...]:
             rule = tables[table][column]
             if rule.kind == "fixed" and rule.value is None:
                 raise FieldError(f"{where}.value", "is required for kind fixed")
+            if (rule.kind == "json") != bool(rule.paths):
+                raise FieldError(f"{where}.paths", "give paths (dotted keys: kind) with kind json, and only with it")
             column_rule = ColumnRule(
                 table=table,
                 column=column,
@@ -316,6 +317,8 @@ def _rules(tables: dict[str, dict[str, Rule]]) -> tuple[ColumnRule, ...]:
                 value=None if rule.value is None else str(rule.value),
                 length=rule.length,
                 email_domain=rule.email_domain,
+                days=rule.days,
+                paths=tuple(sorted((rule.paths or {}).items())),
             )
             seen = email_domains.setdefault((column_rule.kind, column_rule.domain), column_rule.email_domain)
             if seen != column_rule.email_domain:

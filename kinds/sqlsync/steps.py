@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kinds.sqlsync import db, dumps, stream
-from kinds.sqlsync.errors import DumpError, LeakFound, Refused, SchemaDrift, SyncError
+from kinds.sqlsync.errors import DumpError, HalfDone, LeakFound, Refused, SchemaDrift, SyncError
 from kinds.sqlsync.masking import Masker
 from kinds.sqlsync.plan import DatabaseRef, Settings, same_database_problem
 from services import retention
@@ -106,6 +106,12 @@ class Sync:
     def run_dir(self) -> Path:
         return run_dir(self.plan, self.run)
 
+    @property
+    def moves_tables(self) -> bool:
+        """Masked tables go into staging by RENAME TABLE: scratch shares staging's server, and ``check`` found nothing
+        (views, triggers) that RENAME cannot move across databases."""
+        return self.settings.moves_tables and self.state.get("move_tables", True)
+
     def produced(self, step: str, **what: Any) -> None:
         """Record in the checkpoint what ``step`` made (a dump file, a safety backup), for later steps and people."""
         self.state.setdefault("produced", {})[step] = what
@@ -151,10 +157,14 @@ def advance(plan: Plan[Settings], state: dict[str, Any], run: RunContext, rt: Ru
             finished = _do(sync, step)
         except BackupError as exc:
             run.log(f"failed: {exc}")
+            if not isinstance(exc, TransientError):
+                discard_unmasked(sync)
             raise
         except Exception as exc:
             error = classify(step, exc)
             run.log(f"failed: {error}")
+            if not isinstance(error, TransientError) and discard_unmasked(sync) and isinstance(exc, HalfDone):
+                exc.restart_at = "export-production"  # the production dump it would reload is gone
             raise error from exc
         if not finished:
             return Pending(state=state, delay_seconds=sync.settings.poll_seconds)
@@ -172,13 +182,87 @@ def advance(plan: Plan[Settings], state: dict[str, Any], run: RunContext, rt: Ru
             return Pending(state=state, delay_seconds=0.0)
 
 
+def discard_unmasked(sync: Sync) -> bool:
+    """After a failure that retrying will not fix, delete this run's dumps (the production one holds unmasked data),
+    unless the run was told to keep them (``--keep-files``). The staging safety dump stays. True if anything was
+    deleted."""
+    if sync.run.options.get("keep_files"):
+        sync.log("failed run: its dump files are kept (keep_files)")
+        return False
+    if sync.settings.profile == "cloudsql":
+        from kinds.sqlsync import cloud
+
+        try:
+            objects = cloud.delete_dumps(sync.plan, sync.run, sync.rt)
+        except Exception as exc:  # the failure being reported matters more; the bucket's lifecycle rule is the backstop
+            sync.log(f"failed run: could not delete its dump objects ({type(exc).__name__}: {exc})")
+            return False
+        return objects > 0
+    files = [name for name in UNMASKED if _unlink(sync.run_dir / name)]
+    if files:
+        sync.log(f"failed run: deleted {', '.join(files)} (unmasked data must not outlive the run)")
+    return bool(files)
+
+
+# Files of a run that may hold unmasked production data.
+UNMASKED = ("production.sql", "production.partial", "masked.sql", "masked.partial")
+UNMASKED_MAX_AGE_SECONDS = 24 * 3600
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def sweep_unmasked(plan: Plan[Settings], current: Path, now: float) -> list[str]:
+    """Dumps of other runs of this plan that may hold unmasked data and are older than a day, deleted whatever
+    ``retention.keep`` says (a run that died, or a queue that gave up, never reached its own cleanup); run folders
+    left empty are removed."""
+    base = current.parent
+    if not base.is_dir():
+        return []
+    deleted = []
+    for folder in base.iterdir():
+        if folder == current or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            datetime.strptime(folder.name, RUN_DIR_FORMAT)
+        except ValueError:
+            continue  # not a run folder of this kind
+        for name in UNMASKED:
+            path = folder / name
+            try:
+                old = now - path.stat().st_mtime > UNMASKED_MAX_AGE_SECONDS
+            except FileNotFoundError:
+                continue
+            if old and _unlink(path):
+                deleted.append(f"{folder.name}/{name}")
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return deleted
+
+
 def _do(sync: Sync, step: str) -> bool:
     """Do (or, for a Cloud SQL operation, start or check) ``step``; True once it is finished."""
     settings = sync.settings
-    moved = settings.moves_tables and step in ("export-scratch", "import-staging")
+    moved = sync.moves_tables and step in ("export-scratch", "import-staging")
     if settings.profile == "cloudsql" and step in OPERATION_STEPS and not moved:
         from kinds.sqlsync import cloud
 
+        if step == "import-scratch" and settings.mask_mode == "stream" and not sync.state.get("masked_export"):
+            began = time.monotonic()
+            report = cloud.mask_export(sync.plan, settings, sync.masker(), sync.run, sync.rt)
+            seconds = time.monotonic() - began
+            sync.state["masked_export"] = cloud.dump_uri(sync.plan, sync.run, cloud.MASKED_EXPORT)
+            sync.stats(masked_rows=report.rows, masked_values=report.values)
+            sync.log(
+                f"step import-scratch: masked {report.rows} rows of {', '.join(report.tables) or 'no table'} of the"
+                f" export into {sync.state['masked_export']} ({report.rows / seconds if seconds else 0.0:.0f} rows/s);"
+                " the unmasked export is deleted"
+            )
         return cloud.operation_step(sync.plan, settings, step, sync.state, sync.run, sync.rt)
     STEP_FUNCTIONS[step](sync)
     return True
@@ -214,7 +298,7 @@ def classify(step: str, exc: BaseException) -> Exception:
             return PermanentError(f"step {step}: auth: {exc}")
         if "Unknown database" in text:
             return PermanentError(f"step {step}: not found: {exc}")
-        if "Can't connect" in text or "Lost connection" in text:
+        if "Can't connect" in text or "Lost connection" in text or text.startswith("stalled:"):
             return TransientError(f"step {step}: SQL connection error: {exc}")
         return PermanentError(f"step {step}: SQL error: {exc}")
     if isinstance(exc, (ValueError, LookupError)):
@@ -247,11 +331,19 @@ def step_check(sync: Sync) -> None:
             raise Refused(f"{a} resolves to the {b} database on the same server ({server}, {database}); refusing")
     if not schema.columns:
         raise SchemaDrift(f"production database {settings.production.label()} has no tables")
+    if settings.profile == "local":
+        swept = sweep_unmasked(sync.plan, sync.run_dir, time.time())
+        if swept:
+            sync.log(f"step check: deleted unmasked dumps older than a day of other runs: {', '.join(swept)}")
     problems = db.schema_problems(schema, settings.rules, settings.preserve)
+    problems += db.width_problems(schema, settings.rules, settings.email_bits)
     problems += db.coverage_problems(schema, settings.rules, settings.allow)
     if problems:
         raise SchemaDrift("schema drift: " + "; ".join(problems))
     with db.connect(settings.production) as production, db.connect(settings.staging) as staging:
+        twins = db.twin_problems(production, schema, settings.rules)
+        if twins:
+            raise Refused("; ".join(twins))
         copied = [
             (table, column)
             for table in schema.tables
@@ -266,10 +358,26 @@ def step_check(sync: Sync) -> None:
         # Tables production no longer has are not touched by a sync: whatever they hold stays in staging.
         sync.log(f"step check: staging has tables production does not (left as they are): {', '.join(staging_only)}")
     sync.stats(flagged_columns=flagged, staging_only_tables=staging_only)
+    if settings.moves_tables:
+        with db.connect(settings.production) as production:
+            triggers = db.query(
+                production,
+                "SELECT COUNT(*) FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA = %s",
+                (settings.production.database,),
+            )[0][0]
+        if schema.views or triggers:
+            # Decided here, not found out at import-staging after all the work: views and triggers cannot be moved
+            # by RENAME TABLE across databases, so the masked tables are dumped and loaded instead.
+            sync.state["move_tables"] = False
+            sync.log(
+                f"step check: production has {len(schema.views)} views and {triggers} triggers: the masked tables will"
+                " be dumped and loaded into staging, not moved"
+            )
     sync.log(f"step check: {len(schema.columns)} tables, {len(settings.rules)} masked columns, schema matches")
 
 
 def step_export_production(sync: Sync) -> None:
+    dumps.private_dir(sync.run_dir.parent)  # the plan's folder of runs: only the service's user may look inside
     path = sync.run_dir / "production.sql"
     size = dumps.dump_database(sync.settings.production, path)
     sync.produced("export-production", dump=str(path), bytes=size)
@@ -308,6 +416,12 @@ def step_import_scratch(sync: Sync) -> None:
 
 def step_mask(sync: Sync) -> None:
     settings = sync.settings
+    if settings.mask_mode == "stream":
+        # Masked on the way in (the local loader, or the export object for Cloud SQL): scratch never held originals.
+        with db.connect(settings.scratch) as conn:
+            db.mark_progress(conn, "mask", "done")
+        sync.log("step mask: scratch is already masked (on import, or by an earlier attempt of this step); skipped")
+        return
     masker = sync.masker()
     with db.connect(settings.scratch) as conn, db.connect(settings.scratch, streaming=True) as streaming:
         schema = db.read_schema(conn, settings.scratch.database)
@@ -365,7 +479,7 @@ def step_scan_scratch(sync: Sync) -> None:
 
 
 def step_export_scratch(sync: Sync) -> None:
-    if sync.settings.moves_tables:
+    if sync.moves_tables:
         sync.log("step export-scratch: skipped, scratch shares the staging server and its tables will be moved")
         return
     path = sync.run_dir / "masked.sql"
@@ -376,6 +490,13 @@ def step_export_scratch(sync: Sync) -> None:
 
 def step_backup_staging(sync: Sync) -> None:
     path = sync.run_dir / "staging-before.sql"
+    if _complete(path):
+        # Made by an earlier attempt of this run, before anything of it reached staging: the only copy of staging
+        # as it was. A second dump now might be of staging already overwritten by this run.
+        sync.state["staging_backup"] = str(path)
+        sync.stats(staging_backup=str(path), staging_backup_sha256=dumps.file_sha256(path))
+        sync.log(f"step backup-staging: this run's safety dump {path} is already there; kept")
+        return
     size = dumps.dump_database(sync.settings.staging, path)
     sync.state["staging_backup"] = str(path)
     sync.produced("backup-staging", dump=str(path), bytes=size)
@@ -393,7 +514,7 @@ def step_import_staging(sync: Sync) -> None:
         dumps.check_complete(safety)
     elif not sync.state.get("staging_backup"):
         raise Refused("no safety backup of staging for this run (backup-staging did not complete); refusing")
-    if settings.moves_tables:
+    if sync.moves_tables:
         moved = move_tables(settings.scratch, settings.staging)
         sync.log(f"step import-staging: moved {moved} tables from {settings.scratch.label()} with RENAME TABLE")
         return
@@ -453,7 +574,11 @@ def step_cleanup_scratch(sync: Sync) -> None:
     for name in ("production.sql", "masked.sql"):
         (directory / name).unlink(missing_ok=True)
     pruned = prune_safety_dumps(sync.plan, directory)
-    sync.log(f"step cleanup-scratch: dropped {dropped} tables, deleted the dumps, pruned {pruned} old safety dumps")
+    swept = sweep_unmasked(sync.plan, directory, time.time())
+    sync.log(
+        f"step cleanup-scratch: dropped {dropped} tables, deleted the dumps, pruned {pruned} old safety dumps"
+        + (f", deleted unmasked dumps older than a day of other runs: {', '.join(swept)}" if swept else "")
+    )
 
 
 def prune_safety_dumps(plan: Plan[Settings], current: Path) -> int:

@@ -18,6 +18,7 @@ table, the line and the text; nothing unmasked is passed through.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import mmap
 import multiprocessing
@@ -47,6 +48,9 @@ _SECTION = re.compile(
     re.MULTILINE,
 )
 _TRAILER = re.compile(rb"^/\*!40103 SET TIME_ZONE=@OLD_TIME_ZONE \*/;", re.MULTILINE)
+# Triggers, routines and events: mariadb-dump writes their bodies between "DELIMITER ;;" and "DELIMITER ;". An
+# INSERT in a trigger body is a statement of the trigger, not rows of its table.
+_DELIMITED = re.compile(rb"^DELIMITER ;;\n.*?^DELIMITER ;\n", re.MULTILINE | re.DOTALL)
 _INSERT = re.compile(r"^INSERT INTO `((?:[^`]|``)+)`(?: \(([^)]*)\))? VALUES\s*")
 _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _UNESCAPED = {"0": "\0", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "Z": "\x1a"}
@@ -185,12 +189,17 @@ class DumpMasker:
         shapes: dict[str, _TableShape] = {}
         with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as dump:
             spans = self._spans(dump) if ruled_last else [(0, len(dump))]
+            bodies = [(m.start(), m.end()) for m in _DELIMITED.finditer(dump)]
+            body_starts = [start for start, _ in bodies]
             for span_start, span_end in spans:
                 pos, line = span_start, _count_lines(dump, 0, span_start) + 1
                 for found in statement_start.finditer(dump, span_start, span_end):
                     at = found.start(1)
                     if at < pos:
                         continue
+                    inside = bisect.bisect_right(body_starts, at) - 1
+                    if inside >= 0 and at < bodies[inside][1]:
+                        continue  # in a trigger or routine body: passed on as it is, with the text around it
                     for block in range(pos, at, PASS_BLOCK):
                         chunk = dump[block : min(at, block + PASS_BLOCK)]
                         line += chunk.count(b"\n")
