@@ -145,6 +145,7 @@ def cloud_mask_stage(args: argparse.Namespace) -> None:
                     },
                     "options": {
                         "secret_env": "SQLSYNC_BENCH_SECRET",
+                        "mask_workers": args.workers,
                         "rules": {args.users_table: {"email": "email", "phone": "phone", "name": "name"}},
                     },
                 },
@@ -172,7 +173,9 @@ def cloud_mask_stage(args: argparse.Namespace) -> None:
                 _copy_object(source, client.bucket("bench-dumps").blob(source.name + ".copy"), root)
                 copied.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                rows = stream.mask_dump(str(dump), rules, masker, lambda data: None, spool_dir=str(root)).rows
+                rows = stream.mask_dump(
+                    str(dump), rules, masker, lambda data: None, workers=args.workers, spool_dir=str(root)
+                ).rows
                 alone.append((time.perf_counter() - started, rows))
             print()
             print(f"{'':44}" + "".join(f"{'run ' + str(n + 1) + ' s':>12}" for n in range(args.runs)))
@@ -218,7 +221,7 @@ def main() -> None:
         help="name of the masked table; 'accounts' sorts before 'orders' in the dump (nothing to overlap with)",
     )
     parser.add_argument("--runs", type=int, default=2, help="syncs in a row (run 2 is the steady state)")
-    parser.add_argument("--workers", type=int, default=1, help="masking processes (in-place mode)")
+    parser.add_argument("--workers", type=int, default=1, help="masking processes (options.mask_workers)")
     parser.add_argument(
         "--mask-mode", choices=("stream", "in-place"), default="stream", help="the plan's options.mask_mode"
     )

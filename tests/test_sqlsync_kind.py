@@ -117,3 +117,26 @@ def test_a_checkpoint_that_names_no_step_is_refused(sync_setup):
 
     with pytest.raises(PermanentError, match="checkpoint names no step of sqlsync"):
         KIND.poll(plan, target, {"step": "skip-masking"}, RunContext("r", plan.name, target.key, PERIOD), rt)
+
+
+def test_a_collision_in_one_pass_masking_loads_scratch_again_with_the_first_pass(sync_setup, monkeypatch):
+    from kinds.sqlsync.masking import Masker
+
+    original = Masker.email_candidate
+
+    def colliding(self, normalised, counter=0, email_domain="example.com"):
+        # Two addresses share a first candidate (at 80 bits: odds of about 4e-13 in a million).
+        same = "customer.2@real-mail.com" if normalised == "customer.1@real-mail.com" else normalised
+        return original(self, same if counter == 0 else normalised, counter, email_domain)
+
+    monkeypatch.setattr(Masker, "email_candidate", colliding)
+    plan, rt = sync_setup["plan"], sync_setup["rt"]
+    run = RunContext("r1", plan.name, "t", PERIOD, options={"stop_at": "import-scratch"})
+
+    done = KIND.start(plan, KIND.enumerate(plan, None, rt).targets[0], run, rt)
+
+    scratch, scratch_db = sync_setup["scratch"]
+    emails = [row[0] for row in scratch.execute("SELECT email FROM accounts", database=scratch_db)]
+    assert done.stats["step_reached"] == "import-scratch"
+    assert any("masked again with a first pass" in line for line in run.log_lines)
+    assert len(emails) == len(set(emails)) == 120 and not set(emails) & {o[1] for o in production_rows()}

@@ -213,3 +213,31 @@ def test_a_partitioned_table_keeps_its_table_options_when_an_index_is_deferred(t
         "  PRIMARY KEY (`id`)\n) ENGINE=InnoDB\n PARTITION BY HASH (`id`)\nPARTITIONS 4;\n"
     )
     assert text.endswith("ALTER TABLE `people` ADD KEY `by_email` (`email`);\n")
+
+
+def test_one_pass_masking_gives_what_the_first_pass_gives(people):
+    one, two = io.BytesIO(), io.BytesIO()
+
+    first = mask_dump(str(people), RULES, Masker(SECRET), one.write, one_pass=True)
+    second = mask_dump(str(people), RULES, Masker(SECRET), two.write, one_pass=False)
+
+    assert one.getvalue() == two.getvalue()
+    assert "first-pass" not in first.seconds and "first-pass" in second.seconds
+    assert first.values == second.values == 9
+
+
+def test_a_collision_in_one_pass_masking_is_reported_not_written(people, monkeypatch):
+    from kinds.sqlsync.stream import Collision
+
+    original = Masker.email_candidate
+
+    def few(self, normalised, counter=0, email_domain="example.com"):
+        # Every first candidate the same: set-wise resolution must find others.
+        return original(self, "same" if counter == 0 else normalised, counter, email_domain)
+
+    monkeypatch.setattr(Masker, "email_candidate", few)
+
+    with pytest.raises(Collision):
+        mask_dump(str(people), RULES, Masker(SECRET), io.BytesIO().write, one_pass=True)
+    resolved = mask_dump(str(people), RULES, Masker(SECRET), io.BytesIO().write, one_pass=False)
+    assert resolved.rows == 5

@@ -287,14 +287,29 @@ def mask_export(
         with gzip.open(packed, "rb") as unzipped, open(plain, "wb") as out:
             shutil.copyfileobj(unzipped, out, 1 << 20)
         packed.unlink()
-        # Level 1: the object lives minutes, and the masking, not the bytes, should set the pace.
-        with gzip.open(masked, "wb", compresslevel=1) as out:
-            report = stream.mask_dump(
-                str(plain), list(settings.rules), masker, out.write, workers=settings.mask_workers, spool_dir=tmp
-            )
+        try:
+            report = _mask_file(plain, masked, settings, masker, tmp, one_pass=True)
+        except stream.Collision:
+            report = _mask_file(plain, masked, settings, masker, tmp, one_pass=False)
         target.upload_from_filename(str(masked), content_type="application/gzip")
     source.delete()
     return report
+
+
+def _mask_file(
+    plain: Path, masked: Path, settings: Settings, masker: Any, tmp: str, one_pass: bool
+) -> stream.StreamReport:
+    # Level 1: the object lives minutes, and the masking, not the bytes, should set the pace.
+    with gzip.open(masked, "wb", compresslevel=1) as out:
+        return stream.mask_dump(
+            str(plain),
+            list(settings.rules),
+            masker,
+            out.write,
+            workers=settings.mask_workers,
+            spool_dir=tmp,
+            one_pass=one_pass,
+        )
 
 
 def delete_dumps(plan: Plan[Settings], run: RunContext, rt: Runtime) -> int:

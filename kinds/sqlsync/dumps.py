@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,10 @@ def load_dump(ref: DatabaseRef, path: Path, feed: Callable[[Callable[[bytes], ob
             loader.kill()
             loader.wait()
             raise
+        finally:
+            if loader.stdin is not None and not loader.stdin.closed:
+                with suppress(BrokenPipeError):  # the loader is gone; its pipe had unread data
+                    loader.stdin.close()
         errors.seek(0)
         message = errors.read().decode(errors="replace")
     if loader.returncode != 0:

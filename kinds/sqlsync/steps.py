@@ -396,13 +396,29 @@ def step_import_scratch(sync: Sync) -> None:
     masker = sync.masker()
     dropped = db.empty_database(settings.scratch)
     began = time.monotonic()
-    report = dumps.load_dump(
-        settings.scratch,
-        dump,
-        lambda write: stream.mask_dump(
-            str(dump), list(settings.rules), masker, write, workers=settings.mask_workers, spool_dir=str(dump.parent)
-        ),
-    )
+
+    def masked_load(one_pass: bool) -> stream.StreamReport:
+        report: stream.StreamReport = dumps.load_dump(
+            settings.scratch,
+            dump,
+            lambda write: stream.mask_dump(
+                str(dump),
+                list(settings.rules),
+                masker,
+                write,
+                workers=settings.mask_workers,
+                spool_dir=str(dump.parent),
+                one_pass=one_pass,
+            ),
+        )
+        return report
+
+    try:
+        report = masked_load(one_pass=True)
+    except stream.Collision as exc:
+        sync.log(f"step import-scratch: {exc}; scratch emptied and the dump masked again with a first pass")
+        db.empty_database(settings.scratch)
+        report = masked_load(one_pass=False)
     with db.connect(settings.scratch) as conn:
         db.mark_progress(conn, "mask", "done")
     seconds = time.monotonic() - began

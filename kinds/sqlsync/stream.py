@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from kinds.sqlsync.masking import SET_KINDS, ColumnRule, Masker
+from kinds.sqlsync.masking import SET_KINDS, ColumnRule, Masker, normalise_email
 
 # One SQL value as mariadb-dump writes it: a quoted string (maybe with a charset introducer such as _binary, or
 # b'' / x''), or a bare token (number, NULL, 0x... with --hex-blob). Quoted strings escape with backslashes.
@@ -181,6 +181,8 @@ class DumpMasker:
         for rule in rules:
             self.rules.setdefault(rule.table, {})[rule.column] = rule
         self.domain_maps: dict[str, dict[str, str]] = {}
+        # Set kinds masked in one pass (no first pass), per domain; None: the first pass made domain_maps.
+        self.one_pass: dict[str, _OnePass] | None = None
         self.report = StreamReport()
         self._prepared: dict[
             tuple[str, tuple[str, ...]], tuple[_TableShape, list[tuple[int, Callable[[str], str]]]]
@@ -368,6 +370,9 @@ class DumpMasker:
         """Dumped token in, masked token out. NULL stays NULL (the ``null`` kind makes everything NULL)."""
         if rule.kind == "null":
             return lambda token: "NULL"
+        if rule.kind in SET_KINDS and self.one_pass is not None:
+            domain = self.one_pass.setdefault(f"{rule.kind}:{rule.domain}", _OnePass(self.masker, rule))
+            return lambda token: token if token == "NULL" else encode_value(domain(decode_value(token)))  # type: ignore[arg-type]
         if rule.kind in SET_KINDS:
             mapping = self.domain_maps[f"{rule.kind}:{rule.domain}"]
             return lambda token: token if token == "NULL" else encode_value(mapping[decode_value(token)])  # type: ignore[index]
@@ -445,6 +450,39 @@ class DumpMasker:
         self.report.seconds["waited"] = round(spool.waited, 3)
         for alter in deferred:  # after the whole dump, whose trailer restores the session's settings
             write(alter.encode("utf-8", "surrogateescape"))
+
+
+class Collision(Exception):
+    """Two values of one domain of a set kind (email, hash) got the same first masked value in a one-pass masking:
+    only the first pass's set-wise resolution gives the right answer, so the dump must be masked again with it."""
+
+
+class _OnePass:
+    """A set kind's masking without the first pass: each value gets its first candidate (counter 0) as it comes, and
+    every candidate is remembered with the value it was given to. A candidate given to two different values is a
+    Collision. A whole dump masked without one gets exactly what the set-wise mapping gives (which keeps every first
+    candidate when no two collide, ``Masker._resolve_unique``); at 80-bit emails a collision among a million values
+    has odds of about 4e-13, so the first pass, a whole read of the ruled tables, is nearly always saved."""
+
+    def __init__(self, masker: Masker, rule: ColumnRule):
+        self.first = masker.value_function(rule)
+        self.key = normalise_email if rule.kind == "email" else str
+        self.given: dict[str, str] = {}  # key (a normalised email) -> masked
+        self.owner: dict[str, str] = {}  # masked -> key
+        self.seen: set[str] = set()  # the distinct values as they came (what the first pass reports)
+
+    def __call__(self, value: str) -> str:
+        self.seen.add(value)
+        key = self.key(value)
+        masked = self.given.get(key)
+        if masked is None:
+            if not key:
+                return value  # a blank email stays as it is, as in the mapping
+            masked = str(self.first(value))
+            if self.owner.setdefault(masked, key) != key:
+                raise Collision(f"two values of one domain got the same masked value {masked!r}")
+            self.given[key] = masked
+        return masked
 
 
 class _Spool:
@@ -537,20 +575,24 @@ def mask_dump(
     write: Callable[[bytes], object],
     workers: int = 1,
     spool_dir: str | None = None,
+    one_pass: bool = True,
 ) -> StreamReport:
     """Stream the dump at ``path`` to ``write`` with the ruled columns masked.
 
     Two threads: the masking thread makes the first pass (set kinds) and then masks the ruled statements into a
     spool file, while this thread writes the dump in order, taking masked statements from the spool as it
     reaches them. The ruled tables are written last, so the masking overlaps the loading of every other table.
-    ``workers`` > 1 masks on that many forked processes."""
+    ``workers`` > 1 masks on that many forked processes. With ``one_pass`` (and one process) the set kinds are
+    masked without the first pass (``_OnePass``); a Collision then means: call again with ``one_pass=False``."""
     dump = DumpMasker(path, rules, masker)
+    if one_pass and workers == 1:
+        dump.one_pass = {}
     spool = _Spool(spool_dir)
 
     def produce() -> None:
         failure: BaseException | None = None
         try:
-            if dump.needs_collect():
+            if dump.needs_collect() and dump.one_pass is None:
                 dump.collect()
             dump.mask_ahead(spool, workers)
         except BaseException as exc:  # handed over to the writing thread, which raises it
@@ -566,6 +608,8 @@ def mask_dump(
         spool.aborted = True
         producer.join()
         spool.close()
+    if dump.one_pass is not None:
+        dump.report.values = sum(len(domain.seen) for domain in dump.one_pass.values())
     return dump.report
 
 
