@@ -218,7 +218,8 @@ def restore_datastore(
         safety_url_prefix=safety_prefix,
     )
     click.echo(f"safety export: {result.safety_export}")
-    click.echo(f"imported {result.entities} entities from {result.imported_from}")
+    counted = f"{result.entities} entities" if result.entities else "(the server reported no entity count)"
+    click.echo(f"imported {counted} from {result.imported_from}")
 
 
 def main() -> None:

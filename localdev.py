@@ -37,11 +37,17 @@ DEMO_BUCKET = "demo-backups"
 log = logging.getLogger("localdev")
 
 
-def wait_for(url: str, what: str, process: subprocess.Popen | None = None, timeout: float = 90) -> None:
+def wait_for(
+    url: str, what: str, process: subprocess.Popen | None = None, timeout: float = 90, log_name: str | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            sys.exit(f"{what} exited with code {process.returncode}; see .local/*.log")
+            tail = ""
+            if log_name and (STATE / log_name).exists():
+                lines = (STATE / log_name).read_text(errors="replace").splitlines()
+                tail = "\n" + "\n".join(f"  | {line}" for line in lines[-15:])  # the error is at the end
+            sys.exit(f"{what} exited with code {process.returncode} (.local/{log_name or '*.log'}):{tail}")
         try:
             if requests.get(url, timeout=5).status_code < 500:
                 return
@@ -76,7 +82,7 @@ def start_gunicorn(port: int, log_name: str) -> subprocess.Popen:
 
 def start_datastore(port: int) -> subprocess.Popen:
     try:
-        command = datastore_emulator_command(port, STATE / "datastore")
+        command = datastore_emulator_command(port, STATE / "datastore", on_disk=True)
     except ConfigError as exc:
         sys.exit(str(exc))
     log_file = open(STATE / "datastore.log", "w")  # noqa: SIM115 - lives as long as the emulator
@@ -121,13 +127,52 @@ def drill_when_backed_up(service_url: str, auth: dict[str, str], stop: threading
             return
 
 
+def port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def check_before_starting(ports: dict[str, int]) -> None:
+    """Refuse at once, in one line, what would otherwise fail later and less clearly: a port taken (another
+    `make run`, most likely: its readiness checks would answer ours) or plans that do not load."""
+    for what, port in ports.items():
+        if port_in_use(port):
+            sys.exit(
+                f"make run: port {port} ({what}) is in use, probably by another `make run` (see `lsof -i :{port}`):"
+                f" stop it, or use other ports: PORT={ports['the app'] + 100} make run"
+            )
+    from services.deployment import check_deployment_files
+    from services.plans import load_plans
+
+    plans_path = Path(os.environ.get("BACKUP_PLANS") or ROOT / "plans.yaml")
+    try:
+        check_deployment_files(load_plans(plans_path), ROOT / "queue.yaml", ROOT / "cron.yaml")
+    except ConfigError as exc:
+        print(f"make run: {exc}", file=sys.stderr)
+        sys.exit(78)
+
+
 def main() -> None:
     logs.configure(on_app_engine=False)
     logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)  # one line per request is noise here
-    STATE.mkdir(mode=0o700, exist_ok=True)
-    STATE.chmod(0o700)  # run records, exports and the token: this user's only
     app_port = int(os.environ.get("PORT", "8080"))
     ds_port, gcs_port, worker_port = app_port + 1, app_port + 2, app_port + 3
+    check_before_starting(
+        {
+            "the app": app_port,
+            "the Datastore emulator": ds_port,
+            "the GCS emulator": gcs_port,
+            "the worker": worker_port,
+        }
+    )
+    STATE.mkdir(mode=0o700, exist_ok=True)
+    STATE.chmod(0o700)  # run records, exports and the token: this user's only
     token = os.environ.get("BACKUP_LOCAL_TOKEN") or secrets.token_urlsafe(24)
     write_private(STATE / "token", token + "\n")
     signin_code = secrets.token_urlsafe(16)  # one use: the link printed below signs one browser in
@@ -162,12 +207,12 @@ def main() -> None:
 
         gcs_server = create_server("127.0.0.1", gcs_port, in_memory=False, data_dir=str(STATE / "gcs"))
         gcs_server.start()
-        wait_for(f"http://127.0.0.1:{ds_port}/", "the Datastore emulator", children[0])
+        wait_for(f"http://127.0.0.1:{ds_port}/", "the Datastore emulator", children[0], log_name="datastore.log")
         seed_demo_data()
         children.append(start_gunicorn(app_port, "app.log"))
-        wait_for(f"{service_url}/healthz", "the app", children[-1])
+        wait_for(f"{service_url}/healthz", "the app", children[-1], log_name="app.log")
         children.append(start_gunicorn(worker_port, "worker.log"))
-        wait_for(f"{worker_url}/healthz", "the worker", children[-1])
+        wait_for(f"{worker_url}/healthz", "the worker", children[-1], log_name="worker.log")
         worker_queues = [q.strip() for q in os.environ.get("BACKUP_WORKER_QUEUES", "directory,sqlsync").split(",")]
         queue = LocalQueue(STATE / "queue.sqlite3")
         dispatcher = LocalDispatcher(
@@ -201,7 +246,9 @@ Ctrl-C stops everything.
         while not stop.is_set():
             for child in children:
                 if child.poll() is not None:
-                    log.error("%s exited with %s; stopping", child.args[0], child.returncode)
+                    # Ctrl-C reaches the children too: one that stopped cleanly is not an error.
+                    level = logging.INFO if child.returncode in (0, -signal.SIGINT, -signal.SIGTERM) else logging.ERROR
+                    log.log(level, "%s exited with %s; stopping", child.args[0], child.returncode)
                     stop.set()
             stop.wait(1.0)
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -460,6 +461,7 @@ def main() -> None:
             app.terminate()
         emulator.terminate()
         emulator.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Exit codes: 0 done; 1 failed (the message says why); 2 bad usage; 3 verification
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -30,7 +31,7 @@ from kinds.couchdb.kind import KIND, connect, select_databases, store_for
 from kinds.couchdb.plan import ServerSettings, Settings
 from kinds.couchdb.restore import RestoreOptions, restore_chain
 from kinds.couchdb.store import Store, read_manifest, resolve_chain
-from kinds.couchdb.verify import verify_database
+from kinds.couchdb.verify import BackupRows, verify_database
 from services.errors import BackupError, PermanentError, TargetGone, TargetNotEmpty, TransientError
 from services.jobs import drive
 from services.kinds import Pending, RunContext, Target
@@ -331,26 +332,34 @@ def restore_command(
             batch_docs=batch_docs, batch_bytes=batch_bytes, overwrite=overwrite, concurrency=concurrency
         )
         total = sum(m.batches for m in chain)
-        with _progress(f"restore {target}", total, quiet) as bar:
-            result = restore_chain(
-                server,
-                target,
-                store,
-                chain,
-                opts,
-                checkpoint_path=checkpoint,
-                safety_backup=safety_backup,
-                progress=bar.update,
+        checking = verify or verify_bodies
+        # The backup's side of the verify is loaded from the lines as the restore reads them, while the server
+        # works on the ones in flight, rather than by reading the backup once more afterwards.
+        rows = BackupRows(digests=verify_bodies) if checking else None
+        with contextlib.ExitStack() as stack:
+            if rows is not None:
+                stack.enter_context(rows)
+            with _progress(f"restore {target}", total, quiet) as bar:
+                result = restore_chain(
+                    server,
+                    target,
+                    store,
+                    chain,
+                    opts,
+                    checkpoint_path=checkpoint,
+                    safety_backup=safety_backup,
+                    progress=bar.update,
+                    on_line=rows.add_line if rows is not None else None,
+                )
+            click.echo(
+                f"{target}: restored {len(chain)} backup(s), {result.lines_done} batches"
+                + (f" (resumed, {result.lines_skipped} already applied)" if result.resumed else "")
+                + (f"; safety backup {result.safety_backup}" if result.safety_backup else ""),
+                err=True,
             )
-        click.echo(
-            f"{target}: restored {len(chain)} backup(s), {result.lines_done} batches"
-            + (f" (resumed, {result.lines_skipped} already applied)" if result.resumed else "")
-            + (f"; safety backup {result.safety_backup}" if result.safety_backup else ""),
-            err=True,
-        )
-        if verify or verify_bodies:
-            # The restore has read the backup's files through already; the database is what is checked now.
-            _verify(server, target, store, chain, quiet, check_files=False, bodies=verify_bodies)
+            if rows is not None:
+                # The restore has read the backup's files through already; the database is what is checked now.
+                _verify(server, target, store, chain, quiet, check_files=False, bodies=verify_bodies, loaded=rows)
         server.close()
 
 
@@ -412,6 +421,7 @@ def _verify(
     quiet: bool,
     check_files: bool = True,
     bodies: bool = True,
+    loaded: BackupRows | None = None,
 ) -> None:
     try:
         total = server.db_info(target).get("doc_count")
@@ -419,7 +429,7 @@ def _verify(
         raise PermanentError(f"database {target!r} does not exist on {server.url}") from None
     with _progress(f"verify {target}", total, quiet) as bar:
         result = verify_database(
-            server, target, store, chain, progress=bar.update, check_files=check_files, bodies=bodies
+            server, target, store, chain, progress=bar.update, check_files=check_files, bodies=bodies, loaded=loaded
         )
     click.echo(result.summary(), err=True)
     if not result.ok:

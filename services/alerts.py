@@ -359,10 +359,10 @@ def group_message(rt: Any, plan: Any, events: list[Event], firing: int, repeat: 
         link = notify.run_link(rt, first.run_id)
     else:
         names = ", ".join(f"`{e.target}`" for e in events[:SAMPLE])
-        more = f" and {count - SAMPLE} more" if count > SAMPLE else ""
-        text = f"{many}: {count} targets of plan `{plan.name}`: {detail}\n{names}{more}"
+        more = f" and {count - SAMPLE:,} more" if count > SAMPLE else ""
+        text = f"{many}: {count:,} targets of plan `{plan.name}`: {detail}\n{names}{more}"
         if firing > count:
-            text += f"\n({firing} targets of this plan fail this way in all)"
+            text += f"\n({firing:,} targets of this plan fail this way in all)"
         link = notify.status_link(rt, plan.name)
     if link:
         text += f"\n{link}"

@@ -239,7 +239,11 @@ class Catalog:
             existing = self.client.get(self._run_key(record.run_id))
             if existing is not None:
                 return self._from_entity(existing), False
-            self.client.put(self._to_entity(record))
+            entities = [self._to_entity(record)]
+            if not record.final and summary.is_real_target(record.target):
+                key = summary.running_key(self.client, self.namespace, record.run_id)
+                entities.append(summary.running_entity(self.client, key, record))
+            self.client.put_multi(entities)
         return record, True
 
     def save(self, record: RunRecord) -> RunRecord:
@@ -282,6 +286,7 @@ class Catalog:
                         state.record_run(record)
                         entities.append(self._target_entity(key, state))
                         self._fold_into_summary(state, before, entities, gone)
+                        gone.append(summary.running_key(self.client, self.namespace, record.run_id))
                     self.client.put_multi(entities)
                     if gone:
                         self.client.delete_multi(gone)

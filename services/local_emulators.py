@@ -20,8 +20,9 @@ def sdk_root() -> Path:
     return Path(out.stdout.strip())
 
 
-def datastore_emulator_command(port: int, data_dir: Path) -> list[str]:
-    """The command line of the Datastore emulator on 127.0.0.1:``port``, in memory, strongly consistent."""
+def datastore_emulator_command(port: int, data_dir: Path, on_disk: bool = False) -> list[str]:
+    """The command line of the Datastore emulator on 127.0.0.1:``port``, strongly consistent; in memory, or
+    (``on_disk``: `make run`, so run history survives a restart) kept in ``data_dir``."""
     jar = sdk_root() / "platform" / "cloud-datastore-emulator" / "CloudDatastore.jar"
     if not jar.exists():
         raise ConfigError(f"Datastore emulator not found at {jar}: install google-cloud-cli-datastore-emulator")
@@ -29,5 +30,6 @@ def datastore_emulator_command(port: int, data_dir: Path) -> list[str]:
         raise ConfigError("java is not installed: the Datastore emulator needs Java 11+ (openjdk-17-jre-headless)")
     return [
         "java", "-cp", str(jar), "com.google.cloud.datastore.emulator.CloudDatastore", "start", "--testing",
-        "--host=127.0.0.1", f"--port={port}", "--store_on_disk=false", "--consistency=1.0", str(data_dir),
+        "--host=127.0.0.1", f"--port={port}", f"--store_on_disk={str(on_disk).lower()}", "--consistency=1.0",
+        str(data_dir),
     ]  # fmt: skip

@@ -146,6 +146,8 @@ class TargetRow:
     last_drill_seconds: float | None = None
     last_drill_error: str | None = None
     last_drill_run_id: str | None = None
+    running_since: datetime | None = None  # a run of this target is in progress
+    running_run_id: str | None = None
 
     @property
     def age(self) -> str:
@@ -169,7 +171,7 @@ class TargetRow:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("last_good_at", "last_failure_at", "last_run_at", "last_drill_at"):
+        for key in ("last_good_at", "last_failure_at", "last_run_at", "last_drill_at", "running_since"):
             data[key] = _iso(data[key])
         data["drill_ok"] = self.drill_ok
         return data
@@ -261,6 +263,7 @@ class PlanRow:
     chart: Chart | None = None
     drills: bool = False  # the plan has restore drills
     next_cursor: str | None = None  # the next page of this plan's targets (/?plan=NAME)
+    running: list[summaries.Running] = field(default_factory=list)  # runs begun and not finished (first 1000)
 
     @property
     def colour(self) -> str:
@@ -285,6 +288,10 @@ class PlanRow:
             "never_ran_stale": self.never_ran_stale,
             "growth": self.chart.to_json() if self.chart else None,
             "next_cursor": self.next_cursor,
+            "running": [
+                {"target": r.target, "run_id": r.run_id, "started": _iso(r.started), "purpose": r.purpose}
+                for r in self.running
+            ],
         }
 
 
@@ -436,6 +443,12 @@ def build_status(
                     _row(states[(plan.name, name)], plan.rpo_hours, now, bool(alert and alert.stale), emulator)
                 )
         targets.sort(key=lambda r: (-_SEVERITY[r.health], r.target))
+        in_flight = summaries.running(catalog.client, catalog.namespace, plan.name)
+        by_target = {r.target: r for r in in_flight if r.purpose != "drill"}
+        for target in targets:
+            if target.target in by_target:
+                target.running_since = by_target[target.target].started
+                target.running_run_id = by_target[target.target].run_id
         plan_alert = stale.get((plan.name, PLAN_UNIT))
         row = PlanRow(
             name=plan.name,
@@ -452,6 +465,7 @@ def build_status(
             never_ran_stale=bool(plan_alert and plan_alert.stale),
             drills=plan.drill is not None,
             next_cursor=next_cursors.get(plan.name),
+            running=sorted(in_flight, key=lambda r: (r.started is None, r.started, r.target)),
         )
         fanout = states.get((plan.name, FANOUT_TARGET))
         newest_good = s.newest_good_at

@@ -27,6 +27,7 @@ from typing import Any
 
 SUMMARY_KIND = "PlanSummary"
 ATTENTION_KIND = "Attention"
+RUNNING_KIND = "RunningRun"  # one per run begun and not yet final: what the page shows as in progress
 SHARDS = 16
 MEMBERS_CAP = 64  # names kept per shard; past that the plan is "large" and its healthy rows are folded
 AMBER_FRACTION = 0.75
@@ -303,3 +304,45 @@ def attention_targets(client: Any, namespace: str, plan: str, limit: int) -> lis
         if entity["target"] not in names:
             names.append(entity["target"])
     return names[:limit]
+
+
+def running_key(client: Any, namespace: str, run_id: str) -> Any:
+    from services.catalog import key_name
+
+    return client.key(RUNNING_KIND, key_name(run_id, "running"), namespace=namespace)
+
+
+def running_entity(client: Any, key: Any, record: Any) -> Any:
+    from google.cloud import datastore
+
+    entity = datastore.Entity(key, exclude_from_indexes=("target", "run_id"))
+    entity.update(
+        {
+            "plan": record.plan,
+            "target": record.target,
+            "run_id": record.run_id,
+            "started": record.started or record.created,
+            "purpose": record.purpose,
+        }
+    )
+    return entity
+
+
+@dataclass
+class Running:
+    target: str
+    run_id: str
+    started: datetime | None
+    purpose: str
+
+
+def running(client: Any, namespace: str, plan: str, limit: int = 1000) -> list[Running]:
+    """Runs of ``plan`` begun and not finished (a small kind: only what is in flight)."""
+    from google.cloud.datastore.query import PropertyFilter
+
+    query = client.query(kind=RUNNING_KIND, namespace=namespace)
+    query.add_filter(filter=PropertyFilter("plan", "=", plan))
+    return [
+        Running(e["target"], e["run_id"], e.get("started"), e.get("purpose") or "backup")
+        for e in query.fetch(limit=limit)
+    ]

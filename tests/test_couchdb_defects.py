@@ -241,3 +241,66 @@ def test_verify_from_the_changes_feed_agrees_on_a_faithful_restore_and_names_wha
     assert faithful.actual["revisions"] > faithful.actual["docs"] + faithful.actual["deleted"]  # conflicts counted
     assert not changed.ok and changed.differing_ids == ["doc-000007", "doc-000012"]
     assert changed.actual["deleted"] == changed.expected["deleted"] + 1
+
+
+def test_the_cli_starts_a_new_full_backup_after_full_every_backups_in_a_chain(couch_env, tmp_path):
+    db = couch_env.new_db_name("full-every")
+    seed(couch_env.url, db, make_docs(10))
+    made = []
+    for minute in range(5):
+        rt = runtime(clock=lambda minute=minute: datetime(2026, 12, 2, 10, minute, tzinfo=UTC))
+        seed(couch_env.url, db, make_docs(2, start=100 + 2 * minute), create=False)
+        done = _cli("backup", db, "--to", str(tmp_path), "--incremental", "--full-every", "2", rt=rt)
+        assert done.exit_code == 0, done.stderr
+        made.append(done.stdout.strip().rsplit("-", 1)[-1])
+
+    assert made == ["full.manifest.json", "incr.manifest.json"] * 2 + ["full.manifest.json"]
+
+
+def test_a_resumed_restore_still_shows_every_line_to_the_verify_it_loads(pouchdb, backup, tmp_path):
+    from kinds.couchdb.store import iter_backup_lines
+    from kinds.couchdb.verify import BackupRows, verify_database
+
+    source, store, manifest = backup
+    target = pouchdb.new_db_name("dst")
+    checkpoint = tmp_path / "restore.json"
+
+    def crash(lines_done):
+        if lines_done == 3:
+            raise Crash("killed")
+
+    with pytest.raises(Crash):
+        restore_chain(
+            CouchServer(pouchdb.url),
+            target,
+            store,
+            [manifest],
+            RestoreOptions(concurrency=1),
+            checkpoint_path=checkpoint,
+            after_line=crash,
+        )
+    seen = []
+    with BackupRows(digests=False) as rows:
+
+        def on_line(line, where):
+            seen.append(line)
+            rows.add_line(line, where)
+
+        resumed = restore_chain(
+            CouchServer(pouchdb.url),
+            target,
+            store,
+            [manifest],
+            RestoreOptions(),
+            checkpoint_path=checkpoint,
+            on_line=on_line,
+        )
+        checked = verify_database(CouchServer(pouchdb.url), target, store, [manifest], bodies=False, loaded=rows)
+
+    assert resumed.resumed and resumed.lines_skipped >= 3
+    assert seen == list(iter_backup_lines(store, manifest))
+    assert (
+        checked.ok
+        and checked.actual["docs"]
+        == len({doc_id for doc_id, _ in leaves(pouchdb.url, source)}) - checked.actual["deleted"]
+    )

@@ -91,3 +91,20 @@ def test_a_plan_error_is_one_line_without_a_traceback(sync_setup, tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("Error: plans.yaml: plan 'staging-refresh', field ")
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("keep", "restart"), [((), "export-production"), (("--keep-files",), "import-scratch")])
+def test_a_half_done_step_prints_where_to_start_again(mariadb_servers, tmp_path, monkeypatch, keep, restart):
+    setup = make_sync_setup(mariadb_servers, tmp_path, monkeypatch, mask_mode="in-place")
+    assert _invoke(setup, "--stop-at", "import-scratch", "--period", PERIOD).exit_code == 0
+    scratch, scratch_db = setup["scratch"]
+    scratch.execute(
+        "CREATE TABLE _sqlsync_progress (step VARCHAR(32) PRIMARY KEY, state VARCHAR(16))", database=scratch_db
+    )
+    scratch.execute("INSERT INTO _sqlsync_progress VALUES ('mask', 'started')", database=scratch_db)
+
+    result = _invoke(setup, "--start-at", "mask", "--period", PERIOD, *keep)
+
+    assert result.exit_code == 1
+    assert f"resume with: backup sqlsync staging-refresh --start-at {restart} --period {PERIOD}" in result.output
+    assert (setup["dumps"] / "staging-refresh" / PERIOD / "production.sql").exists() == bool(keep)

@@ -286,3 +286,28 @@ def test_in_place_masking_still_runs_in_the_cloud_profile(cloud):
     assert outcome.stats["step_reached"] == "cleanup-scratch"
     assert any(line.startswith("step mask: 480 rows in accounts, orders") for line in run.log_lines)
     assert len(emails) == 120 and not emails & {row[1] for row in production_rows()}
+
+
+def test_a_cloud_drill_checks_the_runs_backup_and_staging(cloud):
+    from services.kinds import BackupRef
+
+    plan = parse_plan(
+        "staging-refresh",
+        dict(cloud["raw"], drill={"every": "1d"}, options={**cloud["raw"]["options"], "drill_sample": 120}),
+    )
+    outcome, _ = _run(cloud)
+    backup = BackupRef("r1", outcome.output, outcome.stats, PERIOD)
+    run = RunContext("drill-1", plan.name, "staging", PERIOD)
+
+    passed = sqlsync.KIND.drill(plan, Target("staging"), backup, None, run, cloud["rt"])
+    staging, staging_db = cloud["staging"]
+    staging.execute("UPDATE accounts SET email = 'Customer.9@Real-Mail.com' WHERE id = 9", database=staging_db)
+    with pytest.raises(PermanentError) as failed:
+        sqlsync.KIND.drill(plan, Target("staging"), backup, None, run, cloud["rt"])
+    missing = BackupRef("r0", outcome.output, {}, PERIOD - timedelta(days=1))
+    with pytest.raises(PermanentError, match="no successful backup run sqlsync:staging-refresh:20261122T020000Z"):
+        sqlsync.KIND.drill(plan, Target("staging"), missing, None, run, cloud["rt"])
+
+    assert passed.stats["passed"] is True
+    assert passed.stats["checked"][0] == "backup run sqlsync:staging-refresh:20261123T020000Z of staging: SUCCESSFUL"
+    assert "personal data in staging: accounts.email: an original email" in str(failed.value)

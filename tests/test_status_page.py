@@ -393,3 +393,54 @@ def test_a_wrong_local_token_is_named_as_such(tmp_path, datastore):
 
     assert answer.status_code == 403
     assert "not the local token" in answer.get_json()["error"]
+
+
+def test_the_run_page_shows_figures_and_durations_as_people_read_them(status_app, datastore):
+    app, _failed = status_app
+    run = finished_run("datastore-nightly", "Customer", "succeeded", Clock().now)
+    run.stats = {"bytes": 2322, "entities": None, "kinds": {"Customer": {"entities": 20, "bytes": 2322}}}
+    run.started = run.ended - timedelta(seconds=72)
+    Catalog(datastore).save(run)
+
+    html = app.test_client().get(f"/runs/{run.run_id}", headers=AUTH | {"Accept": "text/html"}).get_data(as_text=True)
+
+    assert "2.3 kB" in html and "Customer: bytes 2.3 kB, entities 20" in html
+    assert "(1 min 12 s)" in html
+    assert '"bytes"' not in html and "None" not in html
+
+
+def test_runs_in_progress_are_shown_until_they_finish(tmp_path, datastore):
+    from services.catalog import RunRecord
+
+    clock = Clock()
+    plan = make_plan("datastore-nightly", rpo_hours=26)
+    rt = make_runtime(tmp_path, plans={plan.name: plan}, clock=clock)
+    catalog = Catalog(datastore)
+    catalog.save(finished_run(plan.name, "Customer", "succeeded", clock.now - timedelta(hours=20)))
+    started = []
+    for target in ("Customer", "Order"):
+        record = RunRecord(
+            run_id=f"run-{target}",
+            plan=plan.name,
+            target=target,
+            kind="datastore",
+            period=clock.now,
+            created=clock.now,
+            started=clock.now,
+        )
+        started.append(catalog.begin(record)[0])
+    client = create_app(rt, catalog=catalog).test_client()
+
+    during = client.get("/api/status", headers=AUTH).get_json()
+    page = client.get("/", headers=AUTH).get_data(as_text=True)
+    for record in started:
+        record.status, record.ended = "succeeded", clock.now + timedelta(minutes=3)
+        catalog.update(record, advance=True)
+    after = client.get("/api/status", headers=AUTH).get_json()
+
+    [shown] = during["plans"]
+    assert sorted(r["target"] for r in shown["running"]) == ["Customer", "Order"]
+    customer = next(t for t in shown["targets"] if t["target"] == "Customer")
+    assert customer["running_since"] == clock.now.isoformat() and customer["running_run_id"] == "run-Customer"
+    assert 'data-running="2"' in page and "running since 02:00 UTC" in page
+    assert after["plans"][0]["running"] == []

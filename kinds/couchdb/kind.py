@@ -3,7 +3,7 @@
 A plan names a server (through environment variables or a Secret Manager version, read with the runtime's
 secrets: credentials never live in plans.yaml), which databases to take (names, globs, or ``*``), where backups go
 (``gs://bucket/prefix`` or a local directory) and how (``full``: every leaf revision with its history, conflicts
-and tombstones; ``winning``: winning revisions with their history). See kinds/couchdb/plan.py for an example.
+and tombstones; ``winning``: winning revisions, with their history in increments). See kinds/couchdb/plan.py.
 
 A ``job`` kind: ``start`` begins the backup and writes as much of it as the task's budget allows, one part per
 task (kinds/couchdb/backup.py); while the changes feed is not read to its end, it answers ``Pending`` with the
@@ -134,7 +134,7 @@ def _go_on(
     _hold_lease(store, state.manifest.name, run, rt)
     try:
         return _next_step(plan, store, server, state, run, rt)
-    except PermanentError:
+    except (PermanentError, TargetGone):  # this run is over; a transient error is retried by the same run
         _give_up_lease(store, state.manifest.name, run)
         raise
 

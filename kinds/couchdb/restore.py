@@ -25,6 +25,7 @@ from kinds.couchdb.store import Store, check_data_file, iter_backup_lines
 from services.errors import PermanentError, TargetGone, TargetNotEmpty
 
 Progress = Callable[[int], None]  # called with the number of backup lines just applied
+LineSeen = Callable[[bytes, str], None]  # a backup line and where it is (file and line number)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def restore_chain(
     safety_backup: Callable[[], Manifest] | None = None,
     progress: Progress | None = None,
     after_line: Callable[[int], None] | None = None,
+    on_line: LineSeen | None = None,
 ) -> RestoreResult:
     """Apply ``chain`` (a full backup then its increments) to ``db``.
 
@@ -163,7 +165,9 @@ def restore_chain(
     confirmed) before the database is dropped and recreated. A checkpoint for the same chain and database resumes
     an interrupted restore instead: the file ``checkpoint_path``, or ``resume`` (a previous part's
     ``RestoreResult.checkpoint``). With ``deadline`` (time.monotonic()) the restore stops once it has passed,
-    after at least one line, and answers ``finished`` False with the checkpoint to go on from."""
+    after at least one line, and answers ``finished`` False with the checkpoint to go on from. ``on_line`` sees
+    every line of the chain in order (applied now or before), in this thread while the server works on the lines in
+    flight."""
     names = [m.name for m in chain]
     result = RestoreResult(database=db, backups=names)
     if resume is None:
@@ -227,9 +231,23 @@ def restore_chain(
             for index, manifest in enumerate(chain):
                 if index < checkpoint.position[0]:
                     result.lines_skipped += manifest.batches
+                    if on_line is not None:
+                        for line_no, line in enumerate(iter_backup_lines(store, manifest)):
+                            on_line(line, f"{store.url(manifest.data_name)} line {line_no + 1}")
                     continue
                 _restore_one(
-                    server, db, store, manifest, index, opts, checkpoint, result, pool, progress, stop_after_line
+                    server,
+                    db,
+                    store,
+                    manifest,
+                    index,
+                    opts,
+                    checkpoint,
+                    result,
+                    pool,
+                    progress,
+                    stop_after_line,
+                    on_line,
                 )
                 checkpoint.position, checkpoint.ahead = [index + 1, 0], []
                 checkpoint.save()
@@ -262,6 +280,7 @@ def _restore_one(
     pool: ThreadPoolExecutor,
     progress: Progress | None,
     after_line: Callable[[int], None] | None,
+    on_line: LineSeen | None = None,
 ) -> None:
     """Post the lines of one backup with up to ``opts.concurrency`` in flight. The checkpoint records the
     contiguous prefix of applied lines plus any applied beyond it, so a resumed run re-sends nothing that
@@ -303,6 +322,8 @@ def _restore_one(
                 failure = exc
 
     for line_no, line in enumerate(iter_backup_lines(store, manifest)):
+        if on_line is not None:
+            on_line(line, f"{store.url(manifest.data_name)} line {line_no + 1}")
         if line_no < contiguous or line_no in completed:
             result.lines_skipped += 1
             continue

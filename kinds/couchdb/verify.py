@@ -1,10 +1,17 @@
 """Verify of one CouchDB database against a backup chain: both sides reduced to (id, rev, deleted, attachment
 digests) rows in an on-disk SQLite file, then compared with SQL, so even verification does not hold the database
-in memory."""
+in memory.
+
+Three depths: ``verify_database`` reads every document back (the ``verify`` command); with ``bodies=False`` it
+compares only what the changes feed lists, each document's leaf revisions and whether it is deleted (after a
+restore, where the bodies were just written from the backup itself); ``check_sample`` compares the document counts
+and a sample of documents leaf by leaf (restore drills).
+"""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import sqlite3
 import tempfile
@@ -53,10 +60,11 @@ def _attachment_digest(att: dict[str, Any]) -> str:
     return str(att.get("digest", ""))
 
 
-def _row(doc: dict[str, Any]) -> tuple[str, str, int, str]:
-    atts = doc.get("_attachments") or {}
-    digests = ",".join(f"{name}={_attachment_digest(att)}" for name, att in sorted(atts.items()))
-    return doc["_id"], doc["_rev"], 1 if doc.get("_deleted") else 0, digests
+def _row(doc: dict[str, Any], digests: bool = True) -> tuple[str, str, int, str]:
+    """(id, rev, deleted, attachment digests); without ``digests`` the last is empty (nothing decoded or hashed)."""
+    atts = (doc.get("_attachments") or {}) if digests else {}
+    listed = ",".join(f"{name}={_attachment_digest(att)}" for name, att in sorted(atts.items()))
+    return doc["_id"], doc["_rev"], 1 if doc.get("_deleted") else 0, listed
 
 
 class _Loader:
@@ -64,15 +72,16 @@ class _Loader:
     that a document seen again later (changed during a backup, or in a later increment) replaces its
     earlier rows instead of adding to them."""
 
-    def __init__(self, conn: sqlite3.Connection, side: str):
+    def __init__(self, conn: sqlite3.Connection, side: str, digests: bool = True):
         self.conn = conn
         self.side = side
+        self.digests = digests
         self.occ = 0
         self.last_id: str | None = None
         self.buffer: list[tuple[Any, ...]] = []
 
     def add(self, doc: dict[str, Any]) -> None:
-        self.add_row(*_row(doc))
+        self.add_row(*_row(doc, self.digests))
 
     def add_row(self, doc_id: str, rev: str, deleted: int, atts: str) -> None:
         if doc_id != self.last_id:
@@ -98,48 +107,76 @@ def verify_database(
     show: int = 10,
     check_files: bool = True,
     bodies: bool = True,
+    loaded: BackupRows | None = None,
 ) -> VerifyResult:
     """Compare ``db`` with what ``chain`` holds: live and deleted document counts, the set of (id, rev) leaf
     pairs and the attachment digests. ``differing_ids`` lists the first ``show`` ids that differ.
 
     Without ``bodies``, only what the changes feed lists is compared (each document's leaf revisions, and whether
     it is deleted): a few requests for the whole database instead of reading every document back, but an
-    attachment or body changed without a new revision would not be seen."""
+    attachment or body changed without a new revision would not be seen.
+
+    ``loaded``: the backup's rows already loaded while something else read it (a restore), instead of reading it
+    again here."""
     mode = chain[-1].mode
     for manifest in chain if check_files else ():
         check_data_file(store, manifest)  # a damaged backup is named as such, not half read
-    with tempfile.TemporaryDirectory(prefix="couchdb-verify-") as tmp:
-        conn = sqlite3.connect(str(Path(tmp) / "verify.sqlite3"))
-        try:
-            _load_backup(conn, store, chain)
-            actual = _Loader(conn, "a")
-            if bodies:
-                opts = BackupOptions(mode=mode, attachments=False, page_size=page_size)
-                for chunk in prefetched(doc_chunks(server, db, 0, opts, with_history=False)):
-                    for doc in chunk.docs:
-                        actual.add(doc)
-                    if progress is not None:
-                        progress(len(chunk.docs))
-            else:
-                all_leaves = mode == "full"
-                for rows in prefetched(server.changes(db, 0, all_leaves=all_leaves, page_size=page_size)):
-                    for row in rows:
-                        # The feed says whether the winner is deleted, which it is only when every leaf is.
-                        deleted = 1 if row.get("deleted") else 0
-                        for change in row["changes"] if all_leaves else row["changes"][:1]:
-                            actual.add_row(row["id"], change["rev"], deleted, "")
-                    if progress is not None:
-                        progress(len(rows))
-            actual.flush()
-            return _compare(conn, db, show, bodies)
-        finally:
-            conn.close()
+    with contextlib.ExitStack() as stack:
+        if loaded is None:
+            loaded = stack.enter_context(BackupRows(digests=bodies))
+            for manifest in chain:
+                for line_no, line in enumerate(iter_backup_lines(store, manifest)):
+                    loaded.add_line(line, f"{store.url(manifest.data_name)} line {line_no + 1}")
+        loaded.expected.flush()
+        conn = loaded.conn
+        actual = _Loader(conn, "a")
+        if bodies:
+            opts = BackupOptions(mode=mode, attachments=False, page_size=page_size)
+            for chunk in prefetched(doc_chunks(server, db, 0, opts, with_history=False)):
+                for doc in chunk.docs:
+                    actual.add(doc)
+                if progress is not None:
+                    progress(len(chunk.docs))
+        else:
+            all_leaves = mode == "full"
+            for rows in prefetched(server.changes(db, 0, all_leaves=all_leaves, page_size=page_size)):
+                for row in rows:
+                    # The feed says whether the winner is deleted, which it is only when every leaf is.
+                    deleted = 1 if row.get("deleted") else 0
+                    for change in row["changes"] if all_leaves else row["changes"][:1]:
+                        actual.add_row(row["id"], change["rev"], deleted, "")
+                if progress is not None:
+                    progress(len(rows))
+        actual.flush()
+        return _compare(conn, db, show, bodies)
 
 
-def _load_backup(conn: sqlite3.Connection, store: Store, chain: list[Manifest]) -> None:
-    """The rows of what ``chain`` holds, as side 'e' (expected)."""
+class BackupRows:
+    """The backup's side of a verify (rows in a temporary SQLite file), loaded line by line as the lines go by:
+    ``with BackupRows(digests) as rows``, ``rows.add_line(...)`` for every line of the chain in order."""
+
+    def __init__(self, digests: bool = True):
+        self._folder = tempfile.TemporaryDirectory(prefix="couchdb-verify-")
+        self.conn = sqlite3.connect(str(Path(self._folder.name) / "verify.sqlite3"), check_same_thread=False)
+        self.conn.executescript(_SCHEMA)
+        self.expected = _Loader(self.conn, "e", digests)
+
+    def add_line(self, line: bytes, where: str) -> None:
+        for doc in decode_line(line, where):
+            self.expected.add(doc)
+
+    def __enter__(self) -> BackupRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+        self._folder.cleanup()
+
+
+def _load_backup(conn: sqlite3.Connection, store: Store, chain: list[Manifest], digests: bool = True) -> None:
+    """The rows of what ``chain`` holds, as side 'e' (expected); attachment digests only when they are compared."""
     conn.executescript(_SCHEMA)
-    expected = _Loader(conn, "e")
+    expected = _Loader(conn, "e", digests)
     for manifest in chain:
         for line_no, line in enumerate(iter_backup_lines(store, manifest)):
             for doc in decode_line(line, f"{store.url(manifest.data_name)} line {line_no + 1}"):

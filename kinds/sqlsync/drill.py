@@ -136,7 +136,7 @@ def _compare(scratch: DatabaseRef, expected: dict[str, tuple[int, str]], dump: P
     return problems
 
 
-def _leaks(sync: Sync, copy: DatabaseRef) -> list[str]:
+def _leaks(sync: Sync, copy: DatabaseRef, where: str = "the restored copy") -> list[str]:
     """Production values found in ``copy`` where masking should have replaced them."""
     settings = sync.settings
     rules = [rule for rule in settings.rules]
@@ -145,7 +145,7 @@ def _leaks(sync: Sync, copy: DatabaseRef) -> list[str]:
         present = set(db.table_names(restored, copy.database))
         ruled = [rule for rule in rules if rule.table in present]
         leaks = db.find_leaks(production, restored, schema, ruled, sync.masker(), settings.drill_sample)
-    return [f"personal data in the restored copy: {leak}" for leak in sorted(set(leaks))]
+    return [f"personal data in {where}: {leak}" for leak in sorted(set(leaks))]
 
 
 def _cloud_drill(plan: Plan[Settings], sync: Sync, backup: BackupRef) -> Done:
@@ -158,7 +158,7 @@ def _cloud_drill(plan: Plan[Settings], sync: Sync, backup: BackupRef) -> Done:
     client = cloud.admin_client(settings, sync.rt)
     runs = [r for r in cloud.backup_runs(client, project, instance) if r.get("description") == description]
     problems = [] if any(r.get("status") == "SUCCESSFUL" for r in runs) else [f"no successful backup run {description}"]
-    problems += _leaks(sync, settings.staging)
+    problems += _leaks(sync, settings.staging, "staging")
     seconds = round(time.monotonic() - began, 3)
     if problems:
         raise PermanentError(f"drill failed: {'; '.join(problems[:20])}")

@@ -57,7 +57,8 @@ def _step_summary(settings: Settings, step: str) -> str:
     ruled = sorted({f"{r.table}.{r.column}={r.kind}" for r in settings.rules})
     stream = settings.mask_mode == "stream"
     return {
-        "check": "refuse if staging is production or a rule names a missing column",
+        "check": "refuse if staging or scratch is production (as the servers see it), a column has neither a rule"
+        " nor an allow entry, a rule names a missing column, or a masked value cannot fit its column",
         "export-production": f"dump {settings.production.label()}",
         "import-scratch": (
             f"mask {', '.join(ruled)} of the export object into another object, then import that into"
