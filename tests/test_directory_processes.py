@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -53,15 +54,33 @@ def make_tree(root: Path) -> list[str]:
     return files
 
 
-def pids_listing(monkeypatch, log: Path) -> None:
-    """Record which process lists each directory (one line per listing, appended atomically)."""
+def pids_listing(monkeypatch, log: Path, then=None) -> None:
+    """Record which process lists each directory (one line per listing, appended atomically), then call
+    ``then`` if given. Once a worker is forked, the first process lists nothing more until a worker has listed a
+    directory, so the work is shared however busy the machine is (the wait is bounded)."""
     real = dircopy._read_directory
+    first = os.getpid()
+    forked: list[int] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+        return pid
 
     def listing(source, rel_dir, stats):
         with open(log, "a") as fh:
             fh.write(f"{os.getpid()}\n")
+        if os.getpid() == first and forked:
+            give_up = time.monotonic() + 60
+            while len(set(log.read_text().split())) < 2 and time.monotonic() < give_up:
+                time.sleep(0.01)
+        if then is not None:
+            then()
         return real(source, rel_dir, stats)
 
+    monkeypatch.setattr(dircopy.os, "fork", fork)
     monkeypatch.setattr(dircopy, "_read_directory", listing)
 
 
@@ -133,14 +152,12 @@ def test_a_failing_worker_process_stops_the_copy_and_leaves_nothing_behind(tmp_p
     make_tree(src)
     dest.mkdir()
     first = os.getpid()
-    real = dircopy._read_directory
 
-    def broken_in_workers(source, rel_dir, stats):
+    def broken_in_workers():
         if os.getpid() != first:
             raise RuntimeError("a bug in a worker")
-        return real(source, rel_dir, stats)
 
-    monkeypatch.setattr(dircopy, "_read_directory", broken_in_workers)
+    pids_listing(monkeypatch, tmp_path / "listings", then=broken_in_workers)
 
     with pytest.raises(dircopy.CopyError, match="a copying process failed: RuntimeError: a bug in a worker"):
         dircopy.copy_tree(src, dest, T0, sync=False, processes=2)
@@ -161,6 +178,7 @@ def test_a_worker_that_fills_the_disk_stops_the_copy_and_leaves_nothing_behind(t
         return real(source, target, st)
 
     monkeypatch.setattr(dircopy, "copy_file", full_in_workers)
+    pids_listing(monkeypatch, tmp_path / "listings")
 
     with pytest.raises(dircopy.CopyError, match="No space left on device.*the unfinished copy was removed"):
         dircopy.copy_tree(src, dest, T0, sync=False, processes=2)
