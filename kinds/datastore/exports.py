@@ -417,11 +417,8 @@ class Datastore(DrillsIn):
         kinds, namespaces = list(target.params["kinds"]), list(target.params["namespaces"])
         _refuse_vanished(plan, rt, namespaces, kinds)
         relative = f"{settings.prefix}/{period_stamp(run.period)}z/{_slug(target)}"
-        prefix = f"gs://{settings.bucket}/{relative}"
-        local_root = rt.settings.export_local_root
-        if local_root is not None:
-            # The emulator writes exports to its own disk; they are mirrored into the bucket when done.
-            prefix = str(Path(local_root) / settings.bucket / relative)
+        # Locally the emulator writes exports to its own disk; they are mirrored into the bucket when done.
+        prefix = emulator_path(rt, f"gs://{settings.bucket}/{relative}")
         request = {
             "project_id": target.params["project"],
             "output_url_prefix": prefix,
