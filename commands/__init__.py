@@ -33,7 +33,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-LOCAL_ENV = ROOT / ".local" / "env.json"  # written by `make run` (localdev.py) while it runs
+# Written by `make run` (localdev.py) while it runs, in its state folder: .local/, or BACKUP_LOCAL_STATE.
+LOCAL_ENV_NAME = "env.json"
 # What a command needs to reach `make run`'s emulators and queue; the admin token stays in .local/token.
 LOCAL_KEYS = (
     "BACKUP_PROJECT",
@@ -51,9 +52,11 @@ LOCAL_KEYS = (
 )
 
 
-def local_environment(path: Path = LOCAL_ENV) -> dict[str, str]:
+def local_environment(path: Path | None = None) -> dict[str, str]:
     """The environment of a running ``make run`` (empty when none is running): the CLI uses its emulators and
     queue without anything to export, unless the caller chose a project or emulator of their own."""
+    if path is None:
+        path = Path(os.environ.get("BACKUP_LOCAL_STATE") or ROOT / ".local") / LOCAL_ENV_NAME
     try:
         recorded = json.loads(path.read_text())
         os.kill(int(recorded["pid"]), 0)  # still running?
