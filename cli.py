@@ -238,8 +238,6 @@ def main() -> None:
 
 
 def _exit_now(code: object) -> None:
-    import os
-
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)  # as sys.exit("message") does
         code = 1
